@@ -1,0 +1,210 @@
+//! The set of chunks a peer holds. Stored and sent as a BitTorrent-style bitfield: bit `i` is
+//! bit `7 - i % 8` of byte `i / 8`, spare bits zero. On the wire it is base64 (standard alphabet,
+//! padded), so 1,000 chunks cost 168 characters instead of a list of integers.
+
+use base64::Engine;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Bitfield {
+    bytes: Vec<u8>,
+    len: usize,
+}
+
+impl Bitfield {
+    /// An empty set over `len` chunks.
+    pub fn new(len: usize) -> Self {
+        Bitfield {
+            bytes: vec![0; len.div_ceil(8)],
+            len,
+        }
+    }
+
+    /// The set holding every one of `len` chunks.
+    pub fn full(len: usize) -> Self {
+        let mut b = Bitfield {
+            bytes: vec![0xff; len.div_ceil(8)],
+            len,
+        };
+        b.clear_spare_bits();
+        b
+    }
+
+    /// Rebuilds a set of `len` chunks from its bytes; refuses a wrong length or set spare bits.
+    pub fn from_bytes(bytes: Vec<u8>, len: usize) -> Option<Self> {
+        let b = Bitfield { bytes, len };
+        (b.bytes.len() == len.div_ceil(8) && b.spare_bits_clear()).then_some(b)
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn get(&self, i: usize) -> bool {
+        i < self.len && self.bytes[i / 8] & (0x80 >> (i % 8)) != 0
+    }
+
+    /// Sets bit `i`; returns whether it was newly set.
+    pub fn set(&mut self, i: usize) -> bool {
+        assert!(i < self.len, "chunk {i} out of range 0..{}", self.len);
+        let was = self.get(i);
+        self.bytes[i / 8] |= 0x80 >> (i % 8);
+        !was
+    }
+
+    pub fn count(&self) -> usize {
+        self.bytes.iter().map(|b| b.count_ones() as usize).sum()
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.count() == self.len
+    }
+
+    /// Indexes of the chunks held, ascending.
+    pub fn ones(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.len).filter(|&i| self.get(i))
+    }
+
+    /// Whether `self` holds any chunk that `other` lacks.
+    pub fn has_any_not_in(&self, other: &Bitfield) -> bool {
+        self.bytes
+            .iter()
+            .zip(&other.bytes)
+            .any(|(a, b)| a & !b != 0)
+    }
+
+    /// Adds every chunk of `other` (same length) to `self`.
+    pub fn union_with(&mut self, other: &Bitfield) {
+        for (a, b) in self.bytes.iter_mut().zip(&other.bytes) {
+            *a |= b;
+        }
+    }
+
+    /// Human form for the menu: `0-15,17,20-21`.
+    pub fn to_ranges(&self) -> String {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < self.len {
+            if !self.get(i) {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i + 1 < self.len && self.get(i + 1) {
+                i += 1;
+            }
+            out.push(if start == i {
+                format!("{start}")
+            } else {
+                format!("{start}-{i}")
+            });
+            i += 1;
+        }
+        out.join(",")
+    }
+
+    fn spare_bits_clear(&self) -> bool {
+        let spare = self.bytes.len() * 8 - self.len;
+        spare == 0
+            || self
+                .bytes
+                .last()
+                .is_none_or(|b| b & ((1u8 << spare) - 1) == 0)
+    }
+
+    fn clear_spare_bits(&mut self) {
+        let spare = self.bytes.len() * 8 - self.len;
+        if spare > 0 {
+            if let Some(last) = self.bytes.last_mut() {
+                *last &= !((1u8 << spare) - 1);
+            }
+        }
+    }
+}
+
+/// The wire form of a bitfield before its length is known (the length comes from the file's
+/// metadata); see [`Bitfield::from_bytes`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WireBits(pub Vec<u8>);
+
+impl From<&Bitfield> for WireBits {
+    fn from(b: &Bitfield) -> Self {
+        WireBits(b.bytes.clone())
+    }
+}
+
+impl Serialize for WireBits {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(&self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for WireBits {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(s)
+            .map(WireBits)
+            .map_err(|e| serde::de::Error::custom(format!("bitfield is not base64: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn bit_order_matches_bittorrent() {
+        let mut b = Bitfield::new(10);
+        b.set(0);
+        b.set(9);
+        assert_eq!(b.as_bytes(), &[0x80, 0x40]);
+        assert_eq!(b.to_ranges(), "0,9");
+    }
+
+    #[test]
+    fn full_clears_spare_bits_and_round_trips() {
+        let b = Bitfield::full(10);
+        assert_eq!(b.as_bytes(), &[0xff, 0xc0]);
+        assert!(b.is_full());
+        assert_eq!(Bitfield::from_bytes(b.as_bytes().to_vec(), 10), Some(b));
+    }
+
+    #[test]
+    fn from_bytes_rejects_wrong_length_and_spare_bits() {
+        assert!(Bitfield::from_bytes(vec![0xff], 10).is_none());
+        assert!(Bitfield::from_bytes(vec![0xff, 0xff], 10).is_none());
+        assert!(Bitfield::from_bytes(vec![], 0).is_some());
+    }
+
+    #[test]
+    fn ranges_collapse_runs() {
+        let mut b = Bitfield::new(24);
+        for i in [0, 1, 2, 3, 5, 7, 8, 23] {
+            b.set(i);
+        }
+        assert_eq!(b.to_ranges(), "0-3,5,7-8,23");
+    }
+
+    proptest! {
+        #[test]
+        fn wire_round_trip(bits in proptest::collection::vec(any::<bool>(), 0..300)) {
+            let mut b = Bitfield::new(bits.len());
+            for (i, &on) in bits.iter().enumerate() { if on { b.set(i); } }
+            let json = serde_json::to_string(&WireBits::from(&b)).unwrap();
+            let back: WireBits = serde_json::from_str(&json).unwrap();
+            let back = Bitfield::from_bytes(back.0, bits.len()).unwrap();
+            prop_assert_eq!(back.count(), bits.iter().filter(|&&x| x).count());
+            prop_assert_eq!(back, b);
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! Framing over TCP for both sides: newline-terminated JSON lines, and raw chunk bytes after a
+//! chunk header. The frame cap is enforced while reading, before a line is buffered in full, so a
+//! sender cannot make the receiver hold more than `max_frame` bytes of one line.
+
+use bytes::{Buf, BytesMut};
+use std::io;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+/// Why a frame could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame longer than {0} bytes")]
+    TooLong(usize),
+    #[error("connection closed in the middle of a frame")]
+    Truncated,
+    #[error("no complete frame within {0:?}")]
+    Stalled(Duration),
+    #[error("connection idle for {0:?}")]
+    Idle(Duration),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// Limits of one connection.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Longest line accepted, newline excluded.
+    pub max_frame: usize,
+    /// How long a connection may sit with no frame started.
+    pub idle_timeout: Duration,
+    /// How long a started frame (or chunk body) may take to arrive in full.
+    pub frame_timeout: Duration,
+}
+
+pub struct Connection {
+    stream: BufWriter<TcpStream>,
+    buf: BytesMut,
+    limits: Limits,
+}
+
+impl Connection {
+    pub fn new(stream: TcpStream, limits: Limits) -> Connection {
+        // Small frames dominate the control plane: do not let Nagle hold them back.
+        let _ = stream.set_nodelay(true);
+        Connection {
+            stream: BufWriter::new(stream),
+            buf: BytesMut::with_capacity(8 * 1024),
+            limits,
+        }
+    }
+
+    pub fn peer_addr(&self) -> io::Result<std::net::SocketAddr> {
+        self.stream.get_ref().peer_addr()
+    }
+
+    pub fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
+        self.stream.get_ref().local_addr()
+    }
+
+    /// Reads one line, without its newline. `Ok(None)` is a clean close between frames.
+    pub async fn read_line(&mut self) -> Result<Option<BytesMut>, FrameError> {
+        let mut scanned = 0;
+        loop {
+            if let Some(pos) = self.buf[scanned..].iter().position(|&b| b == b'\n') {
+                let mut line = self.buf.split_to(scanned + pos + 1);
+                line.truncate(scanned + pos);
+                if line.last() == Some(&b'\r') {
+                    line.truncate(line.len() - 1);
+                }
+                return Ok(Some(line));
+            }
+            scanned = self.buf.len();
+            if scanned > self.limits.max_frame {
+                return Err(FrameError::TooLong(self.limits.max_frame));
+            }
+            let started = !self.buf.is_empty();
+            // Never read past the cap: at most max_frame + 1 bytes of one line are ever held.
+            let room = (self.limits.max_frame + 1 - scanned).clamp(1, 64 * 1024);
+            self.buf.reserve(room);
+            let wait = if started {
+                self.limits.frame_timeout
+            } else {
+                self.limits.idle_timeout
+            };
+            let read = {
+                let stream = self.stream.get_mut();
+                let mut limited = (&mut *stream).take(room as u64);
+                timeout(wait, limited.read_buf(&mut self.buf)).await
+            };
+            let n = match read {
+                Ok(r) => r?,
+                Err(_) if started => return Err(FrameError::Stalled(wait)),
+                Err(_) => return Err(FrameError::Idle(wait)),
+            };
+            if n == 0 {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(FrameError::Truncated)
+                };
+            }
+        }
+    }
+
+    /// Whether a whole further line is already buffered (so a reply need not be flushed yet).
+    pub fn has_buffered_line(&self) -> bool {
+        self.buf.contains(&b'\n')
+    }
+
+    /// Fills `out` with exactly `len` raw bytes (a chunk body), within the frame timeout.
+    pub async fn read_raw(&mut self, out: &mut Vec<u8>, len: usize) -> Result<(), FrameError> {
+        out.clear();
+        out.reserve(len);
+        let from_buf = self.buf.len().min(len);
+        out.extend_from_slice(&self.buf[..from_buf]);
+        self.buf.advance(from_buf);
+        let rest = len - from_buf;
+        if rest > 0 {
+            out.resize(len, 0);
+            let stream = self.stream.get_mut();
+            match timeout(
+                self.limits.frame_timeout,
+                stream.read_exact(&mut out[from_buf..]),
+            )
+            .await
+            {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    return Err(FrameError::Truncated)
+                }
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => return Err(FrameError::Stalled(self.limits.frame_timeout)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues one frame (a newline is added). Call [`Connection::flush`] to send.
+    pub async fn write_line(&mut self, frame: &[u8]) -> io::Result<()> {
+        self.stream.write_all(frame).await?;
+        self.stream.write_all(b"\n").await
+    }
+
+    /// Queues raw bytes (a chunk body).
+    pub async fn write_raw(&mut self, data: &[u8]) -> io::Result<()> {
+        self.stream.write_all(data).await
+    }
+
+    pub async fn flush(&mut self) -> io::Result<()> {
+        match timeout(self.limits.frame_timeout, self.stream.flush()).await {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "peer stopped reading",
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    const LIMITS: Limits = Limits {
+        max_frame: 16,
+        idle_timeout: Duration::from_secs(5),
+        frame_timeout: Duration::from_millis(200),
+    };
+
+    async fn pair() -> (Connection, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (server, _) = l.accept().await.unwrap();
+        (Connection::new(server, LIMITS), client)
+    }
+
+    #[tokio::test]
+    async fn reads_lines_then_clean_eof() {
+        let (mut conn, mut raw) = pair().await;
+        raw.write_all(b"one\r\ntwo\nrest").await.unwrap();
+        assert_eq!(&conn.read_line().await.unwrap().unwrap()[..], b"one");
+        assert!(conn.has_buffered_line());
+        assert_eq!(&conn.read_line().await.unwrap().unwrap()[..], b"two");
+        let mut body = Vec::new();
+        conn.read_raw(&mut body, 4).await.unwrap();
+        assert_eq!(body, b"rest");
+        drop(raw);
+        assert!(conn.read_line().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn refuses_a_line_over_the_cap_without_buffering_it() {
+        let (mut conn, mut raw) = pair().await;
+        tokio::spawn(async move {
+            let _ = raw.write_all(&[b'x'; 100_000]).await;
+            raw
+        });
+        assert!(matches!(
+            conn.read_line().await,
+            Err(FrameError::TooLong(16))
+        ));
+        assert!(conn.buf.len() <= LIMITS.max_frame + 1);
+    }
+
+    #[tokio::test]
+    async fn a_half_line_that_stalls_is_dropped() {
+        let (mut conn, mut raw) = pair().await;
+        raw.write_all(b"{\"v\":1").await.unwrap();
+        assert!(matches!(
+            conn.read_line().await,
+            Err(FrameError::Stalled(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn eof_inside_a_frame_is_truncation() {
+        let (mut conn, mut raw) = pair().await;
+        raw.write_all(b"partial").await.unwrap();
+        drop(raw);
+        assert!(matches!(conn.read_line().await, Err(FrameError::Truncated)));
+    }
+}

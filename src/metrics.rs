@@ -1,0 +1,320 @@
+//! Prometheus metric handles for both binaries, and the small HTTP server that exposes
+//! `/metrics`, `/healthz` (the process is alive) and `/readyz` (it is doing its job).
+//! Labels only ever take small fixed value sets: never file names or peer ids.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::{body::Incoming, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+fn counter(reg: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric");
+    reg.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn gauge(reg: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    reg.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+fn histogram(reg: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+        .expect("valid metric");
+    reg.register(Box::new(h.clone())).expect("unique metric");
+    h
+}
+
+/// Tracker metrics.
+#[derive(Clone)]
+pub struct TrackerMetrics {
+    pub registry: Registry,
+    pub registrations: IntCounter,
+    pub chunk_registrations: IntCounter,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub peers: IntGauge,
+    pub files: IntGauge,
+    pub leases_expired: IntCounter,
+}
+
+impl Default for TrackerMetrics {
+    fn default() -> Self {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "shoal_tracker_requests_total",
+                "Requests handled, by message and outcome (ok, error).",
+            ),
+            &["msg", "outcome"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(requests.clone()))
+            .expect("unique metric");
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "shoal_tracker_request_duration_seconds",
+                "Time to handle one request, by message.",
+            )
+            .buckets(vec![
+                0.000_01, 0.000_05, 0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0,
+            ]),
+            &["msg"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(request_duration.clone()))
+            .expect("unique metric");
+        TrackerMetrics {
+            registrations: counter(
+                &registry,
+                "shoal_tracker_registrations_total",
+                "Successful peer registrations (message 1).",
+            ),
+            chunk_registrations: counter(
+                &registry,
+                "shoal_tracker_chunk_registrations_total",
+                "Chunks newly recorded as held through message 4.",
+            ),
+            peers: gauge(
+                &registry,
+                "shoal_tracker_peers",
+                "Peers currently registered.",
+            ),
+            files: gauge(
+                &registry,
+                "shoal_tracker_files",
+                "Files currently indexed (held by at least one peer).",
+            ),
+            leases_expired: counter(
+                &registry,
+                "shoal_tracker_leases_expired_total",
+                "Peers forgotten because they stopped announcing.",
+            ),
+            requests,
+            request_duration,
+            registry,
+        }
+    }
+}
+
+/// Peer metrics.
+#[derive(Clone)]
+pub struct PeerMetrics {
+    pub registry: Registry,
+    pub chunks_downloaded: IntCounter,
+    pub chunks_uploaded: IntCounter,
+    pub bytes_downloaded: IntCounter,
+    pub bytes_uploaded: IntCounter,
+    pub chunk_transfer_duration: Histogram,
+    pub verify_failures: IntCounter,
+    pub downloads_completed: IntCounter,
+    pub downloads_failed: IntCounter,
+    pub download_duration: Histogram,
+    pub files_shared: IntGauge,
+    pub files_wanted: IntGauge,
+    pub active_transfers: IntGauge,
+    pub holders_dropped: IntCounter,
+}
+
+impl Default for PeerMetrics {
+    fn default() -> Self {
+        let r = Registry::new();
+        let secs = vec![
+            0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        ];
+        let long = vec![
+            0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
+        ];
+        PeerMetrics {
+            chunks_downloaded: counter(
+                &r,
+                "shoal_peer_chunks_downloaded_total",
+                "Chunks downloaded and verified.",
+            ),
+            chunks_uploaded: counter(
+                &r,
+                "shoal_peer_chunks_uploaded_total",
+                "Chunks sent to other peers in full.",
+            ),
+            bytes_downloaded: counter(
+                &r,
+                "shoal_peer_bytes_downloaded_total",
+                "Bytes of verified chunks downloaded.",
+            ),
+            bytes_uploaded: counter(
+                &r,
+                "shoal_peer_bytes_uploaded_total",
+                "Bytes of chunks sent to other peers in full.",
+            ),
+            chunk_transfer_duration: histogram(
+                &r,
+                "shoal_peer_chunk_transfer_duration_seconds",
+                "Time from sending a chunk request to holding the verified chunk.",
+                secs,
+            ),
+            verify_failures: counter(
+                &r,
+                "shoal_peer_chunk_verify_failures_total",
+                "Chunks received whose hash did not match (the holder is dropped for that file).",
+            ),
+            downloads_completed: counter(
+                &r,
+                "shoal_peer_downloads_completed_total",
+                "Files downloaded in full and verified.",
+            ),
+            downloads_failed: counter(
+                &r,
+                "shoal_peer_downloads_failed_total",
+                "Download attempts that ended in an error.",
+            ),
+            download_duration: histogram(
+                &r,
+                "shoal_peer_download_duration_seconds",
+                "Time from starting a file download to its completion.",
+                long,
+            ),
+            files_shared: gauge(
+                &r,
+                "shoal_peer_files_shared",
+                "Files this peer holds in full and serves.",
+            ),
+            files_wanted: gauge(
+                &r,
+                "shoal_peer_files_wanted",
+                "Files this peer is still fetching.",
+            ),
+            active_transfers: gauge(
+                &r,
+                "shoal_peer_active_transfers",
+                "Chunk transfers in progress, both directions.",
+            ),
+            holders_dropped: counter(
+                &r,
+                "shoal_peer_holders_dropped_total",
+                "Holders dropped by a download (dead, stalled or lying).",
+            ),
+            registry: r,
+        }
+    }
+}
+
+/// Readiness flag shared between the service and its `/readyz` endpoint.
+#[derive(Clone, Default)]
+pub struct Ready(Arc<AtomicBool>);
+
+impl Ready {
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until `stop` fires.
+pub async fn serve_http(
+    listener: TcpListener,
+    registry: Registry,
+    ready: Ready,
+    stop: CancellationToken,
+) {
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics accept failed");
+                    continue;
+                }
+            },
+        };
+        let registry = registry.clone();
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let response = respond(req.uri().path(), &registry, &ready);
+                async move { Ok::<_, std::convert::Infallible>(response) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = tokio::time::timeout(Duration::from_secs(30), conn)
+                .await
+                .unwrap_or(Ok(()))
+            {
+                tracing::debug!(error = %e, "metrics connection ended with an error");
+            }
+        });
+    }
+}
+
+fn respond(path: &str, registry: &Registry, ready: &Ready) -> Response<Full<Bytes>> {
+    let text = |status: StatusCode, body: &'static str| {
+        Response::builder()
+            .status(status)
+            .header("content-type", "text/plain")
+            .body(Full::new(Bytes::from(body)))
+            .expect("valid response")
+    };
+    match path {
+        "/metrics" => {
+            let mut out = Vec::new();
+            let encoder = TextEncoder::new();
+            if encoder.encode(&registry.gather(), &mut out).is_err() {
+                return text(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n");
+            }
+            Response::builder()
+                .header("content-type", encoder.format_type())
+                .body(Full::new(Bytes::from(out)))
+                .expect("valid response")
+        }
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" if ready.get() => text(StatusCode::OK, "ready\n"),
+        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /metrics, /healthz or /readyz\n",
+        ),
+    }
+}
+
+/// GETs `path` from a metrics endpoint and returns the status code (for the `health` command and
+/// the container HEALTHCHECK, which have no curl in a scratch image). An unspecified listen ip
+/// (`0.0.0.0`) is probed on loopback.
+pub async fn probe(addr: SocketAddr, path: &str) -> anyhow::Result<u16> {
+    let addr = if addr.ip().is_unspecified() {
+        SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+    } else {
+        addr
+    };
+    let work = async {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let req = Request::get(path)
+            .header("host", addr.to_string())
+            .body(Empty::<Bytes>::new())?;
+        let res = sender.send_request(req).await?;
+        let status = res.status().as_u16();
+        let _ = res.into_body().collect().await;
+        anyhow::Ok(status)
+    };
+    tokio::time::timeout(Duration::from_secs(3), work)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer from {addr} within 3s"))?
+}

@@ -1,0 +1,514 @@
+//! The peer's front ends: the seed's numbered menu, one-shot commands for scripts, the daemon
+//! for containers, and the health probe. Output for people goes to stdout; logs go to stderr.
+
+use super::download::{download, DownloadError, Progress};
+use super::tracker_client::TrackerError;
+use super::{Peer, Shares};
+use crate::bitfield::Bitfield;
+use crate::config::{PeerConfig, Want};
+use crate::protocol::{FileInfo, FileList, FileListReply, Locations, LocationsReply, Msg};
+use std::collections::HashMap;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::AsyncBufReadExt;
+use tokio_util::sync::CancellationToken;
+
+/// Exit codes of the one-shot commands.
+pub mod exit {
+    pub const FAILED: u8 = 1;
+    pub const USAGE: u8 = 2;
+    pub const TRACKER_UNREACHABLE: u8 = 3;
+    pub const NOT_FOUND: u8 = 4;
+}
+
+fn code_for(e: &DownloadError) -> u8 {
+    match e {
+        DownloadError::NoSuchFile(_) => exit::NOT_FOUND,
+        DownloadError::Tracker(TrackerError::Unreachable { .. }) => exit::TRACKER_UNREACHABLE,
+        _ => exit::FAILED,
+    }
+}
+
+const MENU: &str =
+    "1 register  2 file list  3 file locations  4 chunk register  5 file chunk request  6 quit";
+
+/// The seed's interactive peer: shares `files`, then answers numbered requests from stdin until
+/// 6 or end of input; either way it leaves the swarm and exits 0.
+pub async fn menu(
+    cfg: PeerConfig,
+    files: Vec<PathBuf>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let peer = Peer::start(cfg, Shares::Paths(files), stop.clone()).await?;
+    println!("shoal-peer {} serving on {}", peer.name, peer.listen_addr);
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    loop {
+        print!("{MENU}\n> ");
+        let _ = std::io::stdout().flush();
+        let Some(choice) = next_line(&mut lines, &stop).await else {
+            break;
+        };
+        match choice.trim() {
+            "" => continue,
+            "1" => {
+                let Some(path) = ask(&mut lines, &stop, "path of the file to share").await else {
+                    break;
+                };
+                menu_register(&peer, PathBuf::from(path)).await;
+            }
+            "2" => print_result(
+                list_files(&peer.tracker)
+                    .await
+                    .map(|l| format_file_list(&l)),
+            ),
+            "3" => {
+                let Some(name) = ask(&mut lines, &stop, "file name").await else {
+                    break;
+                };
+                print_result(locate(&peer, &name).await.map(|l| format_locations(&l)));
+            }
+            "4" => {
+                let Some(name) = ask(&mut lines, &stop, "file name").await else {
+                    break;
+                };
+                menu_chunk_register(&peer, &name).await;
+            }
+            "5" => {
+                let Some(name) = ask(&mut lines, &stop, "file name").await else {
+                    break;
+                };
+                match download(&peer, &name, progress_for(&name)).await {
+                    Ok(path) => println!("downloaded {name} to {}", path.display()),
+                    Err(e) => println!("download failed: {e}"),
+                }
+            }
+            "6" | "q" | "quit" => break,
+            other => println!("unknown choice {other:?}: type a number from 1 to 6"),
+        }
+    }
+    peer.shutdown().await;
+    println!("bye");
+    Ok(())
+}
+
+async fn next_line(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::io::Stdin>>,
+    stop: &CancellationToken,
+) -> Option<String> {
+    tokio::select! {
+        _ = stop.cancelled() => None,
+        line = lines.next_line() => line.ok().flatten(),
+    }
+}
+
+async fn ask(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::io::Stdin>>,
+    stop: &CancellationToken,
+    what: &str,
+) -> Option<String> {
+    print!("{what}: ");
+    let _ = std::io::stdout().flush();
+    next_line(lines, stop).await.map(|l| l.trim().to_string())
+}
+
+fn print_result(r: Result<String, String>) {
+    match r {
+        Ok(text) => print!("{text}"),
+        Err(e) => println!("error: {e}"),
+    }
+}
+
+async fn menu_register(peer: &Arc<Peer>, path: PathBuf) {
+    let chunk_size = peer.cfg.chunk_size;
+    let p2 = peer.clone();
+    let shared = tokio::task::spawn_blocking(move || p2.store.share(&path, chunk_size)).await;
+    match shared {
+        Ok(Ok(f)) => match peer.sync().await {
+            Ok(replies) => {
+                let verdict = replies
+                    .iter()
+                    .flat_map(|r| &r.files)
+                    .find(|v| v.name == f.info.name);
+                match verdict {
+                    Some(v) if !v.accepted => println!(
+                        "tracker refused {}: {}",
+                        v.name,
+                        v.message.as_deref().unwrap_or("")
+                    ),
+                    _ => println!(
+                        "registered {} ({} bytes, {} chunks)",
+                        f.info.name,
+                        f.info.size,
+                        f.info.chunks()
+                    ),
+                }
+                peer.update_file_gauges();
+            }
+            Err(e) => println!("error: {e}"),
+        },
+        Ok(Err(e)) => println!("error: {e:#}"),
+        Err(e) => println!("error: {e}"),
+    }
+}
+
+async fn menu_chunk_register(peer: &Peer, name: &str) {
+    let Some(f) = peer.store.get(name) else {
+        println!("error: this peer holds no chunk of {name:?}");
+        return;
+    };
+    let chunks: Vec<u32> = f.have().ones().map(|i| i as u32).collect();
+    let count = chunks.len();
+    match peer.register_chunks(name, chunks).await {
+        Ok(new) => println!("registered {count} chunks of {name} ({new} new to the tracker)"),
+        Err(e) => println!("error: {e}"),
+    }
+}
+
+async fn list_files(
+    tracker: &super::tracker_client::TrackerClient,
+) -> Result<FileListReply, String> {
+    tracker
+        .request(Msg::FileList, &FileList {})
+        .await
+        .map_err(|e| e.to_string())
+}
+
+async fn locate(peer: &Peer, name: &str) -> Result<LocationsReply, String> {
+    let req = Locations {
+        file: name.to_string(),
+        hashes: false,
+        peer_id: None,
+        want: None,
+    };
+    peer.tracker
+        .request(Msg::Locations, &req)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+pub fn format_file_list(list: &FileListReply) -> String {
+    if list.files.is_empty() {
+        return "no files in the swarm\n".into();
+    }
+    let mut out = format!(
+        "{:<32} {:>14} {:>8} {:>6} {:>8}\n",
+        "NAME", "SIZE", "CHUNKS", "PEERS", "SEEDERS"
+    );
+    for f in &list.files {
+        out += &format!(
+            "{:<32} {:>14} {:>8} {:>6} {:>8}\n",
+            f.info.name, f.info.size, f.chunks, f.peers, f.seeders
+        );
+    }
+    out
+}
+
+pub fn format_locations(loc: &LocationsReply) -> String {
+    let mut out = format!(
+        "{}: {} bytes, {} chunks of {} bytes, digest {}; {} holders\n",
+        loc.file.name,
+        loc.file.size,
+        loc.chunks,
+        loc.file.chunk_size,
+        loc.file.digest.to_hex(),
+        loc.total_peers
+    );
+    for h in &loc.peers {
+        let chunks = Bitfield::from_bytes(h.have.0.clone(), loc.chunks as usize)
+            .map(|b| {
+                if b.is_full() {
+                    format!("all {}", b.len())
+                } else {
+                    b.to_ranges()
+                }
+            })
+            .unwrap_or_else(|| "?".into());
+        out += &format!("  {} ({}) chunks: {}\n", h.addr, h.name, chunks);
+    }
+    out
+}
+
+/// A client for one-shot commands that only talk to the tracker.
+fn tracker_only(cfg: &PeerConfig) -> super::tracker_client::TrackerClient {
+    super::tracker_client::TrackerClient::new(
+        &cfg.tracker,
+        cfg.max_frame_bytes,
+        cfg.connect_timeout,
+        cfg.request_timeout,
+    )
+}
+
+fn tracker_exit(e: &str) -> ExitCode {
+    eprintln!("shoal-peer: {e}");
+    ExitCode::from(if e.contains("unreachable") {
+        exit::TRACKER_UNREACHABLE
+    } else {
+        exit::FAILED
+    })
+}
+
+/// `shoal-peer files`
+pub async fn files(cfg: PeerConfig) -> ExitCode {
+    match list_files(&tracker_only(&cfg)).await {
+        Ok(l) => {
+            print!("{}", format_file_list(&l));
+            ExitCode::SUCCESS
+        }
+        Err(e) => tracker_exit(&e),
+    }
+}
+
+/// `shoal-peer locate NAME`
+pub async fn locate_cmd(cfg: PeerConfig, name: &str) -> ExitCode {
+    let req = Locations {
+        file: name.to_string(),
+        hashes: false,
+        peer_id: None,
+        want: None,
+    };
+    match tracker_only(&cfg)
+        .request::<_, LocationsReply>(Msg::Locations, &req)
+        .await
+    {
+        Ok(l) => {
+            print!("{}", format_locations(&l));
+            ExitCode::SUCCESS
+        }
+        Err(e) if e.code() == Some(crate::protocol::ErrorCode::UnknownFile) => {
+            eprintln!("shoal-peer: no peer shares {name:?}");
+            ExitCode::from(exit::NOT_FOUND)
+        }
+        Err(e) => tracker_exit(&e.to_string()),
+    }
+}
+
+/// `shoal-peer get NAME...`: joins the swarm (serving while it downloads), fetches, leaves.
+pub async fn get(cfg: PeerConfig, names: Vec<String>, stop: CancellationToken) -> ExitCode {
+    let peer = match Peer::start(cfg, Shares::Paths(Vec::new()), stop).await {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("shoal-peer: {e:#}");
+            return ExitCode::from(exit::FAILED);
+        }
+    };
+    let mut code = ExitCode::SUCCESS;
+    for name in names {
+        match download(&peer, &name, progress_for(&name)).await {
+            Ok(path) => println!("{}", path.display()),
+            Err(e) => {
+                eprintln!("shoal-peer: {e}");
+                code = ExitCode::from(code_for(&e));
+            }
+        }
+    }
+    peer.shutdown().await;
+    code
+}
+
+/// `shoal-peer health` / `shoal-tracker health`: probes `/healthz` on the metrics address.
+pub async fn health(metrics_addr: Option<&str>) -> ExitCode {
+    let Some(addr) = metrics_addr else {
+        eprintln!("health: SHOAL_METRICS_ADDR is not set, so there is no endpoint to probe");
+        return ExitCode::from(exit::USAGE);
+    };
+    let Ok(addr) = addr.parse() else {
+        eprintln!("health: SHOAL_METRICS_ADDR {addr:?} is not ip:port");
+        return ExitCode::from(exit::USAGE);
+    };
+    match crate::metrics::probe(addr, "/healthz").await {
+        Ok(200) => ExitCode::SUCCESS,
+        Ok(status) => {
+            eprintln!("health: /healthz answered {status}");
+            ExitCode::from(exit::FAILED)
+        }
+        Err(e) => {
+            eprintln!("health: {e:#}");
+            ExitCode::from(exit::FAILED)
+        }
+    }
+}
+
+/// `shoal-peer run`: shares the data dir, fetches what `SHOAL_WANT` names (waiting for files
+/// that have no holder yet, and with `*` picking up files that appear later), keeps seeding,
+/// and leaves the swarm on SIGTERM/SIGINT.
+pub async fn daemon(cfg: PeerConfig, stop: CancellationToken) -> anyhow::Result<()> {
+    let want = cfg.want();
+    let peer = Peer::start(cfg, Shares::DataDir, stop.clone()).await?;
+    let mut running: HashMap<String, tokio::task::JoinHandle<bool>> = HashMap::new();
+    let mut backoff: HashMap<String, tokio::time::Instant> = HashMap::new();
+    loop {
+        let wanted = wanted_names(&peer, &want).await;
+        running.retain(|name, task| {
+            if !task.is_finished() {
+                return true;
+            }
+            backoff.insert(
+                name.clone(),
+                tokio::time::Instant::now() + peer.cfg.refresh_interval * 2,
+            );
+            false
+        });
+        let now = tokio::time::Instant::now();
+        let mut pending = 0;
+        for name in wanted {
+            if peer.store.get(&name).is_some_and(|f| f.is_complete()) {
+                continue;
+            }
+            pending += 1;
+            if running.contains_key(&name) || backoff.get(&name).is_some_and(|t| *t > now) {
+                continue;
+            }
+            let p = peer.clone();
+            let n = name.clone();
+            let task = tokio::spawn(async move {
+                match download(&p, &n, Arc::new(LogProgress::default())).await {
+                    Ok(_) => true,
+                    Err(DownloadError::Stopped(_)) => false,
+                    Err(e) => {
+                        tracing::warn!(file = %n, "download failed, will retry: {e}");
+                        false
+                    }
+                }
+            });
+            running.insert(name, task);
+        }
+        peer.metrics.files_wanted.set(pending);
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(peer.cfg.refresh_interval) => {}
+        }
+    }
+    for (_, task) in running {
+        let _ = tokio::time::timeout(Duration::from_millis(500), task).await;
+    }
+    peer.shutdown().await;
+    Ok(())
+}
+
+/// What the daemon should be fetching now.
+async fn wanted_names(peer: &Peer, want: &Want) -> Vec<String> {
+    match want {
+        Want::Nothing => Vec::new(),
+        Want::Names(names) => names.clone(),
+        Want::Everything => match list_files(&peer.tracker).await {
+            Ok(l) => l.files.into_iter().map(|f| f.info.name).collect(),
+            Err(e) => {
+                tracing::debug!("file list failed: {e}");
+                Vec::new()
+            }
+        },
+    }
+}
+
+/// A progress bar on a terminal, plain lines otherwise.
+fn progress_for(name: &str) -> Arc<dyn Progress> {
+    if std::io::stderr().is_terminal() {
+        Arc::new(Bar(Mutex::new(None)))
+    } else {
+        Arc::new(Lines {
+            name: name.to_string(),
+            state: Mutex::new((0, 0, 0)),
+        })
+    }
+}
+
+struct Bar(Mutex<Option<indicatif::ProgressBar>>);
+
+impl Progress for Bar {
+    fn begin(&self, info: &FileInfo, chunks_held: u64) {
+        let bar = indicatif::ProgressBar::new(info.size);
+        let style = indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> ");
+        bar.set_style(style);
+        bar.set_message(info.name.clone());
+        bar.set_position((chunks_held * u64::from(info.chunk_size)).min(info.size));
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(bar);
+    }
+
+    fn advance(&self, bytes: u64) {
+        if let Some(b) = &*self.0.lock().unwrap_or_else(|p| p.into_inner()) {
+            b.inc(bytes);
+        }
+    }
+
+    fn end(&self) {
+        if let Some(b) = self.0.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            b.finish_and_clear();
+        }
+    }
+}
+
+/// One line per tenth of the file: (bytes done, total, last tenth printed).
+struct Lines {
+    name: String,
+    state: Mutex<(u64, u64, u64)>,
+}
+
+impl Progress for Lines {
+    fn begin(&self, info: &FileInfo, chunks_held: u64) {
+        let done = (chunks_held * u64::from(info.chunk_size)).min(info.size);
+        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = (done, info.size, 0);
+        println!(
+            "{}: fetching {} bytes in {} chunks ({} already here)",
+            info.name,
+            info.size,
+            info.chunks(),
+            chunks_held
+        );
+    }
+
+    fn advance(&self, bytes: u64) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.0 += bytes;
+        let tenth = (s.0 * 10).checked_div(s.1).unwrap_or(10);
+        if tenth > s.2 {
+            s.2 = tenth;
+            println!(
+                "{}: {}% ({} of {} bytes)",
+                self.name,
+                tenth * 10,
+                s.0.min(s.1),
+                s.1
+            );
+        }
+    }
+
+    fn end(&self) {}
+}
+
+/// Daemon downloads log their progress at each quarter.
+#[derive(Default)]
+struct LogProgress {
+    total: AtomicU64,
+    done: AtomicU64,
+}
+
+impl Progress for LogProgress {
+    fn begin(&self, info: &FileInfo, chunks_held: u64) {
+        self.total.store(info.size, Ordering::Relaxed);
+        self.done.store(
+            (chunks_held * u64::from(info.chunk_size)).min(info.size),
+            Ordering::Relaxed,
+        );
+    }
+
+    fn advance(&self, bytes: u64) {
+        let total = self.total.load(Ordering::Relaxed).max(1);
+        let before = self.done.fetch_add(bytes, Ordering::Relaxed);
+        if before * 4 / total != (before + bytes) * 4 / total {
+            tracing::info!(
+                percent = (before + bytes) * 100 / total,
+                "download progress"
+            );
+        }
+    }
+
+    fn end(&self) {}
+}

@@ -1,0 +1,718 @@
+//! The download engine. One coordinator per file asks the tracker who holds what, runs one
+//! worker per holder (at most `max_sources`), each keeping `pipeline_depth` chunk requests in
+//! flight on one connection. Chunks are chosen rarest first with a random tie-break, verified
+//! against the published hash, written at their offset and reported to the tracker at once.
+//! A holder that fails is dropped (a liar for good, a dead or slow one for a cool-down) and its
+//! chunks go back to the pool. Near the end, a missing chunk may be asked of a second holder.
+//!
+//! Lock order: `Job::sched` is a leaf lock, held only for in-memory bookkeeping.
+
+use super::store::{StoredFile, Written};
+use super::tracker_client::TrackerError;
+use super::Peer;
+use crate::bitfield::Bitfield;
+use crate::connection::{Connection, FrameError, Limits};
+use crate::protocol::{
+    decode_reply, encode_request, ChunkHeader, ChunkRequest, ErrorCode, FileInfo, Hash, Locations,
+    LocationsReply, Msg,
+};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+/// A holder that failed for a reason other than lying may be tried again after this long.
+const RETRY_HOLDER_AFTER: Duration = Duration::from_secs(10);
+/// Refreshes in a row with no usable holder before a download gives up.
+const FRUITLESS_REFRESHES: u32 = 3;
+/// At most this many holders are asked for the same chunk at once (endgame).
+const MAX_REQUESTS_PER_CHUNK: u8 = 2;
+/// Longest chunk header line accepted from a holder.
+const MAX_HEADER_BYTES: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DownloadError {
+    #[error("no peer shares {0:?}")]
+    NoSuchFile(String),
+    #[error("{file:?}: no reachable holder has chunks {missing} (holders tried: {tried})")]
+    NoHolders {
+        file: String,
+        missing: String,
+        tried: usize,
+    },
+    #[error(transparent)]
+    Tracker(#[from] TrackerError),
+    #[error("{0:#}")]
+    Local(anyhow::Error),
+    #[error("stopped before {0:?} was complete")]
+    Stopped(String),
+}
+
+/// Observes a download's progress (a terminal bar, log lines, or nothing).
+pub trait Progress: Send + Sync {
+    fn begin(&self, info: &FileInfo, chunks_held: u64);
+    fn advance(&self, bytes: u64);
+    fn end(&self);
+}
+
+/// Reports nothing.
+pub struct Silent;
+
+impl Progress for Silent {
+    fn begin(&self, _: &FileInfo, _: u64) {}
+    fn advance(&self, _: u64) {}
+    fn end(&self) {}
+}
+
+/// Downloads `name` into the data dir (resuming any partial copy) and returns its final path.
+pub async fn download(
+    peer: &Arc<Peer>,
+    name: &str,
+    progress: Arc<dyn Progress>,
+) -> Result<PathBuf, DownloadError> {
+    let span = tracing::info_span!("download", file = %name);
+    let started = Instant::now();
+    let result = run(peer, name, progress).instrument(span).await;
+    match &result {
+        Ok(_) => {
+            peer.metrics.downloads_completed.inc();
+            peer.metrics
+                .download_duration
+                .observe(started.elapsed().as_secs_f64());
+        }
+        Err(DownloadError::Stopped(_)) => {}
+        Err(_) => peer.metrics.downloads_failed.inc(),
+    }
+    peer.update_file_gauges();
+    result
+}
+
+async fn run(
+    peer: &Arc<Peer>,
+    name: &str,
+    progress: Arc<dyn Progress>,
+) -> Result<PathBuf, DownloadError> {
+    if let Some(f) = peer.store.get(name).filter(|f| f.is_complete()) {
+        return Ok(f.path());
+    }
+    let first = locate(peer, name, true).await?;
+    let hashes = first.hashes.clone().unwrap_or_default();
+    let store_info = first.file.clone();
+    let file = {
+        let peer = peer.clone();
+        tokio::task::spawn_blocking(move || peer.store.begin_download(&store_info, &hashes))
+            .await
+            .map_err(|e| DownloadError::Local(e.into()))?
+            .map_err(DownloadError::Local)?
+    };
+    let held = file.have().count() as u64;
+    tracing::info!(
+        size = file.info.size,
+        chunks = file.info.chunks(),
+        held,
+        holders = first.peers.len(),
+        "download started"
+    );
+    progress.begin(&file.info, held);
+    let job = Arc::new(Job::new(peer.clone(), file.clone(), progress.clone()));
+    job.update_holders(&first);
+    let outcome = job.clone().coordinate().await;
+    progress.end();
+    outcome?;
+    let path = {
+        let peer = peer.clone();
+        let file = file.clone();
+        tokio::task::spawn_blocking(move || peer.store.finish(&file))
+            .await
+            .map_err(|e| DownloadError::Local(e.into()))?
+            .map_err(DownloadError::Local)?
+    };
+    let sources = job
+        .sched()
+        .holders
+        .iter()
+        .filter(|(_, h)| h.delivered > 0)
+        .count();
+    tracing::info!(path = %path.display(), sources, "download complete");
+    Ok(path)
+}
+
+async fn locate(peer: &Peer, name: &str, hashes: bool) -> Result<LocationsReply, DownloadError> {
+    let req = Locations {
+        file: name.to_string(),
+        hashes,
+        peer_id: peer.peer_id(),
+        want: None,
+    };
+    match peer.tracker.request(Msg::Locations, &req).await {
+        Err(e) if e.code() == Some(ErrorCode::UnknownFile) => {
+            Err(DownloadError::NoSuchFile(name.to_string()))
+        }
+        other => Ok(other?),
+    }
+}
+
+struct HolderState {
+    have: Bitfield,
+    running: bool,
+    /// Lied: never again for this download.
+    banned: bool,
+    /// Dead or slow: not before this instant.
+    retry_at: Option<Instant>,
+    delivered: u64,
+}
+
+impl HolderState {
+    fn usable(&self, now: Instant) -> bool {
+        !self.banned && self.retry_at.is_none_or(|t| t <= now)
+    }
+}
+
+struct Scheduler {
+    have: Bitfield,
+    /// Requests outstanding per chunk.
+    inflight: Vec<u8>,
+    /// Usable holders per chunk.
+    availability: Vec<u32>,
+    holders: HashMap<String, HolderState>,
+    rng: StdRng,
+    /// A local failure (disk full, unwritable dir) that ends the download.
+    fatal: Option<anyhow::Error>,
+}
+
+impl Scheduler {
+    fn recount(&mut self) {
+        let now = Instant::now();
+        self.availability.iter_mut().for_each(|a| *a = 0);
+        for h in self.holders.values().filter(|h| h.usable(now)) {
+            for i in h.have.ones() {
+                self.availability[i] += 1;
+            }
+        }
+    }
+
+    /// The next chunk to ask `addr` for: the rarest missing chunk it holds that nobody is
+    /// fetching, from a random starting point; in the endgame, one already asked of another.
+    fn pick(&mut self, addr: &str, mine: &VecDeque<(u32, Instant)>) -> Option<u32> {
+        let n = self.have.len();
+        if n == 0 {
+            return None;
+        }
+        let h = &self.holders[addr];
+        let start = self.rng.gen_range(0..n);
+        let mut best: Option<(u32, usize)> = None;
+        let mut unrequested_elsewhere = false;
+        for k in 0..n {
+            let i = (start + k) % n;
+            if self.have.get(i) || self.inflight[i] > 0 {
+                continue;
+            }
+            if !h.have.get(i) {
+                unrequested_elsewhere = true;
+                continue;
+            }
+            let a = self.availability[i];
+            if best.is_none_or(|(b, _)| a < b) {
+                best = Some((a, i));
+                if a <= 1 {
+                    break;
+                }
+            }
+        }
+        let endgame = || {
+            (0..n).map(|k| (start + k) % n).find(|&i| {
+                !self.have.get(i)
+                    && h.have.get(i)
+                    && self.inflight[i] < MAX_REQUESTS_PER_CHUNK
+                    && !mine.iter().any(|(c, _)| *c as usize == i)
+            })
+        };
+        let chosen = match best {
+            Some((_, i)) => Some(i),
+            None if !unrequested_elsewhere => endgame(),
+            None => None,
+        }?;
+        self.inflight[chosen] += 1;
+        Some(chosen as u32)
+    }
+}
+
+struct Job {
+    peer: Arc<Peer>,
+    file: Arc<StoredFile>,
+    progress: Arc<dyn Progress>,
+    sched: Mutex<Scheduler>,
+    wake: Notify,
+}
+
+enum Fault {
+    /// Served bytes that do not match the hash, or a header that does not match the request.
+    Lied(String),
+    /// Unreachable, reset, stalled or refused.
+    Failed(String),
+}
+
+impl Job {
+    fn new(peer: Arc<Peer>, file: Arc<StoredFile>, progress: Arc<dyn Progress>) -> Job {
+        let have = file.have();
+        let n = have.len();
+        let sched = Scheduler {
+            have,
+            inflight: vec![0; n],
+            availability: vec![0; n],
+            holders: HashMap::new(),
+            rng: StdRng::from_entropy(),
+            fatal: None,
+        };
+        Job {
+            peer,
+            file,
+            progress,
+            sched: Mutex::new(sched),
+            wake: Notify::new(),
+        }
+    }
+
+    fn sched(&self) -> MutexGuard<'_, Scheduler> {
+        self.sched.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn name(&self) -> &str {
+        &self.file.info.name
+    }
+
+    fn update_holders(&self, loc: &LocationsReply) {
+        let chunks = self.file.info.chunks() as usize;
+        let mut s = self.sched();
+        for h in &loc.peers {
+            let Some(have) = Bitfield::from_bytes(h.have.0.clone(), chunks) else {
+                continue;
+            };
+            match s.holders.get_mut(&h.addr) {
+                Some(known) => known.have = have,
+                None => {
+                    let state = HolderState {
+                        have,
+                        running: false,
+                        banned: false,
+                        retry_at: None,
+                        delivered: 0,
+                    };
+                    s.holders.insert(h.addr.clone(), state);
+                }
+            }
+        }
+        s.recount();
+    }
+
+    /// Runs workers until the file is complete, no holder is left, or the peer stops.
+    async fn coordinate(self: Arc<Self>) -> Result<(), DownloadError> {
+        let cfg = &self.peer.cfg;
+        let mut workers = JoinSet::new();
+        let mut next_refresh = tokio::time::Instant::now() + cfg.refresh_interval;
+        let mut fruitless = 0;
+        loop {
+            if self.file.is_complete() {
+                return Ok(());
+            }
+            if let Some(e) = self.sched().fatal.take() {
+                return Err(DownloadError::Local(e));
+            }
+            for addr in self.eligible(cfg.max_sources.saturating_sub(workers.len())) {
+                let span = tracing::debug_span!("source", holder = %addr);
+                workers.spawn(self.clone().worker(addr).instrument(span));
+            }
+            if workers.is_empty() && tokio::time::Instant::now() < next_refresh {
+                // Nobody to ask: look for new holders now rather than at the next tick.
+                next_refresh = tokio::time::Instant::now();
+            }
+            tokio::select! {
+                _ = self.peer.stop.cancelled() => return Err(DownloadError::Stopped(self.name().to_string())),
+                Some(_) = workers.join_next(), if !workers.is_empty() => {}
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep_until(next_refresh) => {
+                    next_refresh = tokio::time::Instant::now() + cfg.refresh_interval;
+                    match locate(&self.peer, self.name(), false).await {
+                        Ok(loc) => self.update_holders(&loc),
+                        Err(e) => tracing::debug!("refresh failed: {e}"),
+                    }
+                    if workers.is_empty() && self.eligible_count() == 0 {
+                        fruitless += 1;
+                        if fruitless >= FRUITLESS_REFRESHES {
+                            return Err(self.no_holders());
+                        }
+                    } else {
+                        fruitless = 0;
+                    }
+                }
+            }
+        }
+    }
+
+    fn eligible_count(&self) -> usize {
+        let now = Instant::now();
+        let s = self.sched();
+        s.holders
+            .values()
+            .filter(|h| h.usable(now) && !h.running && h.have.has_any_not_in(&s.have))
+            .count()
+    }
+
+    /// Marks up to `room` idle, usable holders with a missing chunk as running and returns them.
+    fn eligible(&self, room: usize) -> Vec<String> {
+        let now = Instant::now();
+        let mut s = self.sched();
+        let have = s.have.clone();
+        let mut chosen: Vec<String> = s
+            .holders
+            .iter()
+            .filter(|(_, h)| h.usable(now) && !h.running && h.have.has_any_not_in(&have))
+            .map(|(a, _)| a.clone())
+            .collect();
+        let len = chosen.len();
+        for k in 0..len {
+            let j = s.rng.gen_range(k..len);
+            chosen.swap(k, j);
+        }
+        chosen.truncate(room);
+        for a in &chosen {
+            s.holders.get_mut(a).expect("listed above").running = true;
+        }
+        chosen
+    }
+
+    fn no_holders(&self) -> DownloadError {
+        let s = self.sched();
+        let missing: Vec<String> = (0..s.have.len())
+            .filter(|&i| !s.have.get(i))
+            .take(8)
+            .map(|i| i.to_string())
+            .collect();
+        let more = if s.have.len() - s.have.count() > 8 {
+            ",..."
+        } else {
+            ""
+        };
+        DownloadError::NoHolders {
+            file: self.name().to_string(),
+            missing: format!("{}{more}", missing.join(",")),
+            tried: s.holders.len(),
+        }
+    }
+
+    async fn worker(self: Arc<Self>, addr: String) {
+        let mut queue = VecDeque::new();
+        let outcome = self.fetch_from(&addr, &mut queue).await;
+        let mut s = self.sched();
+        for (i, _) in queue.drain(..) {
+            s.inflight[i as usize] = s.inflight[i as usize].saturating_sub(1);
+            self.peer.metrics.active_transfers.dec();
+        }
+        let holder = s
+            .holders
+            .get_mut(&addr)
+            .expect("workers run for known holders");
+        holder.running = false;
+        match outcome {
+            Ok(()) => {}
+            Err(Fault::Lied(why)) => {
+                holder.banned = true;
+                self.peer.metrics.holders_dropped.inc();
+                tracing::warn!(holder = %addr, "dropped holder for this file: {why}");
+                s.recount();
+            }
+            Err(Fault::Failed(why)) => {
+                holder.retry_at = Some(Instant::now() + RETRY_HOLDER_AFTER);
+                self.peer.metrics.holders_dropped.inc();
+                tracing::info!(holder = %addr, "holder failed, trying others: {why}");
+                s.recount();
+            }
+        }
+        drop(s);
+        self.wake.notify_one();
+    }
+
+    /// Keeps `pipeline_depth` requests in flight to one holder until it has nothing we need.
+    async fn fetch_from(
+        &self,
+        addr: &str,
+        queue: &mut VecDeque<(u32, Instant)>,
+    ) -> Result<(), Fault> {
+        let cfg = &self.peer.cfg;
+        let stream = match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(addr)).await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(Fault::Failed(format!("cannot connect: {e}"))),
+            Err(_) => {
+                return Err(Fault::Failed(format!(
+                    "no connection within {:?}",
+                    cfg.connect_timeout
+                )))
+            }
+        };
+        let limits = Limits {
+            max_frame: MAX_HEADER_BYTES,
+            idle_timeout: cfg.chunk_timeout,
+            frame_timeout: cfg.chunk_timeout,
+        };
+        let mut conn = Connection::new(stream, limits);
+        let mut buf = Vec::new();
+        let failed = |e: std::io::Error| Fault::Failed(format!("send failed: {e}"));
+        loop {
+            while queue.len() < cfg.pipeline_depth {
+                let Some(index) = self.sched().pick(addr, queue) else {
+                    break;
+                };
+                let req = ChunkRequest {
+                    file: self.name().to_string(),
+                    index,
+                    secret: cfg.secret.clone(),
+                };
+                conn.write_line(&encode_request(Msg::ChunkRequest, &req))
+                    .await
+                    .map_err(failed)?;
+                queue.push_back((index, Instant::now()));
+                self.peer.metrics.active_transfers.inc();
+            }
+            let Some(&(index, sent)) = queue.front() else {
+                return Ok(());
+            };
+            conn.flush().await.map_err(failed)?;
+            let received = self.receive(&mut conn, index, &mut buf).await;
+            queue.pop_front();
+            self.peer.metrics.active_transfers.dec();
+            if let Err(failure) = received {
+                let mut s = self.sched();
+                s.inflight[index as usize] = s.inflight[index as usize].saturating_sub(1);
+                match failure {
+                    Received::NotHeld => {
+                        // The tracker's view was stale: forget that this holder has it.
+                        if let Some(h) = s.holders.get_mut(addr) {
+                            h.have = without(&h.have, index);
+                        }
+                        continue;
+                    }
+                    Received::Fault(f) => return Err(f),
+                }
+            }
+            let data = std::mem::take(&mut buf);
+            let (written, data) = self.verify_and_write(index, data).await;
+            buf = data;
+            {
+                // Only now may another worker pick this chunk again (if it failed).
+                let mut s = self.sched();
+                s.inflight[index as usize] = s.inflight[index as usize].saturating_sub(1);
+            }
+            match written {
+                Ok(Some(w)) => self.record(addr, index, sent, buf.len() as u64, w),
+                Ok(None) => {
+                    self.peer.metrics.verify_failures.inc();
+                    return Err(Fault::Lied(format!(
+                        "chunk {index} does not match its hash"
+                    )));
+                }
+                Err(e) => {
+                    self.sched().fatal = Some(e);
+                    self.wake.notify_one();
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Reads the reply to the request for `index` into `buf`.
+    async fn receive(
+        &self,
+        conn: &mut Connection,
+        index: u32,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), Received> {
+        let fault = |why: String| Received::Fault(Fault::Failed(why));
+        let line = match conn.read_line().await {
+            Ok(Some(line)) => line,
+            Ok(None) => return Err(fault("closed the connection".into())),
+            Err(e @ (FrameError::Stalled(_) | FrameError::Idle(_))) => {
+                return Err(fault(format!("stalled: {e}")))
+            }
+            Err(e) => return Err(fault(e.to_string())),
+        };
+        let header: ChunkHeader = match decode_reply(Msg::ChunkRequest, &line) {
+            Ok(h) => h,
+            Err(r) if r.code == ErrorCode::NotFound => return Err(Received::NotHeld),
+            Err(r) => return Err(fault(format!("refused chunk {index}: {r}"))),
+        };
+        let (_, expected) = self.file.info.chunk_span(index);
+        if header.file != self.name() || header.index != index || header.length != expected {
+            let why = format!(
+                "answered {}#{} ({} bytes) to a request for chunk {index}",
+                header.file, header.index, header.length
+            );
+            return Err(Received::Fault(Fault::Lied(why)));
+        }
+        conn.read_raw(buf, expected as usize)
+            .await
+            .map_err(|e| fault(format!("chunk body: {e}")))
+    }
+
+    /// Hashes and writes a chunk off the async threads. `Ok(None)` means the hash did not match.
+    async fn verify_and_write(
+        &self,
+        index: u32,
+        data: Vec<u8>,
+    ) -> (anyhow::Result<Option<Written>>, Vec<u8>) {
+        let file = self.file.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            if Hash::of(&data) != file.hashes.0[index as usize] {
+                return (Ok(None), data);
+            }
+            let r = file.write_chunk(index, &data).map(Some);
+            (r, data)
+        });
+        match task.await {
+            Ok(r) => r,
+            Err(e) => (Err(anyhow::anyhow!("write task failed: {e}")), Vec::new()),
+        }
+    }
+
+    fn record(&self, addr: &str, index: u32, sent: Instant, bytes: u64, written: Written) {
+        if written == Written::Duplicate {
+            return;
+        }
+        let m = &self.peer.metrics;
+        m.chunks_downloaded.inc();
+        m.bytes_downloaded.inc_by(bytes);
+        m.chunk_transfer_duration
+            .observe(sent.elapsed().as_secs_f64());
+        {
+            let mut s = self.sched();
+            s.have.set(index as usize);
+            if let Some(h) = s.holders.get_mut(addr) {
+                h.delivered += 1;
+            }
+        }
+        self.peer.report_chunk(self.name(), index);
+        self.progress.advance(bytes);
+        tracing::trace!(chunk = index, holder = %addr, "chunk verified");
+        if written == Written::LastChunk {
+            self.wake.notify_one();
+        }
+    }
+}
+
+enum Received {
+    NotHeld,
+    Fault(Fault),
+}
+
+fn without(b: &Bitfield, index: u32) -> Bitfield {
+    let mut out = Bitfield::new(b.len());
+    for i in b.ones().filter(|&i| i != index as usize) {
+        out.set(i);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sched(have: &[bool], holders: &[(&str, &[bool])]) -> Scheduler {
+        let bits = |v: &[bool]| {
+            let mut b = Bitfield::new(v.len());
+            v.iter().enumerate().filter(|(_, &x)| x).for_each(|(i, _)| {
+                b.set(i);
+            });
+            b
+        };
+        let mut s = Scheduler {
+            have: bits(have),
+            inflight: vec![0; have.len()],
+            availability: vec![0; have.len()],
+            holders: holders
+                .iter()
+                .map(|(a, h)| {
+                    (
+                        a.to_string(),
+                        HolderState {
+                            have: bits(h),
+                            running: false,
+                            banned: false,
+                            retry_at: None,
+                            delivered: 0,
+                        },
+                    )
+                })
+                .collect(),
+            rng: StdRng::seed_from_u64(7),
+            fatal: None,
+        };
+        s.recount();
+        s
+    }
+
+    #[test]
+    fn picks_the_rarest_missing_chunk_first() {
+        let t = true;
+        let f = false;
+        let mut s = sched(
+            &[f, f, f],
+            &[("a", &[t, t, t]), ("b", &[t, f, t]), ("c", &[t, f, f])],
+        );
+        assert_eq!(s.pick("a", &VecDeque::new()), Some(1));
+        assert_eq!(s.pick("a", &VecDeque::new()), Some(2));
+        assert_eq!(s.pick("a", &VecDeque::new()), Some(0));
+    }
+
+    #[test]
+    fn endgame_duplicates_only_when_nothing_else_is_left() {
+        let t = true;
+        let f = false;
+        let mut s = sched(&[t, f, f], &[("a", &[t, t, f]), ("b", &[t, t, t])]);
+        let mut mine_a = VecDeque::new();
+        assert_eq!(s.pick("a", &mine_a), Some(1));
+        mine_a.push_back((1, Instant::now()));
+        // Chunk 2 is still unrequested (b has it): a must not duplicate chunk 1 yet.
+        assert_eq!(s.pick("a", &mine_a), None);
+        assert_eq!(s.pick("b", &VecDeque::new()), Some(2));
+        // Now everything missing is in flight: b may duplicate chunk 1, a may not repeat itself.
+        assert_eq!(s.pick("a", &mine_a), None);
+        let mine_b = VecDeque::from([(2, Instant::now())]);
+        assert_eq!(s.pick("b", &mine_b), Some(1));
+        assert_eq!(
+            s.pick(
+                "b",
+                &VecDeque::from([(2, Instant::now()), (1, Instant::now())])
+            ),
+            None
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn picks_respect_what_is_held_and_requested(
+            have in proptest::collection::vec(any::<bool>(), 1..64),
+            holder in proptest::collection::vec(any::<bool>(), 64),
+            rounds in 1usize..80,
+        ) {
+            let n = have.len();
+            let mut s = sched(&have, &[("h", &holder[..n]), ("g", &vec![true; n])]);
+            let mut seen = std::collections::HashMap::new();
+            let mine = VecDeque::new();
+            for _ in 0..rounds {
+                let Some(i) = s.pick("h", &mine) else { break };
+                let i = i as usize;
+                prop_assert!(!have[i], "picked a chunk already held");
+                prop_assert!(holder[i], "picked a chunk the holder lacks");
+                *seen.entry(i).or_insert(0u8) += 1;
+                prop_assert!(seen[&i] <= MAX_REQUESTS_PER_CHUNK);
+            }
+        }
+    }
+}

@@ -1,0 +1,406 @@
+//! The peer: a chunk [`store`] on disk, a chunk [`server`], a [`download`] engine, a
+//! [`tracker_client`], and the front ends in [`cli`] (the numbered menu, one-shot commands and
+//! the daemon). This module holds what they share: the running peer and its tracker session.
+
+pub mod cli;
+pub mod download;
+pub mod server;
+pub mod store;
+pub mod tracker_client;
+
+use crate::bitfield::WireBits;
+use crate::config::PeerConfig;
+use crate::metrics::{serve_http, PeerMetrics, Ready};
+use crate::protocol::{ChunkRegister, ErrorCode, FileOffer, Msg, PeerAuth, Register, Registered};
+use anyhow::Context;
+use server::RateLimiter;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use store::{Store, StoredFile};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracker_client::{TrackerClient, TrackerError};
+
+/// Chunk registrations waiting to be sent; when full, the next sync re-registers everything.
+const REPORT_QUEUE: usize = 8192;
+/// Encoded offers per register request, kept well under the tracker's frame cap.
+const REGISTER_BATCH_BYTES: usize = 1024 * 1024;
+
+#[derive(Clone, Debug)]
+struct Session {
+    peer_id: u64,
+    token: String,
+}
+
+/// A running peer. Cheap to share (`Arc<Peer>`); every task holds one.
+pub struct Peer {
+    pub cfg: PeerConfig,
+    pub name: String,
+    pub store: Store,
+    pub tracker: TrackerClient,
+    pub metrics: PeerMetrics,
+    pub ready: Ready,
+    pub upload: RateLimiter,
+    pub listen_addr: SocketAddr,
+    pub stop: CancellationToken,
+    pub tasks: TaskTracker,
+    session: Mutex<Option<Session>>,
+    announce_ms: AtomicU64,
+    /// Set when the tracker may have missed something; the maintenance loop re-registers.
+    needs_sync: AtomicBool,
+    reports: mpsc::Sender<(String, u32)>,
+}
+
+/// Which files a starting peer shares.
+pub enum Shares {
+    /// These paths (the seed's command line); downloads still land in the data dir.
+    Paths(Vec<PathBuf>),
+    /// Everything in the data dir, resuming partial downloads (daemon mode).
+    DataDir,
+}
+
+impl Peer {
+    /// Loads the store, binds the chunk server (and metrics), registers, and starts the
+    /// background tasks. Tracker trouble is not fatal: the maintenance loop keeps retrying.
+    pub async fn start(
+        cfg: PeerConfig,
+        shares: Shares,
+        stop: CancellationToken,
+    ) -> anyhow::Result<Arc<Peer>> {
+        let name = cfg.name.clone().unwrap_or_else(host_name);
+        let store = Store::new(&cfg.data_dir)?;
+        let chunk_size = cfg.chunk_size;
+        let store = tokio::task::spawn_blocking(move || -> anyhow::Result<Store> {
+            match shares {
+                Shares::DataDir => {
+                    for (file, e) in store.scan(chunk_size) {
+                        tracing::warn!(file, "not shared: {e:#}");
+                    }
+                }
+                Shares::Paths(paths) => {
+                    for p in paths {
+                        store.share(&p, chunk_size)?;
+                    }
+                }
+            }
+            Ok(store)
+        })
+        .await??;
+        let listener = TcpListener::bind(&cfg.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+        let listen_addr = listener.local_addr()?;
+        let tracker = TrackerClient::new(
+            &cfg.tracker,
+            cfg.max_frame_bytes,
+            cfg.connect_timeout,
+            cfg.request_timeout,
+        );
+        let (reports, report_rx) = mpsc::channel(REPORT_QUEUE);
+        let peer = Arc::new(Peer {
+            name,
+            store,
+            tracker,
+            metrics: PeerMetrics::default(),
+            ready: Ready::default(),
+            upload: RateLimiter::new(cfg.upload_limit),
+            listen_addr,
+            stop,
+            tasks: TaskTracker::new(),
+            session: Mutex::new(None),
+            announce_ms: AtomicU64::new(30_000),
+            needs_sync: AtomicBool::new(true),
+            reports,
+            cfg,
+        });
+        peer.update_file_gauges();
+        let mut metrics_addr = None;
+        if let Some(addr) = &peer.cfg.metrics_addr {
+            let http = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} for metrics"))?;
+            metrics_addr = Some(http.local_addr()?);
+            peer.tasks.spawn(serve_http(
+                http,
+                peer.metrics.registry.clone(),
+                peer.ready.clone(),
+                peer.stop.clone(),
+            ));
+        }
+        tracing::info!(addr = %listen_addr, metrics = ?metrics_addr, peer = %peer.name, files = peer.store.all().len(), "peer listening");
+        peer.tasks.spawn(server::run(peer.clone(), listener));
+        if let Err(e) = peer.sync().await {
+            tracing::warn!("not registered yet (will retry): {e}");
+        }
+        peer.tasks.spawn(peer.clone().maintain(report_rx));
+        Ok(peer)
+    }
+
+    fn session(&self) -> Option<Session> {
+        self.session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_session(&self, s: Option<Session>) {
+        *self.session.lock().unwrap_or_else(|p| p.into_inner()) = s;
+    }
+
+    pub fn peer_id(&self) -> Option<u64> {
+        self.session().map(|s| s.peer_id)
+    }
+
+    /// The address other peers should dial.
+    async fn advertised(&self) -> Result<String, TrackerError> {
+        if let Some(a) = &self.cfg.advertise {
+            return Ok(a.clone());
+        }
+        let ip = if self.listen_addr.ip().is_unspecified() {
+            self.tracker.local_ip().await?
+        } else {
+            self.listen_addr.ip()
+        };
+        Ok(SocketAddr::new(ip, self.listen_addr.port()).to_string())
+    }
+
+    /// Tells the tracker everything this peer holds: a fresh registration if it has no session
+    /// (or the tracker forgot it), otherwise an idempotent re-offer under the existing one.
+    pub async fn sync(&self) -> Result<Vec<Registered>, TrackerError> {
+        self.needs_sync.store(false, Ordering::SeqCst);
+        let result = self.register_offers().await;
+        if result.is_err() {
+            self.needs_sync.store(true, Ordering::SeqCst);
+        }
+        self.ready.set(result.is_ok());
+        result
+    }
+
+    async fn register_offers(&self) -> Result<Vec<Registered>, TrackerError> {
+        let offers: Vec<FileOffer> = self.store.all().iter().filter_map(|f| offer(f)).collect();
+        let batches = batch_offers(offers);
+        let addr = self.advertised().await?;
+        let mut replies = Vec::new();
+        for files in batches {
+            let session = self.session();
+            let req = Register {
+                name: self.name.clone(),
+                addr: addr.clone(),
+                secret: self.cfg.secret.clone(),
+                peer_id: session.as_ref().map(|s| s.peer_id),
+                token: session.map(|s| s.token),
+                files,
+            };
+            let reply: Registered = match self.tracker.request(Msg::Register, &req).await {
+                Err(e)
+                    if e.code() == Some(ErrorCode::UnknownPeer)
+                        || e.code() == Some(ErrorCode::Forbidden) =>
+                {
+                    tracing::info!("tracker forgot this peer; registering afresh");
+                    self.set_session(None);
+                    return Box::pin(self.register_offers()).await;
+                }
+                other => other?,
+            };
+            for v in reply.files.iter().filter(|v| !v.accepted) {
+                tracing::warn!(file = %v.name, code = ?v.error, "tracker refused file: {}", v.message.as_deref().unwrap_or(""));
+            }
+            self.announce_ms
+                .store(reply.announce_interval_ms.max(100), Ordering::Relaxed);
+            self.set_session(Some(Session {
+                peer_id: reply.peer_id,
+                token: reply.token.clone(),
+            }));
+            replies.push(reply);
+        }
+        if let Some(r) = replies.first() {
+            tracing::info!(peer_id = r.peer_id, addr = %r.addr, files = replies.iter().map(|r| r.files.len()).sum::<usize>(), "registered with tracker {}", self.tracker.addr());
+        }
+        Ok(replies)
+    }
+
+    /// Queues "I now hold chunk `index` of `file`" for the tracker (sent in batches).
+    pub fn report_chunk(&self, file: &str, index: u32) {
+        if self.reports.try_send((file.to_string(), index)).is_err() {
+            self.needs_sync.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Sends 4 chunk register for every chunk held of `file`; returns how many were new.
+    pub async fn register_chunks(&self, file: &str, chunks: Vec<u32>) -> Result<u64, TrackerError> {
+        let Some(s) = self.session() else {
+            self.sync().await?;
+            return Ok(0);
+        };
+        let req = ChunkRegister {
+            peer_id: s.peer_id,
+            token: s.token,
+            file: file.to_string(),
+            chunks,
+        };
+        let reply: crate::protocol::ChunksRecorded =
+            self.tracker.request(Msg::ChunkRegister, &req).await?;
+        Ok(reply.recorded)
+    }
+
+    /// Background upkeep: batched chunk registrations, lease renewal, re-registration.
+    async fn maintain(self: Arc<Self>, mut reports: mpsc::Receiver<(String, u32)>) {
+        let mut last_announce = tokio::time::Instant::now();
+        loop {
+            let tick = Duration::from_millis(self.announce_ms.load(Ordering::Relaxed))
+                .min(Duration::from_secs(1));
+            let first = tokio::select! {
+                _ = self.stop.cancelled() => return,
+                r = reports.recv() => r,
+                _ = tokio::time::sleep(tick) => None,
+            };
+            if let Some(first) = first {
+                self.flush_reports(first, &mut reports).await;
+            }
+            if self.needs_sync.load(Ordering::SeqCst) || self.session().is_none() {
+                if self.sync().await.is_ok() {
+                    last_announce = tokio::time::Instant::now();
+                }
+                continue;
+            }
+            let interval = Duration::from_millis(self.announce_ms.load(Ordering::Relaxed));
+            if last_announce.elapsed() >= interval {
+                last_announce = tokio::time::Instant::now();
+                self.announce().await;
+            }
+        }
+    }
+
+    async fn flush_reports(
+        &self,
+        first: (String, u32),
+        reports: &mut mpsc::Receiver<(String, u32)>,
+    ) {
+        let mut by_file: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+        by_file.entry(first.0).or_default().push(first.1);
+        while let Ok((file, index)) = reports.try_recv() {
+            by_file.entry(file).or_default().push(index);
+        }
+        for (file, chunks) in by_file {
+            if let Err(e) = self.register_chunks(&file, chunks).await {
+                tracing::warn!(file = %file, "chunk registration failed (will re-register): {e}");
+                self.needs_sync.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+
+    async fn announce(&self) {
+        let Some(s) = self.session() else { return };
+        let auth = PeerAuth {
+            peer_id: s.peer_id,
+            token: s.token,
+        };
+        match self
+            .tracker
+            .request::<_, crate::protocol::Acknowledged>(Msg::Announce, &auth)
+            .await
+        {
+            Ok(ack) => {
+                if let Some(ms) = ack.announce_interval_ms {
+                    self.announce_ms.store(ms.max(100), Ordering::Relaxed);
+                }
+            }
+            Err(e) if e.code().is_some() => {
+                tracing::info!("announce refused ({e}); registering again");
+                self.set_session(None);
+                self.needs_sync.store(true, Ordering::SeqCst);
+            }
+            Err(e) => {
+                self.ready.set(false);
+                tracing::warn!("announce failed: {e}");
+            }
+        }
+    }
+
+    /// Tells the tracker this peer leaves (bounded by the request timeout). Best effort.
+    pub async fn leave(&self) {
+        let Some(s) = self.session() else { return };
+        let auth = PeerAuth {
+            peer_id: s.peer_id,
+            token: s.token,
+        };
+        let limit = self.cfg.request_timeout.min(Duration::from_secs(2));
+        match tokio::time::timeout(
+            limit,
+            self.tracker
+                .request::<_, crate::protocol::Acknowledged>(Msg::Leave, &auth),
+        )
+        .await
+        {
+            Ok(Ok(_)) => tracing::info!(peer_id = auth.peer_id, "left the swarm"),
+            Ok(Err(e)) => tracing::warn!("leave failed: {e}"),
+            Err(_) => tracing::warn!("leave timed out"),
+        }
+        self.set_session(None);
+        self.ready.set(false);
+    }
+
+    /// Leaves, stops every task, and waits for them (bounded).
+    pub async fn shutdown(&self) {
+        self.leave().await;
+        self.stop.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(Duration::from_secs(2), self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some tasks did not stop within 2s");
+        }
+    }
+
+    pub fn update_file_gauges(&self) {
+        self.metrics
+            .files_shared
+            .set(self.store.complete_count() as i64);
+    }
+}
+
+/// The registration entry for one held file; `None` when it holds no chunk yet.
+fn offer(f: &StoredFile) -> Option<FileOffer> {
+    let have = f.have();
+    if have.count() == 0 && !have.is_empty() {
+        return None;
+    }
+    let have = (!have.is_full()).then(|| WireBits::from(&have));
+    Some(FileOffer {
+        info: f.info.clone(),
+        hashes: (*f.hashes).clone(),
+        have,
+    })
+}
+
+/// Splits offers so no register request grows past [`REGISTER_BATCH_BYTES`]; always at least
+/// one (possibly empty) batch, so a peer with no files still registers.
+fn batch_offers(offers: Vec<FileOffer>) -> Vec<Vec<FileOffer>> {
+    let mut batches = vec![Vec::new()];
+    let mut size = 0;
+    for o in offers {
+        let len = o.hashes.0.len() * 44 + 256;
+        if size + len > REGISTER_BATCH_BYTES && !batches.last().expect("non-empty").is_empty() {
+            batches.push(Vec::new());
+            size = 0;
+        }
+        size += len;
+        batches.last_mut().expect("non-empty").push(o);
+    }
+    batches
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "shoal-peer".into())
+}

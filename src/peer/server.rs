@@ -1,0 +1,261 @@
+//! The peer's chunk server: answers message 5 with a header line and the raw chunk bytes, for
+//! chunks it holds verified, of files it registered, under the shared upload rate limit.
+//! Requests on one connection are answered in order, one at a time; a client may pipeline
+//! further requests, which wait in the socket buffer (the in-flight bound is that buffer).
+
+use super::Peer;
+use crate::connection::{Connection, FrameError, Limits};
+use crate::protocol::{
+    decode_body, decode_envelope, encode_refusal, encode_reply, secret_matches, validate_name,
+    ChunkHeader, ChunkRequest, ErrorCode, Msg, Refusal,
+};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tracing::Instrument;
+
+/// Longest request line a peer accepts: a chunk request is small (names are <= 255 bytes).
+pub const MAX_REQUEST_BYTES: usize = 4096;
+/// Bytes sent per rate-limiter grant, so concurrent uploads interleave fairly.
+const SLICE: usize = 64 * 1024;
+
+/// A token bucket shared by every upload of this peer. `0` means unlimited.
+pub struct RateLimiter {
+    bytes_per_sec: u64,
+    /// (available tokens, last refill); may go negative: the debt is waited out.
+    bucket: std::sync::Mutex<(f64, Instant)>,
+}
+
+impl RateLimiter {
+    pub fn new(bytes_per_sec: u64) -> Self {
+        RateLimiter {
+            bytes_per_sec,
+            bucket: std::sync::Mutex::new((0.0, Instant::now())),
+        }
+    }
+
+    /// Waits until `n` more bytes may be sent.
+    pub async fn acquire(&self, n: usize) {
+        if self.bytes_per_sec == 0 {
+            return;
+        }
+        let rate = self.bytes_per_sec as f64;
+        let wait = {
+            let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            // At most a tenth of a second of burst, so the cap holds over short windows too.
+            let burst = (rate / 10.0).max(SLICE as f64);
+            b.0 = (b.0 + now.duration_since(b.1).as_secs_f64() * rate).min(burst);
+            b.1 = now;
+            b.0 -= n as f64;
+            if b.0 < 0.0 {
+                Duration::from_secs_f64(-b.0 / rate)
+            } else {
+                Duration::ZERO
+            }
+        };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// Accepts chunk requests until the peer stops.
+pub async fn run(peer: Arc<Peer>, listener: TcpListener) {
+    let slots = Arc::new(Semaphore::new(peer.cfg.max_connections));
+    let limits = Limits {
+        max_frame: MAX_REQUEST_BYTES,
+        idle_timeout: peer.cfg.idle_timeout,
+        frame_timeout: peer.cfg.chunk_timeout,
+    };
+    loop {
+        let (stream, remote) = tokio::select! {
+            _ = peer.stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let mut conn = Connection::new(stream, limits);
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            let why = format!(
+                "peer is at its limit of {} connections; retry later",
+                peer.cfg.max_connections
+            );
+            peer.tasks.spawn(async move {
+                let _ = conn
+                    .write_line(&encode_refusal(0, &Refusal::new(ErrorCode::Busy, why)))
+                    .await;
+                let _ = conn.flush().await;
+            });
+            continue;
+        };
+        let peer2 = peer.clone();
+        let span = tracing::debug_span!("upload", remote = %remote);
+        peer.tasks.spawn(
+            async move {
+                let reason = serve(&peer2, &mut conn).await;
+                tracing::debug!(reason, "upload connection closed");
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn serve(peer: &Peer, conn: &mut Connection) -> &'static str {
+    let mut buf = Vec::new();
+    loop {
+        let line = tokio::select! {
+            _ = peer.stop.cancelled() => return "shutdown",
+            line = conn.read_line() => line,
+        };
+        let line = match line {
+            Ok(Some(line)) => line,
+            Ok(None) => return "closed by peer",
+            Err(FrameError::TooLong(max)) => {
+                let r = Refusal::new(
+                    ErrorCode::FrameTooLong,
+                    format!("request line exceeds {max} bytes"),
+                );
+                let _ = conn.write_line(&encode_refusal(0, &r)).await;
+                let _ = conn.flush().await;
+                return "frame too long";
+            }
+            Err(_) => return "read failed or timed out",
+        };
+        match answer(peer, &line, &mut buf).await {
+            Ok((header, file)) => {
+                peer.metrics.active_transfers.inc();
+                let sent = send_chunk(peer, conn, &header, &buf).await;
+                peer.metrics.active_transfers.dec();
+                if sent.is_err() {
+                    return "write failed";
+                }
+                tracing::trace!(file = %file, chunk = header.index, "chunk sent");
+            }
+            Err((n, refusal)) => {
+                tracing::debug!(
+                    code = refusal.code.as_str(),
+                    "refused chunk request: {}",
+                    refusal.message
+                );
+                if conn.write_line(&encode_refusal(n, &refusal)).await.is_err() {
+                    return "write failed";
+                }
+            }
+        }
+        if !conn.has_buffered_line() && conn.flush().await.is_err() {
+            return "write failed";
+        }
+    }
+}
+
+/// Checks a request and reads the chunk into `buf`.
+async fn answer(
+    peer: &Peer,
+    line: &[u8],
+    buf: &mut Vec<u8>,
+) -> Result<(ChunkHeader, String), (u64, Refusal)> {
+    let (msg, _) = decode_envelope(line)?;
+    let n = msg as u64;
+    if msg != Msg::ChunkRequest {
+        return Err((
+            n,
+            Refusal::new(
+                ErrorCode::UnknownMsg,
+                format!("a peer answers only message 5, not {n}"),
+            ),
+        ));
+    }
+    let req: ChunkRequest = decode_body(line).map_err(|r| (n, r))?;
+    if !secret_matches(peer.cfg.secret.as_deref(), req.secret.as_deref()) {
+        return Err((
+            n,
+            Refusal::new(ErrorCode::Unauthorized, "missing or wrong cluster secret"),
+        ));
+    }
+    validate_name(&req.file).map_err(|r| (n, r))?;
+    let file = peer.store.get(&req.file).ok_or_else(|| {
+        (
+            n,
+            Refusal::new(
+                ErrorCode::UnknownFile,
+                format!("this peer does not share {:?}", req.file),
+            ),
+        )
+    })?;
+    if u64::from(req.index) >= file.info.chunks() {
+        let why = format!(
+            "chunk {} is out of range: {:?} has {} chunks",
+            req.index,
+            req.file,
+            file.info.chunks()
+        );
+        return Err((n, Refusal::new(ErrorCode::OutOfRange, why)));
+    }
+    if !file.has_chunk(req.index) {
+        return Err((
+            n,
+            Refusal::new(
+                ErrorCode::NotFound,
+                format!("chunk {} is not here yet", req.index),
+            ),
+        ));
+    }
+    let mut owned = std::mem::take(buf);
+    let index = req.index;
+    let (result, back) = tokio::task::spawn_blocking({
+        let file = file.clone();
+        move || {
+            let r = file.read_chunk(index, &mut owned);
+            (r, owned)
+        }
+    })
+    .await
+    .map_err(|e| {
+        (
+            n,
+            Refusal::new(ErrorCode::Internal, format!("read task failed: {e}")),
+        )
+    })?;
+    *buf = back;
+    result.map_err(|e| {
+        (
+            n,
+            Refusal::new(
+                ErrorCode::Internal,
+                format!("cannot read chunk {index}: {e}"),
+            ),
+        )
+    })?;
+    let header = ChunkHeader {
+        file: req.file.clone(),
+        index,
+        length: buf.len() as u32,
+        hash: file.hashes.0[index as usize],
+    };
+    Ok((header, req.file))
+}
+
+async fn send_chunk(
+    peer: &Peer,
+    conn: &mut Connection,
+    header: &ChunkHeader,
+    data: &[u8],
+) -> std::io::Result<()> {
+    conn.write_line(&encode_reply(Msg::ChunkRequest, header))
+        .await?;
+    for slice in data.chunks(SLICE) {
+        peer.upload.acquire(slice.len()).await;
+        conn.write_raw(slice).await?;
+    }
+    peer.metrics.chunks_uploaded.inc();
+    peer.metrics.bytes_uploaded.inc_by(data.len() as u64);
+    Ok(())
+}

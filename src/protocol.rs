@@ -1,0 +1,791 @@
+//! Wire messages between peers and the tracker, and between peers: serde types only, no I/O.
+//! Every frame is one JSON object on one line carrying `"v"` (protocol version) and `"msg"`
+//! (the message number). Replies echo `msg` and say `"ok"`; a failure carries an [`ErrorCode`].
+//! `docs/PROTOCOL.md` is the human form of this file and must stay in step with it.
+
+use crate::bitfield::WireBits;
+use base64::Engine;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::fmt;
+
+/// The protocol version this build speaks. A frame with another `v` gets `unsupported_version`.
+pub const VERSION: u32 = 1;
+
+/// Longest file name, in bytes of UTF-8.
+pub const MAX_NAME_BYTES: usize = 255;
+
+/// The message numbers. 1-4 and 6 go to the tracker; 5 goes to a peer; 7 is the lease renewal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Msg {
+    Register = 1,
+    FileList = 2,
+    Locations = 3,
+    ChunkRegister = 4,
+    ChunkRequest = 5,
+    Leave = 6,
+    Announce = 7,
+}
+
+impl Msg {
+    pub fn from_number(n: u64) -> Option<Msg> {
+        Some(match n {
+            1 => Msg::Register,
+            2 => Msg::FileList,
+            3 => Msg::Locations,
+            4 => Msg::ChunkRegister,
+            5 => Msg::ChunkRequest,
+            6 => Msg::Leave,
+            7 => Msg::Announce,
+            _ => return None,
+        })
+    }
+
+    /// A short fixed label for metrics and logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            Msg::Register => "register",
+            Msg::FileList => "file_list",
+            Msg::Locations => "locations",
+            Msg::ChunkRegister => "chunk_register",
+            Msg::ChunkRequest => "chunk_request",
+            Msg::Leave => "leave",
+            Msg::Announce => "announce",
+        }
+    }
+}
+
+/// Machine-readable failure reasons. The set is part of the protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Not JSON, not an object, a missing field or a field of the wrong type or range.
+    BadRequest,
+    /// `v` is not a version this side speaks.
+    UnsupportedVersion,
+    /// `msg` is not a message this side handles.
+    UnknownMsg,
+    /// The line exceeded the receiver's maximum frame size; the connection is closed.
+    FrameTooLong,
+    /// A file name that is not a single safe path component.
+    InvalidName,
+    /// Missing or wrong cluster secret.
+    Unauthorized,
+    /// `peer_id` unknown (never registered, left, or expired, or the tracker restarted): register again.
+    UnknownPeer,
+    /// `token` does not belong to `peer_id`.
+    Forbidden,
+    /// No such file in the swarm (tracker) or not shared by this peer (peer).
+    UnknownFile,
+    /// Same name already registered with different content.
+    Conflict,
+    /// A chunk index or a bitfield that does not fit the file.
+    OutOfRange,
+    /// The peer does not hold that chunk (yet).
+    NotFound,
+    /// A configured limit was reached (files per peer, chunks per file, peers, files).
+    LimitReached,
+    /// Too many connections; try again later. The connection is closed.
+    Busy,
+    /// The receiver failed (for example a disk error); the request may succeed elsewhere.
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::UnsupportedVersion => "unsupported_version",
+            ErrorCode::UnknownMsg => "unknown_msg",
+            ErrorCode::FrameTooLong => "frame_too_long",
+            ErrorCode::InvalidName => "invalid_name",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::UnknownPeer => "unknown_peer",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::UnknownFile => "unknown_file",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::OutOfRange => "out_of_range",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::LimitReached => "limit_reached",
+            ErrorCode::Busy => "busy",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// A refusal: a code for programs and a sentence for people.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message} ({})", code.as_str())]
+pub struct Refusal {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl Refusal {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Refusal {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// A 32-byte BLAKE3 hash; hex on the wire.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Hash(pub [u8; 32]);
+
+impl Hash {
+    pub fn of(data: &[u8]) -> Hash {
+        Hash(*blake3::hash(data).as_bytes())
+    }
+
+    pub fn to_hex(self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    pub fn from_hex(s: &str) -> Option<Hash> {
+        if s.len() != 64 || !s.is_ascii() {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(Hash(out))
+    }
+}
+
+impl fmt::Debug for Hash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.to_hex())
+    }
+}
+
+impl Serialize for Hash {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_hex())
+    }
+}
+
+impl<'de> Deserialize<'de> for Hash {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Hash::from_hex(&s).ok_or_else(|| serde::de::Error::custom("hash must be 64 hex digits"))
+    }
+}
+
+/// Every chunk's hash in order; on the wire, base64 of the concatenated 32-byte hashes.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct HashList(pub Vec<Hash>);
+
+impl HashList {
+    /// The file digest: BLAKE3 of the concatenated chunk hashes.
+    pub fn digest(&self) -> Hash {
+        let mut h = blake3::Hasher::new();
+        for c in &self.0 {
+            h.update(&c.0);
+        }
+        Hash(*h.finalize().as_bytes())
+    }
+}
+
+impl Serialize for HashList {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let flat: Vec<u8> = self.0.iter().flat_map(|h| h.0).collect();
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(flat))
+    }
+}
+
+impl<'de> Deserialize<'de> for HashList {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let flat = base64::engine::general_purpose::STANDARD
+            .decode(s)
+            .map_err(|e| serde::de::Error::custom(format!("hashes are not base64: {e}")))?;
+        if flat.len() % 32 != 0 {
+            return Err(serde::de::Error::custom(
+                "hashes length is not a multiple of 32 bytes",
+            ));
+        }
+        let hashes = flat
+            .chunks_exact(32)
+            .map(|c| Hash(c.try_into().expect("32 bytes")))
+            .collect();
+        Ok(HashList(hashes))
+    }
+}
+
+/// What identifies a file's content: name, size, chunking and the digest of its chunk hashes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileInfo {
+    pub name: String,
+    pub size: u64,
+    pub chunk_size: u32,
+    pub digest: Hash,
+}
+
+impl FileInfo {
+    /// Number of chunks; the last one may be shorter. An empty file has none.
+    pub fn chunks(&self) -> u64 {
+        if self.chunk_size == 0 {
+            return 0;
+        }
+        self.size.div_ceil(u64::from(self.chunk_size))
+    }
+
+    /// Byte offset and length of chunk `index` (which must be in range).
+    pub fn chunk_span(&self, index: u32) -> (u64, u32) {
+        let offset = u64::from(index) * u64::from(self.chunk_size);
+        let len = (self.size - offset).min(u64::from(self.chunk_size));
+        (offset, len as u32)
+    }
+}
+
+/// Checks that `name` is a single safe path component; the reason is a sentence.
+pub fn validate_name(name: &str) -> Result<(), Refusal> {
+    let bad = |why: &str| {
+        Err(Refusal::new(
+            ErrorCode::InvalidName,
+            format!("name {name:?} {why}"),
+        ))
+    };
+    if name.is_empty() {
+        return bad("is empty");
+    }
+    if name.len() > MAX_NAME_BYTES {
+        return bad(&format!("is longer than {MAX_NAME_BYTES} bytes"));
+    }
+    if name.starts_with('.') {
+        return bad("starts with '.' (hidden, '.' and '..' names are reserved)");
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|&c| c == '/' || c == '\\' || c.is_control())
+    {
+        return bad(&format!("contains {c:?}"));
+    }
+    Ok(())
+}
+
+/// Whether a presented secret (or token) matches the expected one; no expected secret admits
+/// everyone. Compares in time independent of where the strings differ.
+pub fn secret_matches(expected: Option<&str>, given: Option<&str>) -> bool {
+    let Some(expected) = expected else {
+        return true;
+    };
+    let given = given.unwrap_or("");
+    let diff = expected
+        .bytes()
+        .zip(given.bytes())
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+    diff == 0 && expected.len() == given.len()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Frames. A request is `{"v":1,"msg":N, ...fields}`; a reply is `{"v":1,"msg":N,"ok":true,
+// ...fields}` or `{"v":1,"msg":N,"ok":false,"error":CODE,"message":TEXT}`.
+
+/// The fields every frame has; read first to pick the body type.
+#[derive(Debug, Deserialize)]
+pub struct Envelope {
+    pub v: u32,
+    pub msg: u64,
+    /// Present on replies only.
+    #[serde(default)]
+    pub ok: Option<bool>,
+    #[serde(default)]
+    pub error: Option<ErrorCode>,
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Out<'a, T> {
+    v: u32,
+    msg: u8,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ok: Option<bool>,
+    #[serde(flatten)]
+    body: &'a T,
+}
+
+/// Encodes a request frame (without the newline).
+pub fn encode_request<T: Serialize>(msg: Msg, body: &T) -> Vec<u8> {
+    serde_json::to_vec(&Out {
+        v: VERSION,
+        msg: msg as u8,
+        ok: None,
+        body,
+    })
+    .expect("serialisable")
+}
+
+/// Encodes a successful reply frame (without the newline).
+pub fn encode_reply<T: Serialize>(msg: Msg, body: &T) -> Vec<u8> {
+    serde_json::to_vec(&Out {
+        v: VERSION,
+        msg: msg as u8,
+        ok: Some(true),
+        body,
+    })
+    .expect("serialisable")
+}
+
+/// Encodes a failure reply. `msg` is the number the request carried (0 if it had none).
+pub fn encode_refusal(msg: u64, refusal: &Refusal) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Failed<'a> {
+        v: u32,
+        msg: u64,
+        ok: bool,
+        error: ErrorCode,
+        message: &'a str,
+    }
+    let f = Failed {
+        v: VERSION,
+        msg,
+        ok: false,
+        error: refusal.code,
+        message: &refusal.message,
+    };
+    serde_json::to_vec(&f).expect("serialisable")
+}
+
+/// Parses a request line into its message and the raw line for [`decode_body`]. Refusals carry
+/// the message number when one could be read, so the reply can echo it.
+pub fn decode_envelope(line: &[u8]) -> Result<(Msg, Envelope), (u64, Refusal)> {
+    let env: Envelope = serde_json::from_slice(line).map_err(|e| {
+        (
+            0,
+            Refusal::new(ErrorCode::BadRequest, format!("not a valid frame: {e}")),
+        )
+    })?;
+    if env.v != VERSION {
+        let why = format!(
+            "protocol version {} is not supported (this side speaks {VERSION})",
+            env.v
+        );
+        return Err((env.msg, Refusal::new(ErrorCode::UnsupportedVersion, why)));
+    }
+    match Msg::from_number(env.msg) {
+        Some(m) => Ok((m, env)),
+        None => Err((
+            env.msg,
+            Refusal::new(
+                ErrorCode::UnknownMsg,
+                format!("unknown message {}", env.msg),
+            ),
+        )),
+    }
+}
+
+/// Parses the body of a frame whose envelope was already read.
+pub fn decode_body<T: DeserializeOwned>(line: &[u8]) -> Result<T, Refusal> {
+    serde_json::from_slice(line)
+        .map_err(|e| Refusal::new(ErrorCode::BadRequest, format!("bad fields: {e}")))
+}
+
+/// Parses a reply line: the body on success, the refusal otherwise.
+pub fn decode_reply<T: DeserializeOwned>(expect: Msg, line: &[u8]) -> Result<T, Refusal> {
+    let env: Envelope = decode_body(line)?;
+    if env.msg != expect as u64 {
+        let why = format!(
+            "reply is for message {}, expected {}",
+            env.msg, expect as u8
+        );
+        return Err(Refusal::new(ErrorCode::BadRequest, why));
+    }
+    match env.ok {
+        Some(true) => decode_body(line),
+        _ => Err(Refusal::new(
+            env.error.unwrap_or(ErrorCode::Internal),
+            env.message
+                .unwrap_or_else(|| "refused without a message".into()),
+        )),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bodies.
+
+/// 1 register: a peer announces its address, its files, and optionally its identity (to add
+/// files to an existing registration).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Register {
+    pub name: String,
+    /// `ip:port` others should dial. An unspecified ip (`0.0.0.0`, `::`) means "the address you
+    /// see me connecting from".
+    pub addr: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    /// Both set: add `files` to this existing registration and renew its lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_id: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    #[serde(default)]
+    pub files: Vec<FileOffer>,
+}
+
+/// One file in a registration: its identity, every chunk hash, and which chunks the peer holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileOffer {
+    #[serde(flatten)]
+    pub info: FileInfo,
+    pub hashes: HashList,
+    /// Chunks held; absent means all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub have: Option<WireBits>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registered {
+    pub peer_id: u64,
+    pub token: String,
+    /// How often to send 7 announce, in milliseconds; a peer silent for about three intervals
+    /// is forgotten.
+    pub announce_interval_ms: u64,
+    /// The address the tracker will give out for this peer.
+    pub addr: String,
+    pub files: Vec<FileVerdict>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileVerdict {
+    pub name: String,
+    pub accepted: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorCode>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// 2 file list: no fields.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileList {}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileListReply {
+    pub files: Vec<FileSummary>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileSummary {
+    #[serde(flatten)]
+    pub info: FileInfo,
+    pub chunks: u64,
+    /// Peers holding at least one chunk.
+    pub peers: u64,
+    /// Peers holding every chunk.
+    pub seeders: u64,
+}
+
+/// 3 file locations: who holds which chunks of `file`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Locations {
+    pub file: String,
+    /// Also send the chunk hash list (needed once per download).
+    #[serde(default)]
+    pub hashes: bool,
+    /// Leave this peer out of the answer (the asker itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_id: Option<u64>,
+    /// At most this many holders (the tracker also applies its own cap).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub want: Option<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocationsReply {
+    pub file: FileInfo,
+    pub chunks: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hashes: Option<HashList>,
+    /// How many peers hold any chunk (the sample below may be smaller).
+    pub total_peers: u64,
+    pub peers: Vec<Holder>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holder {
+    pub addr: String,
+    pub name: String,
+    pub have: WireBits,
+}
+
+/// 4 chunk register: the peer now holds (verified) these chunks of `file`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRegister {
+    pub peer_id: u64,
+    pub token: String,
+    pub file: String,
+    pub chunks: Vec<u32>,
+}
+
+/// Reply to 4: how many of the chunks were new to the tracker.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunksRecorded {
+    pub recorded: u64,
+}
+
+/// 5 chunk request (peer to peer). The reply is a [`ChunkHeader`] line then `length` raw bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRequest {
+    pub file: String,
+    pub index: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkHeader {
+    pub file: String,
+    pub index: u32,
+    pub length: u32,
+    pub hash: Hash,
+}
+
+/// 6 leave and 7 announce: the peer's identity.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerAuth {
+    pub peer_id: u64,
+    pub token: String,
+}
+
+/// Reply to 6 and 7.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Acknowledged {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announce_interval_ms: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn info() -> FileInfo {
+        FileInfo {
+            name: "movie.bin".into(),
+            size: 2_500_000,
+            chunk_size: 1 << 20,
+            digest: Hash([7; 32]),
+        }
+    }
+
+    fn round_trip<T: Serialize + DeserializeOwned + PartialEq + fmt::Debug>(msg: Msg, body: T) {
+        let line = encode_request(msg, &body);
+        let (m, _) = decode_envelope(&line).unwrap();
+        assert_eq!(m, msg);
+        assert_eq!(decode_body::<T>(&line).unwrap(), body);
+        let reply = encode_reply(msg, &body);
+        assert_eq!(decode_reply::<T>(msg, &reply).unwrap(), body);
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let offer = FileOffer {
+            info: info(),
+            hashes: HashList(vec![Hash([1; 32]); 3]),
+            have: Some(WireBits(vec![0xa0])),
+        };
+        let register = Register {
+            name: "p1".into(),
+            addr: "0.0.0.0:7401".into(),
+            secret: Some("s".into()),
+            peer_id: None,
+            token: None,
+            files: vec![offer],
+        };
+        round_trip(Msg::Register, register);
+        round_trip(Msg::FileList, FileList {});
+        round_trip(
+            Msg::Locations,
+            Locations {
+                file: "a".into(),
+                hashes: true,
+                peer_id: Some(3),
+                want: Some(5),
+            },
+        );
+        round_trip(
+            Msg::ChunkRegister,
+            ChunkRegister {
+                peer_id: 1,
+                token: "t".into(),
+                file: "a".into(),
+                chunks: vec![0, 2],
+            },
+        );
+        round_trip(
+            Msg::ChunkRequest,
+            ChunkRequest {
+                file: "a".into(),
+                index: 4,
+                secret: None,
+            },
+        );
+        round_trip(
+            Msg::Leave,
+            PeerAuth {
+                peer_id: 9,
+                token: "t".into(),
+            },
+        );
+        round_trip(
+            Msg::Locations,
+            LocationsReply {
+                file: info(),
+                chunks: 3,
+                hashes: None,
+                total_peers: 1,
+                peers: vec![Holder {
+                    addr: "10.0.0.1:7401".into(),
+                    name: "p".into(),
+                    have: WireBits(vec![0xe0]),
+                }],
+            },
+        );
+        round_trip(
+            Msg::ChunkRequest,
+            ChunkHeader {
+                file: "a".into(),
+                index: 1,
+                length: 10,
+                hash: Hash([2; 32]),
+            },
+        );
+    }
+
+    #[test]
+    fn refusal_round_trips_with_code() {
+        let r = Refusal::new(ErrorCode::Conflict, "different content");
+        let line = encode_refusal(1, &r);
+        assert_eq!(decode_reply::<Registered>(Msg::Register, &line), Err(r));
+        let text = String::from_utf8(line).unwrap();
+        assert!(text.contains(r#""error":"conflict""#), "{text}");
+    }
+
+    #[test]
+    fn envelope_refuses_garbage_versions_and_unknown_messages() {
+        assert_eq!(
+            decode_envelope(b"hello").unwrap_err().1.code,
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            decode_envelope(br#"{"v":1}"#).unwrap_err().1.code,
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            decode_envelope(br#"{"v":2,"msg":1}"#).unwrap_err().1.code,
+            ErrorCode::UnsupportedVersion
+        );
+        assert_eq!(
+            decode_envelope(br#"{"v":1,"msg":99}"#).unwrap_err(),
+            (
+                99,
+                Refusal::new(ErrorCode::UnknownMsg, "unknown message 99")
+            )
+        );
+        assert_eq!(
+            decode_envelope(br#"{"v":1,"msg":-1}"#).unwrap_err().1.code,
+            ErrorCode::BadRequest
+        );
+    }
+
+    #[test]
+    fn bodies_refuse_wrong_types_and_negative_numbers() {
+        let bad = br#"{"v":1,"msg":5,"file":"a","index":-3}"#;
+        assert_eq!(
+            decode_body::<ChunkRequest>(bad).unwrap_err().code,
+            ErrorCode::BadRequest
+        );
+        let huge = br#"{"v":1,"msg":5,"file":"a","index":99999999999999999999}"#;
+        assert_eq!(
+            decode_body::<ChunkRequest>(huge).unwrap_err().code,
+            ErrorCode::BadRequest
+        );
+        let wrong = br#"{"v":1,"msg":5,"file":7,"index":1}"#;
+        assert_eq!(
+            decode_body::<ChunkRequest>(wrong).unwrap_err().code,
+            ErrorCode::BadRequest
+        );
+    }
+
+    #[test]
+    fn names_must_be_one_safe_component() {
+        for bad in [
+            "",
+            "../x",
+            "/etc/passwd",
+            "a/b",
+            "a\\b",
+            "nul\0",
+            "tab\t",
+            ".hidden",
+            "..",
+            ".",
+        ] {
+            assert!(validate_name(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(validate_name(&"x".repeat(256)).is_err());
+        for good in ["movie.bin", "a b", "été.txt", "x".repeat(255).as_str()] {
+            assert!(validate_name(good).is_ok(), "{good:?} refused");
+        }
+    }
+
+    #[test]
+    fn chunk_spans_cover_the_file() {
+        let f = info();
+        assert_eq!(f.chunks(), 3);
+        assert_eq!(f.chunk_span(0), (0, 1 << 20));
+        assert_eq!(f.chunk_span(2), (2 << 20, 2_500_000 - (2 << 20)));
+    }
+
+    #[test]
+    fn error_code_names_match_their_wire_form() {
+        use ErrorCode::*;
+        let all = [
+            BadRequest,
+            UnsupportedVersion,
+            UnknownMsg,
+            FrameTooLong,
+            InvalidName,
+            Unauthorized,
+            UnknownPeer,
+            Forbidden,
+            UnknownFile,
+            Conflict,
+            OutOfRange,
+            NotFound,
+            LimitReached,
+            Busy,
+            Internal,
+        ];
+        for code in all {
+            assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn hash_hex_round_trips(bytes in any::<[u8; 32]>()) {
+            let h = Hash(bytes);
+            prop_assert_eq!(Hash::from_hex(&h.to_hex()), Some(h));
+        }
+
+        #[test]
+        fn decoders_never_panic(line in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = decode_envelope(&line);
+            let _ = decode_body::<Register>(&line);
+            let _ = decode_reply::<LocationsReply>(Msg::Locations, &line);
+        }
+
+        #[test]
+        fn chunk_register_round_trips(id in any::<u64>(), chunks in proptest::collection::vec(any::<u32>(), 0..50)) {
+            let body = ChunkRegister { peer_id: id, token: "t".into(), file: "f".into(), chunks };
+            let line = encode_request(Msg::ChunkRegister, &body);
+            prop_assert_eq!(decode_body::<ChunkRegister>(&line).unwrap(), body);
+        }
+    }
+}

@@ -1,0 +1,764 @@
+//! The tracker's index: file -> {metadata, peer -> chunks held} and peer -> {name, address,
+//! token, lease}. Soft state only: it is rebuilt from peer registrations after a restart.
+//!
+//! One std `Mutex` guards the index. Every operation holds it for microseconds and never across
+//! an `.await` (there is none in this module), which is why a blocking mutex is right here.
+
+use crate::bitfield::{Bitfield, WireBits};
+use crate::chunking::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
+use crate::protocol::{
+    secret_matches, validate_name, Acknowledged, ChunkRegister, ChunksRecorded, ErrorCode,
+    FileInfo, FileListReply, FileOffer, FileSummary, FileVerdict, HashList, Holder, Locations,
+    LocationsReply, PeerAuth, Refusal, Register, Registered,
+};
+use rand::seq::SliceRandom;
+use rand::Rng;
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Limits on what the index will hold; each has a documented refusal when reached.
+#[derive(Clone, Debug)]
+pub struct IndexLimits {
+    pub max_peers: usize,
+    pub max_files: usize,
+    pub max_files_per_peer: usize,
+    pub max_chunks_per_file: u64,
+    pub max_holders: usize,
+}
+
+/// A peer is forgotten after this many announce intervals of silence.
+pub const LEASE_INTERVALS: u32 = 3;
+
+pub struct TrackerState {
+    index: Mutex<Index>,
+    limits: IndexLimits,
+    announce_interval: Duration,
+    secret: Option<String>,
+}
+
+#[derive(Default)]
+struct Index {
+    files: HashMap<String, FileEntry>,
+    peers: HashMap<u64, PeerEntry>,
+    next_id: u64,
+}
+
+struct FileEntry {
+    info: FileInfo,
+    hashes: Arc<HashList>,
+    holders: HashMap<u64, Bitfield>,
+}
+
+struct PeerEntry {
+    name: String,
+    addr: SocketAddr,
+    token: String,
+    expires: Instant,
+    files: HashSet<String>,
+}
+
+/// Counts for the gauges.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sizes {
+    pub peers: usize,
+    pub files: usize,
+}
+
+impl TrackerState {
+    pub fn new(limits: IndexLimits, announce_interval: Duration, secret: Option<String>) -> Self {
+        TrackerState {
+            index: Mutex::new(Index {
+                next_id: 1,
+                ..Index::default()
+            }),
+            limits,
+            announce_interval,
+            secret,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Index> {
+        // A panic while holding the lock would be a bug in this module; the index is still
+        // structurally valid (every mutation is a single map operation), so keep serving.
+        self.index
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn sizes(&self) -> Sizes {
+        let ix = self.lock();
+        Sizes {
+            peers: ix.peers.len(),
+            files: ix.files.len(),
+        }
+    }
+
+    fn lease(&self, now: Instant) -> Instant {
+        now + self.announce_interval * LEASE_INTERVALS
+    }
+
+    /// 1 register: a new peer (or more files for an existing one).
+    pub fn register(
+        &self,
+        req: Register,
+        source: IpAddr,
+        now: Instant,
+    ) -> Result<Registered, Refusal> {
+        if !secret_matches(self.secret.as_deref(), req.secret.as_deref()) {
+            return Err(Refusal::new(
+                ErrorCode::Unauthorized,
+                "registration refused: missing or wrong cluster secret",
+            ));
+        }
+        check_peer_name(&req.name)?;
+        let addr = advertised_addr(&req.addr, source)?;
+        let lease = self.lease(now);
+        let mut ix = self.lock();
+        let peer_id = match (req.peer_id, req.token.as_deref()) {
+            (Some(id), Some(token)) => {
+                let peer = authorised(&mut ix, id, token)?;
+                peer.expires = lease;
+                id
+            }
+            (None, None) => {
+                if ix.peers.len() >= self.limits.max_peers {
+                    let why = format!(
+                        "the tracker already holds its limit of {} peers",
+                        self.limits.max_peers
+                    );
+                    return Err(Refusal::new(ErrorCode::LimitReached, why));
+                }
+                let id = ix.next_id;
+                ix.next_id += 1;
+                let token = new_token();
+                let entry = PeerEntry {
+                    name: req.name.clone(),
+                    addr,
+                    token,
+                    expires: lease,
+                    files: HashSet::new(),
+                };
+                ix.peers.insert(id, entry);
+                id
+            }
+            _ => {
+                return Err(Refusal::new(
+                    ErrorCode::BadRequest,
+                    "peer_id and token go together",
+                ))
+            }
+        };
+        let files = req
+            .files
+            .into_iter()
+            .map(|offer| self.offer(&mut ix, peer_id, offer))
+            .collect();
+        let peer = &ix.peers[&peer_id];
+        Ok(Registered {
+            peer_id,
+            token: peer.token.clone(),
+            announce_interval_ms: self.announce_interval.as_millis() as u64,
+            addr: peer.addr.to_string(),
+            files,
+        })
+    }
+
+    /// Adds one offered file to the index for `peer_id`; the verdict says whether and why not.
+    fn offer(&self, ix: &mut Index, peer_id: u64, offer: FileOffer) -> FileVerdict {
+        let name = offer.info.name.clone();
+        match self.accept_offer(ix, peer_id, offer) {
+            Ok(()) => FileVerdict {
+                name,
+                accepted: true,
+                error: None,
+                message: None,
+            },
+            Err(r) => FileVerdict {
+                name,
+                accepted: false,
+                error: Some(r.code),
+                message: Some(r.message),
+            },
+        }
+    }
+
+    fn accept_offer(&self, ix: &mut Index, peer_id: u64, offer: FileOffer) -> Result<(), Refusal> {
+        let have = self.check_offer(&offer)?;
+        let name = offer.info.name.clone();
+        match ix.files.get(&name) {
+            Some(existing) if existing.info != offer.info => {
+                let why = format!(
+                    "{name:?} is already shared with different content (size {}, digest {})",
+                    existing.info.size,
+                    existing.info.digest.to_hex()
+                );
+                return Err(Refusal::new(ErrorCode::Conflict, why));
+            }
+            None if ix.files.len() >= self.limits.max_files => {
+                let why = format!(
+                    "the tracker already indexes its limit of {} files",
+                    self.limits.max_files
+                );
+                return Err(Refusal::new(ErrorCode::LimitReached, why));
+            }
+            _ => {}
+        }
+        self.ensure_holding(ix, peer_id, &name)?;
+        let file = ix.files.entry(name).or_insert_with(|| FileEntry {
+            info: offer.info,
+            hashes: Arc::new(offer.hashes),
+            holders: HashMap::new(),
+        });
+        let chunks = file.info.chunks() as usize;
+        file.holders
+            .entry(peer_id)
+            .or_insert_with(|| Bitfield::new(chunks))
+            .union_with(&have);
+        Ok(())
+    }
+
+    /// Validates an offer on its own and returns the chunks it claims.
+    fn check_offer(&self, offer: &FileOffer) -> Result<Bitfield, Refusal> {
+        let info = &offer.info;
+        validate_name(&info.name)?;
+        let bad = |why: String| Err(Refusal::new(ErrorCode::BadRequest, why));
+        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&info.chunk_size) {
+            return bad(format!(
+                "chunk_size {} is outside {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE}",
+                info.chunk_size
+            ));
+        }
+        let chunks = info.chunks();
+        if chunks > self.limits.max_chunks_per_file {
+            let why = format!(
+                "{chunks} chunks exceed the limit of {} per file",
+                self.limits.max_chunks_per_file
+            );
+            return Err(Refusal::new(ErrorCode::LimitReached, why));
+        }
+        if offer.hashes.0.len() as u64 != chunks {
+            return bad(format!(
+                "{} hashes for {chunks} chunks",
+                offer.hashes.0.len()
+            ));
+        }
+        if offer.hashes.digest() != info.digest {
+            return bad("digest does not match the chunk hashes".into());
+        }
+        match &offer.have {
+            None => Ok(Bitfield::full(chunks as usize)),
+            Some(WireBits(bytes)) => Bitfield::from_bytes(bytes.clone(), chunks as usize)
+                .ok_or_else(|| {
+                    Refusal::new(
+                        ErrorCode::OutOfRange,
+                        format!("have bitfield does not fit {chunks} chunks"),
+                    )
+                }),
+        }
+    }
+
+    /// Records that `peer_id` holds entries for `name`, within the per-peer file limit.
+    fn ensure_holding(&self, ix: &mut Index, peer_id: u64, name: &str) -> Result<(), Refusal> {
+        let peer = ix.peers.get_mut(&peer_id).expect("caller checked the peer");
+        if !peer.files.contains(name) {
+            if peer.files.len() >= self.limits.max_files_per_peer {
+                let why = format!(
+                    "this peer already holds its limit of {} files",
+                    self.limits.max_files_per_peer
+                );
+                return Err(Refusal::new(ErrorCode::LimitReached, why));
+            }
+            peer.files.insert(name.to_string());
+        }
+        Ok(())
+    }
+
+    /// 2 file list.
+    pub fn file_list(&self) -> FileListReply {
+        let ix = self.lock();
+        let mut files: Vec<FileSummary> = ix
+            .files
+            .values()
+            .map(|f| FileSummary {
+                info: f.info.clone(),
+                chunks: f.info.chunks(),
+                peers: f.holders.len() as u64,
+                seeders: f.holders.values().filter(|h| h.is_full()).count() as u64,
+            })
+            .collect();
+        files.sort_by(|a, b| a.info.name.cmp(&b.info.name));
+        FileListReply { files }
+    }
+
+    /// 3 file locations: a bounded, randomised sample of holders that covers the rarest chunks.
+    pub fn locations(&self, req: &Locations) -> Result<LocationsReply, Refusal> {
+        validate_name(&req.file)?;
+        let want = req.want.map_or(self.limits.max_holders, |w| {
+            (w as usize).min(self.limits.max_holders)
+        });
+        let ix = self.lock();
+        let file = ix
+            .files
+            .get(&req.file)
+            .ok_or_else(|| unknown_file(&req.file))?;
+        let mut candidates: Vec<(u64, &Bitfield)> = file
+            .holders
+            .iter()
+            .filter(|(id, _)| Some(**id) != req.peer_id)
+            .map(|(id, b)| (*id, b))
+            .collect();
+        let total_peers = candidates.len() as u64;
+        let chosen = sample_holders(
+            &mut candidates,
+            want,
+            file.info.chunks() as usize,
+            &mut rand::thread_rng(),
+        );
+        let peers = chosen
+            .into_iter()
+            .filter_map(|(id, have)| {
+                let p = ix.peers.get(&id)?;
+                Some(Holder {
+                    addr: p.addr.to_string(),
+                    name: p.name.clone(),
+                    have: WireBits::from(have),
+                })
+            })
+            .collect();
+        Ok(LocationsReply {
+            file: file.info.clone(),
+            chunks: file.info.chunks(),
+            hashes: req.hashes.then(|| HashList::clone(&file.hashes)),
+            total_peers,
+            peers,
+        })
+    }
+
+    /// 4 chunk register: all indexes are checked before any is recorded.
+    pub fn chunk_register(
+        &self,
+        req: &ChunkRegister,
+        now: Instant,
+    ) -> Result<ChunksRecorded, Refusal> {
+        let lease = self.lease(now);
+        let mut ix = self.lock();
+        authorised(&mut ix, req.peer_id, &req.token)?.expires = lease;
+        let file = ix
+            .files
+            .get(&req.file)
+            .ok_or_else(|| unknown_file(&req.file))?;
+        let chunks = file.info.chunks();
+        if let Some(bad) = req.chunks.iter().find(|&&i| u64::from(i) >= chunks) {
+            let why = format!(
+                "chunk {bad} is out of range: {:?} has {chunks} chunks",
+                req.file
+            );
+            return Err(Refusal::new(ErrorCode::OutOfRange, why));
+        }
+        self.ensure_holding(&mut ix, req.peer_id, &req.file)?;
+        let file = ix.files.get_mut(&req.file).expect("checked above");
+        let held = file
+            .holders
+            .entry(req.peer_id)
+            .or_insert_with(|| Bitfield::new(chunks as usize));
+        let recorded = req.chunks.iter().filter(|&&i| held.set(i as usize)).count() as u64;
+        Ok(ChunksRecorded { recorded })
+    }
+
+    /// 6 leave: the peer and every entry it had are removed at once.
+    pub fn leave(&self, req: &PeerAuth) -> Result<Acknowledged, Refusal> {
+        let mut ix = self.lock();
+        authorised(&mut ix, req.peer_id, &req.token)?;
+        remove_peer(&mut ix, req.peer_id);
+        Ok(Acknowledged {
+            announce_interval_ms: None,
+        })
+    }
+
+    /// 7 announce: renews the lease.
+    pub fn announce(&self, req: &PeerAuth, now: Instant) -> Result<Acknowledged, Refusal> {
+        let lease = self.lease(now);
+        let mut ix = self.lock();
+        authorised(&mut ix, req.peer_id, &req.token)?.expires = lease;
+        Ok(Acknowledged {
+            announce_interval_ms: Some(self.announce_interval.as_millis() as u64),
+        })
+    }
+
+    /// Forgets every peer whose lease ran out before `now`; returns how many.
+    pub fn expire(&self, now: Instant) -> usize {
+        let mut ix = self.lock();
+        let expired: Vec<u64> = ix
+            .peers
+            .iter()
+            .filter(|(_, p)| p.expires < now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &expired {
+            remove_peer(&mut ix, *id);
+        }
+        expired.len()
+    }
+}
+
+fn unknown_file(name: &str) -> Refusal {
+    Refusal::new(ErrorCode::UnknownFile, format!("no peer shares {name:?}"))
+}
+
+fn authorised<'a>(
+    ix: &'a mut Index,
+    peer_id: u64,
+    token: &str,
+) -> Result<&'a mut PeerEntry, Refusal> {
+    let peer = ix.peers.get_mut(&peer_id).ok_or_else(|| {
+        Refusal::new(ErrorCode::UnknownPeer, format!("peer {peer_id} is not registered (left, expired, or the tracker restarted): register again"))
+    })?;
+    if !secret_matches(Some(&peer.token), Some(token)) {
+        return Err(Refusal::new(
+            ErrorCode::Forbidden,
+            format!("token does not belong to peer {peer_id}"),
+        ));
+    }
+    Ok(peer)
+}
+
+fn remove_peer(ix: &mut Index, peer_id: u64) {
+    let Some(peer) = ix.peers.remove(&peer_id) else {
+        return;
+    };
+    for name in peer.files {
+        if let Some(file) = ix.files.get_mut(&name) {
+            file.holders.remove(&peer_id);
+            if file.holders.is_empty() {
+                ix.files.remove(&name);
+            }
+        }
+    }
+}
+
+fn check_peer_name(name: &str) -> Result<(), Refusal> {
+    if name.is_empty() || name.len() > 255 || name.chars().any(char::is_control) {
+        return Err(Refusal::new(
+            ErrorCode::BadRequest,
+            "peer name must be 1-255 bytes without control characters",
+        ));
+    }
+    Ok(())
+}
+
+/// The address to give out for a peer: its own claim, with an unspecified ip replaced by the
+/// address it connected from.
+fn advertised_addr(claimed: &str, source: IpAddr) -> Result<SocketAddr, Refusal> {
+    let mut addr: SocketAddr = claimed.parse().map_err(|_| {
+        Refusal::new(
+            ErrorCode::BadRequest,
+            format!("addr {claimed:?} is not ip:port"),
+        )
+    })?;
+    if addr.port() == 0 {
+        return Err(Refusal::new(
+            ErrorCode::BadRequest,
+            "addr port must not be 0",
+        ));
+    }
+    if addr.ip().is_unspecified() {
+        addr.set_ip(source);
+    }
+    Ok(addr)
+}
+
+fn new_token() -> String {
+    let bytes: [u8; 16] = rand::thread_rng().gen();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Picks at most `want` holders. First, in random order, holders that add a chunk the sample
+/// does not cover yet (so the rarest chunks are always reachable); then random others.
+/// Random order spreads load: two askers rarely get the same sample of a popular file.
+pub fn sample_holders<'a, R: Rng>(
+    candidates: &mut [(u64, &'a Bitfield)],
+    want: usize,
+    chunks: usize,
+    rng: &mut R,
+) -> Vec<(u64, &'a Bitfield)> {
+    candidates.shuffle(rng);
+    if candidates.len() <= want {
+        return candidates.to_vec();
+    }
+    let mut covered = Bitfield::new(chunks);
+    let mut chosen = Vec::with_capacity(want);
+    let mut rest = Vec::new();
+    for &(id, have) in candidates.iter() {
+        if chosen.len() < want && have.has_any_not_in(&covered) {
+            covered.union_with(have);
+            chosen.push((id, have));
+        } else {
+            rest.push((id, have));
+        }
+    }
+    let missing = want - chosen.len();
+    chosen.extend(rest.into_iter().take(missing));
+    chosen
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Hash;
+
+    fn state() -> TrackerState {
+        let limits = IndexLimits {
+            max_peers: 10,
+            max_files: 10,
+            max_files_per_peer: 3,
+            max_chunks_per_file: 100,
+            max_holders: 5,
+        };
+        TrackerState::new(limits, Duration::from_secs(1), None)
+    }
+
+    fn offer(name: &str, content: u8, chunks: usize) -> FileOffer {
+        let hashes = HashList(
+            (0..chunks)
+                .map(|i| Hash([content.wrapping_add(i as u8); 32]))
+                .collect(),
+        );
+        let info = FileInfo {
+            name: name.into(),
+            size: chunks as u64 * 4096,
+            chunk_size: 4096,
+            digest: hashes.digest(),
+        };
+        FileOffer {
+            info,
+            hashes,
+            have: None,
+        }
+    }
+
+    fn register(s: &TrackerState, name: &str, port: u16, files: Vec<FileOffer>) -> Registered {
+        let req = Register {
+            name: name.into(),
+            addr: format!("0.0.0.0:{port}"),
+            secret: None,
+            peer_id: None,
+            token: None,
+            files,
+        };
+        s.register(req, "10.1.2.3".parse().unwrap(), Instant::now())
+            .unwrap()
+    }
+
+    fn locate(s: &TrackerState, file: &str) -> LocationsReply {
+        s.locations(&Locations {
+            file: file.into(),
+            hashes: true,
+            peer_id: None,
+            want: None,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn register_then_locate_gives_source_ip_and_chunks() {
+        let s = state();
+        let r = register(&s, "seed", 7401, vec![offer("a", 1, 4)]);
+        assert!(r.files[0].accepted);
+        assert_eq!(r.addr, "10.1.2.3:7401");
+        let loc = locate(&s, "a");
+        assert_eq!(loc.peers.len(), 1);
+        assert_eq!(loc.peers[0].addr, "10.1.2.3:7401");
+        assert_eq!(loc.peers[0].have, WireBits(vec![0xf0]));
+        assert_eq!(loc.hashes.unwrap().0.len(), 4);
+    }
+
+    #[test]
+    fn same_name_different_content_is_a_conflict() {
+        let s = state();
+        register(&s, "one", 1, vec![offer("a", 1, 4)]);
+        let r = register(&s, "two", 2, vec![offer("a", 9, 4), offer("b", 1, 2)]);
+        assert_eq!(r.files[0].error, Some(ErrorCode::Conflict));
+        assert!(r.files[1].accepted);
+        assert_eq!(locate(&s, "a").total_peers, 1);
+    }
+
+    #[test]
+    fn offers_that_lie_about_their_hashes_are_refused() {
+        let s = state();
+        let mut bad = offer("a", 1, 4);
+        bad.info.digest = Hash([0; 32]);
+        let mut short = offer("b", 1, 4);
+        short.hashes.0.pop();
+        let mut big = offer("c", 1, 4);
+        big.have = Some(WireBits(vec![0xff, 0xff]));
+        let r = register(&s, "p", 1, vec![bad, short, big, offer("../x", 1, 1)]);
+        let codes: Vec<_> = r.files.iter().map(|f| f.error).collect();
+        let expected = [
+            Some(ErrorCode::BadRequest),
+            Some(ErrorCode::BadRequest),
+            Some(ErrorCode::OutOfRange),
+            Some(ErrorCode::InvalidName),
+        ];
+        assert_eq!(codes, expected);
+        assert_eq!(s.sizes(), Sizes { peers: 1, files: 0 });
+    }
+
+    #[test]
+    fn chunk_register_needs_the_right_token_and_range() {
+        let s = state();
+        register(&s, "seed", 1, vec![offer("a", 1, 4)]);
+        let leecher = register(&s, "leech", 2, vec![]);
+        let mut req = ChunkRegister {
+            peer_id: leecher.peer_id,
+            token: "wrong".into(),
+            file: "a".into(),
+            chunks: vec![1],
+        };
+        assert_eq!(
+            s.chunk_register(&req, Instant::now()).unwrap_err().code,
+            ErrorCode::Forbidden
+        );
+        req.token = leecher.token.clone();
+        req.chunks = vec![1, 4];
+        assert_eq!(
+            s.chunk_register(&req, Instant::now()).unwrap_err().code,
+            ErrorCode::OutOfRange
+        );
+        req.chunks = vec![1, 1, 3];
+        assert_eq!(s.chunk_register(&req, Instant::now()).unwrap().recorded, 2);
+        req.file = "nope".into();
+        assert_eq!(
+            s.chunk_register(&req, Instant::now()).unwrap_err().code,
+            ErrorCode::UnknownFile
+        );
+        req.peer_id = 999;
+        assert_eq!(
+            s.chunk_register(&req, Instant::now()).unwrap_err().code,
+            ErrorCode::UnknownPeer
+        );
+        assert_eq!(locate(&s, "a").total_peers, 2);
+    }
+
+    #[test]
+    fn leave_removes_peer_and_orphaned_files() {
+        let s = state();
+        let r = register(&s, "seed", 1, vec![offer("a", 1, 4)]);
+        let other = register(&s, "other", 2, vec![]);
+        let auth = PeerAuth {
+            peer_id: r.peer_id,
+            token: other.token,
+        };
+        assert_eq!(s.leave(&auth).unwrap_err().code, ErrorCode::Forbidden);
+        s.leave(&PeerAuth {
+            peer_id: r.peer_id,
+            token: r.token,
+        })
+        .unwrap();
+        assert_eq!(s.sizes(), Sizes { peers: 1, files: 0 });
+    }
+
+    #[test]
+    fn silent_peers_expire_and_announcing_ones_stay() {
+        let s = state();
+        let quiet = register(&s, "quiet", 1, vec![offer("a", 1, 4)]);
+        let live = register(&s, "live", 2, vec![offer("b", 1, 4)]);
+        let later = Instant::now() + Duration::from_secs(2);
+        s.announce(
+            &PeerAuth {
+                peer_id: live.peer_id,
+                token: live.token.clone(),
+            },
+            later,
+        )
+        .unwrap();
+        assert_eq!(s.expire(later + Duration::from_millis(1500)), 1);
+        assert_eq!(s.sizes(), Sizes { peers: 1, files: 1 });
+        let gone = PeerAuth {
+            peer_id: quiet.peer_id,
+            token: quiet.token,
+        };
+        assert_eq!(
+            s.announce(&gone, later).unwrap_err().code,
+            ErrorCode::UnknownPeer
+        );
+    }
+
+    #[test]
+    fn limits_refuse_with_limit_reached() {
+        let s = state();
+        let r = register(
+            &s,
+            "p",
+            1,
+            vec![
+                offer("a", 1, 1),
+                offer("b", 1, 1),
+                offer("c", 1, 1),
+                offer("d", 1, 1),
+            ],
+        );
+        assert_eq!(r.files[3].error, Some(ErrorCode::LimitReached));
+        let r = register(&s, "q", 2, vec![offer("e", 1, 101)]);
+        assert_eq!(r.files[0].error, Some(ErrorCode::LimitReached));
+        for port in 3..11 {
+            register(&s, "x", port, vec![]);
+        }
+        let req = Register {
+            name: "y".into(),
+            addr: "1.2.3.4:5".into(),
+            secret: None,
+            peer_id: None,
+            token: None,
+            files: vec![],
+        };
+        assert_eq!(
+            s.register(req, "1.2.3.4".parse().unwrap(), Instant::now())
+                .unwrap_err()
+                .code,
+            ErrorCode::LimitReached
+        );
+    }
+
+    #[test]
+    fn secret_is_required_when_set() {
+        let s = TrackerState::new(state().limits, Duration::from_secs(1), Some("k".into()));
+        let mut req = Register {
+            name: "p".into(),
+            addr: "1.2.3.4:5".into(),
+            secret: None,
+            peer_id: None,
+            token: None,
+            files: vec![],
+        };
+        let ip = "1.2.3.4".parse().unwrap();
+        assert_eq!(
+            s.register(req.clone(), ip, Instant::now())
+                .unwrap_err()
+                .code,
+            ErrorCode::Unauthorized
+        );
+        req.secret = Some("k".into());
+        assert!(s.register(req, ip, Instant::now()).is_ok());
+    }
+
+    #[test]
+    fn sample_is_bounded_and_covers_rare_chunks() {
+        let mut common = Bitfield::new(8);
+        common.set(0);
+        let mut rare = Bitfield::new(8);
+        rare.set(7);
+        let mut rng = rand::thread_rng();
+        for _ in 0..50 {
+            let mut candidates: Vec<(u64, &Bitfield)> = (0..20).map(|i| (i, &common)).collect();
+            candidates.push((99, &rare));
+            let chosen = sample_holders(&mut candidates, 3, 8, &mut rng);
+            assert_eq!(chosen.len(), 3);
+            assert!(
+                chosen.iter().any(|(id, _)| *id == 99),
+                "the only holder of chunk 7 was left out"
+            );
+        }
+    }
+}
