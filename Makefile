@@ -1,0 +1,38 @@
+# Shoal: `make help` lists the targets.
+SHELL := bash
+.DEFAULT_GOAL := help
+CARGO ?= cargo
+PEERS ?= 6
+
+.PHONY: help build test lint fmt image up down status e2e k8s-check bench bench-smoke fuzz demo
+
+help: ## List the targets
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+build: ## Build both binaries (release)
+	$(CARGO) build --release --locked
+
+test: ## Run the whole test suite (unit, integration with real processes)
+	$(CARGO) test --release --locked
+
+lint: ## Formatting and clippy, warnings are errors
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets --locked -- -D warnings
+
+image: ## Build the shoal-tracker and shoal-peer container images (static, FROM scratch, offline)
+	bash docker/build.sh
+
+up: image ## Start a tracker, two seeders and PEERS peers with docker compose (detached)
+	bash docker/compose.sh up $(PEERS)
+
+status: ## Show the swarm converging (per-container progress from the metrics)
+	bash docker/compose.sh status
+
+down: ## Stop and remove everything `make up` created
+	bash docker/compose.sh down
+
+e2e: image ## Container end-to-end run with faults; exit code is the verdict
+	python3 tests/e2e/run.py
+
+k8s-check: ## Render the Kubernetes manifests and validate them strictly, offline
+	bash tests/k8s/validate.sh

@@ -1,0 +1,367 @@
+//! Test harness: starts the real binaries on 127.0.0.1 port 0, learns their real addresses from
+//! the JSON start-up log line, and offers small raw clients and condition waits. Nothing here
+//! sleeps to synchronise: every wait polls a condition with a deadline.
+#![allow(dead_code)] // each test file uses a different subset
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const TRACKER: &str = env!("CARGO_BIN_EXE_shoal-tracker");
+pub const PEER: &str = env!("CARGO_BIN_EXE_shoal-peer");
+
+/// Polls `cond` every 20 ms until it holds or `limit` passes.
+pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A running binary; killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub log: Arc<Mutex<Vec<String>>>,
+    pub addr: SocketAddr,
+    pub metrics: Option<SocketAddr>,
+}
+
+impl Proc {
+    /// Spawns `cmd` with JSON logs and waits for the log line `ready_message`.
+    fn spawn(mut cmd: Command, ready_message: &str) -> Proc {
+        cmd.env("SHOAL_LOG_FORMAT", "json").env("SHOAL_LOG", "info").stderr(Stdio::piped());
+        if cmd.get_envs().all(|(k, _)| k != "SHOAL_CONFIG") {
+            cmd.env_remove("SHOAL_CONFIG");
+        }
+        let mut child = cmd.spawn().expect("binary starts");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().expect("piped");
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let mut found = None;
+        let started = wait_until(Duration::from_secs(20), || {
+            found = find_log(&log, ready_message);
+            found.is_some() || matches!(child.try_wait(), Ok(Some(_)))
+        });
+        let Some(line) = found.filter(|_| started) else {
+            let _ = child.kill();
+            panic!("no {ready_message:?} log line; log:\n{}", log.lock().unwrap().join("\n"));
+        };
+        let addr = line["addr"].as_str().expect("addr field").parse().expect("socket addr");
+        let metrics = line["metrics"].as_str().and_then(|m| m.strip_prefix("Some(")?.strip_suffix(')')?.parse().ok());
+        Proc { child, log, addr, metrics }
+    }
+
+    pub fn log_contains(&self, text: &str) -> bool {
+        self.log.lock().unwrap().iter().any(|l| l.contains(text))
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").args([&format!("-{sig}"), &self.pid().to_string()]).status().unwrap().success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Waits for exit (bounded); `None` if still running.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let mut status = None;
+        wait_until(limit, || {
+            status = self.child.try_wait().ok().flatten();
+            status.is_some()
+        });
+        status
+    }
+
+    /// The value of one metric sample (`name` or `name{labels}` exactly as exported).
+    pub fn metric(&self, sample: &str) -> f64 {
+        metric_value(&self.metrics_text(), sample).unwrap_or_else(|| panic!("metric {sample} not exported"))
+    }
+
+    pub fn metrics_text(&self) -> String {
+        http_get(self.metrics.expect("metrics enabled"), "/metrics").1
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn find_log(log: &Mutex<Vec<String>>, message: &str) -> Option<Value> {
+    log.lock()
+        .unwrap()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["message"].as_str() == Some(message))
+}
+
+pub fn metric_value(text: &str, sample: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// A minimal HTTP/1.0 GET: (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("metrics endpoint reachable");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+/// Starts a tracker on an ephemeral port with metrics, with extra `SHOAL_*` settings.
+pub fn tracker(env: &[(&str, &str)]) -> Proc {
+    let mut cmd = Command::new(TRACKER);
+    cmd.env("SHOAL_LISTEN", "127.0.0.1:0").env("SHOAL_METRICS_ADDR", "127.0.0.1:0").env("SHOAL_ANNOUNCE_INTERVAL", "1s");
+    cmd.envs(env.iter().copied()).stdin(Stdio::null()).stdout(Stdio::null());
+    Proc::spawn(cmd, "tracker listening")
+}
+
+/// Starts a tracker on a given address (to restart one in place).
+pub fn tracker_at(addr: SocketAddr, env: &[(&str, &str)]) -> Proc {
+    let listen = addr.to_string();
+    let mut all = vec![("SHOAL_LISTEN", listen.as_str())];
+    all.extend_from_slice(env);
+    let mut cmd = Command::new(TRACKER);
+    cmd.env("SHOAL_METRICS_ADDR", "127.0.0.1:0").env("SHOAL_ANNOUNCE_INTERVAL", "1s");
+    cmd.envs(all.iter().copied()).stdin(Stdio::null()).stdout(Stdio::null());
+    Proc::spawn(cmd, "tracker listening")
+}
+
+/// Settings every test peer gets: quick refreshes and short timeouts keep the suite fast.
+pub const FAST: &[(&str, &str)] = &[
+    ("SHOAL_CHUNK_SIZE", "65536"),
+    ("SHOAL_REFRESH_INTERVAL", "200ms"),
+    ("SHOAL_CHUNK_TIMEOUT", "2s"),
+    ("SHOAL_CONNECT_TIMEOUT", "1s"),
+    ("SHOAL_REQUEST_TIMEOUT", "2s"),
+];
+
+/// Starts `shoal-peer run` (daemon) sharing `dir`, configured by environment only.
+pub fn daemon(tracker: SocketAddr, dir: &Path, name: &str, env: &[(&str, &str)]) -> Proc {
+    let mut cmd = Command::new(PEER);
+    cmd.arg("run")
+        .env("SHOAL_TRACKER", tracker.to_string())
+        .env("SHOAL_LISTEN", "127.0.0.1:0")
+        .env("SHOAL_METRICS_ADDR", "127.0.0.1:0")
+        .env("SHOAL_DATA_DIR", dir)
+        .env("SHOAL_NAME", name)
+        .envs(FAST.iter().copied())
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    Proc::spawn(cmd, "peer listening")
+}
+
+/// Writes `len` bytes of deterministic pseudo-random content (varying with `seed`).
+pub fn make_file(dir: &Path, name: &str, len: usize, seed: u64) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let data: Vec<u8> = (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let path = dir.join(name);
+    std::fs::write(&path, data).unwrap();
+    path
+}
+
+/// Whether `path` exists and has exactly the bytes of `original`.
+pub fn same_bytes(original: &Path, path: &Path) -> bool {
+    match (std::fs::read(original), std::fs::read(path)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// A raw line-protocol client for hostile and protocol-level tests.
+pub struct Raw {
+    reader: BufReader<TcpStream>,
+    pub stream: TcpStream,
+}
+
+impl Raw {
+    pub fn connect(addr: SocketAddr) -> Raw {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Raw { reader: BufReader::new(stream.try_clone().unwrap()), stream }
+    }
+
+    pub fn send(&mut self, line: &str) {
+        self.stream.write_all(line.as_bytes()).unwrap();
+        self.stream.write_all(b"\n").unwrap();
+    }
+
+    /// The next reply line as JSON; `None` on close.
+    pub fn recv(&mut self) -> Option<Value> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) | Err(_) => None,
+            Ok(_) => Some(serde_json::from_str(&line).unwrap_or_else(|e| panic!("reply {line:?} is not JSON: {e}"))),
+        }
+    }
+
+    pub fn ask(&mut self, line: &str) -> Value {
+        self.send(line);
+        self.recv().expect("a reply")
+    }
+
+    /// Reads exactly `len` raw bytes (a chunk body).
+    pub fn recv_bytes(&mut self, len: usize) -> Vec<u8> {
+        let mut buf = vec![0; len];
+        self.reader.read_exact(&mut buf).unwrap();
+        buf
+    }
+
+    /// Whether the other side closed the connection (reads EOF within the timeout).
+    pub fn closed(&mut self) -> bool {
+        let mut buf = [0u8; 1];
+        matches!(self.reader.read(&mut buf), Ok(0) | Err(_))
+    }
+}
+
+/// Registers a fake peer at `addr` claiming every chunk of the file described by a locations
+/// reply (with hashes); returns (peer_id, token).
+pub fn register_fake_holder(tracker: SocketAddr, addr: &str, loc: &Value) -> (u64, String) {
+    let file = &loc["file"];
+    let req = serde_json::json!({
+        "v": 1, "msg": 1, "name": "fake", "addr": addr,
+        "files": [{
+            "name": file["name"], "size": file["size"], "chunk_size": file["chunk_size"],
+            "digest": file["digest"], "hashes": loc["hashes"],
+        }],
+    });
+    let reply = Raw::connect(tracker).ask(&req.to_string());
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(reply["files"][0]["accepted"], true, "{reply}");
+    (reply["peer_id"].as_u64().unwrap(), reply["token"].as_str().unwrap().to_string())
+}
+
+/// Message 3 with hashes, as JSON.
+pub fn locations(tracker: SocketAddr, file: &str) -> Value {
+    let reply = Raw::connect(tracker).ask(&format!(r#"{{"v":1,"msg":3,"file":"{file}","hashes":true}}"#));
+    assert_eq!(reply["ok"], true, "{reply}");
+    reply
+}
+
+/// Holders of `file` the tracker currently lists.
+pub fn holder_count(tracker: SocketAddr, file: &str) -> u64 {
+    let reply = Raw::connect(tracker).ask(&format!(r#"{{"v":1,"msg":3,"file":"{file}"}}"#));
+    reply["total_peers"].as_u64().unwrap_or(0)
+}
+
+/// Names in the tracker's file list.
+pub fn file_names(tracker: SocketAddr) -> Vec<String> {
+    let Ok(stream) = TcpStream::connect(tracker) else { return Vec::new() };
+    drop(stream);
+    let reply = Raw::connect(tracker).ask(r#"{"v":1,"msg":2}"#);
+    reply["files"].as_array().map(|f| f.iter().map(|x| x["name"].as_str().unwrap().to_string()).collect()).unwrap_or_default()
+}
+
+/// Runs the seed's menu form `shoal-peer <tracker_port> 0 <name> [files]` in `dir`, feeding
+/// `input` on stdin; returns (exit status, stdout). Killed after `limit`.
+pub fn run_menu(tracker: SocketAddr, dir: &Path, name: &str, files: &[&Path], input: &str, limit: Duration) -> (ExitStatus, String) {
+    let mut cmd = Command::new(PEER);
+    cmd.arg(tracker.port().to_string()).arg("0").arg(name).args(files);
+    cmd.current_dir(dir).envs(FAST.iter().copied()).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null());
+    let mut child = cmd.spawn().expect("menu starts");
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let mut status = None;
+    wait_until(limit, || {
+        status = child.try_wait().ok().flatten();
+        status.is_some()
+    });
+    let status = status.unwrap_or_else(|| {
+        let _ = child.kill();
+        panic!("menu did not exit within {limit:?}; output so far is lost");
+    });
+    (status, reader.join().unwrap())
+}
+
+/// A hostile holder in the test process: answers chunk requests as `behaviour` says.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hostile {
+    /// Correct headers, wrong bytes.
+    Lies,
+    /// Reads requests, never answers.
+    Stalls,
+}
+
+pub struct FakeHolder {
+    pub addr: SocketAddr,
+    pub connections: Arc<Mutex<usize>>,
+}
+
+pub fn fake_holder(behaviour: Hostile, loc: &Value) -> FakeHolder {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(Mutex::new(0));
+    let count = connections.clone();
+    let size = loc["file"]["size"].as_u64().unwrap();
+    let chunk = loc["file"]["chunk_size"].as_u64().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().map_while(Result::ok) {
+            *count.lock().unwrap() += 1;
+            std::thread::spawn(move || serve_hostile(stream, behaviour, size, chunk));
+        }
+    });
+    FakeHolder { addr, connections }
+}
+
+fn serve_hostile(stream: TcpStream, behaviour: Hostile, size: u64, chunk: u64) {
+    let mut writer = stream.try_clone().unwrap();
+    for line in BufReader::new(stream).lines().map_while(Result::ok) {
+        if behaviour == Hostile::Stalls {
+            continue;
+        }
+        let req: Value = serde_json::from_str(&line).unwrap();
+        let index = req["index"].as_u64().unwrap();
+        let len = chunk.min(size - index * chunk);
+        let header = serde_json::json!({
+            "v": 1, "msg": 5, "ok": true, "file": req["file"], "index": index, "length": len, "hash": "00".repeat(32),
+        });
+        if writeln!(writer, "{header}").is_err() || writer.write_all(&vec![0xAB; len as usize]).is_err() {
+            return;
+        }
+    }
+}
