@@ -116,6 +116,7 @@ pub struct PeerMetrics {
     pub registry: Registry,
     pub chunks_downloaded: IntCounter,
     pub chunks_uploaded: IntCounter,
+    pub chunks_duplicate: IntCounter,
     pub bytes_downloaded: IntCounter,
     pub bytes_uploaded: IntCounter,
     pub chunk_transfer_duration: Histogram,
@@ -148,6 +149,11 @@ impl Default for PeerMetrics {
                 &r,
                 "shoal_peer_chunks_uploaded_total",
                 "Chunks sent to other peers in full.",
+            ),
+            chunks_duplicate: counter(
+                &r,
+                "shoal_peer_chunks_duplicate_total",
+                "Verified chunks received but already held (endgame duplicates); not counted as downloaded.",
             ),
             bytes_downloaded: counter(
                 &r,

@@ -19,11 +19,17 @@ fn offer(name: &str, loc: &Value) -> Value {
 
 /// A tracker with one seeded file "a.bin" (3 chunks) and its locations reply.
 fn seeded() -> (Proc, Proc, tempfile::TempDir, Value) {
-    let tracker = tracker(&[("SHOAL_MAX_FRAME_BYTES", "65536"), ("SHOAL_FRAME_TIMEOUT", "500ms")]);
+    let tracker = tracker(&[
+        ("SHOAL_MAX_FRAME_BYTES", "65536"),
+        ("SHOAL_FRAME_TIMEOUT", "500ms"),
+    ]);
     let dir = tempfile::tempdir().unwrap();
     make_file(&dir.path().join("s"), "a.bin", 150_000, 7);
     let seeder = daemon(tracker.addr, &dir.path().join("s"), "s", &[]);
-    assert!(wait_until(Duration::from_secs(10), || holder_count(tracker.addr, "a.bin") == 1));
+    assert!(wait_until(Duration::from_secs(10), || holder_count(
+        tracker.addr,
+        "a.bin"
+    ) == 1));
     let loc = locations(tracker.addr, "a.bin");
     (tracker, seeder, dir, loc)
 }
@@ -40,20 +46,42 @@ fn tracker_refuses_malformed_requests_and_keeps_the_connection() {
         (r#"{"v":9,"msg":2}"#, "unsupported_version"),
         (r#"{"v":1,"msg":3,"file":5}"#, "bad_request"),
         (r#"{"v":1,"msg":3,"file":"a.bin","want":-1}"#, "bad_request"),
-        (r#"{"v":1,"msg":4,"peer_id":-1,"token":"x","file":"a.bin","chunks":[0]}"#, "bad_request"),
-        (r#"{"v":1,"msg":4,"peer_id":1e400,"token":"x","file":"a.bin","chunks":[0]}"#, "bad_request"),
-        (r#"{"v":1,"msg":4,"peer_id":1,"token":"x","file":"a.bin","chunks":[99999999999]}"#, "bad_request"),
+        (
+            r#"{"v":1,"msg":4,"peer_id":-1,"token":"x","file":"a.bin","chunks":[0]}"#,
+            "bad_request",
+        ),
+        (
+            r#"{"v":1,"msg":4,"peer_id":1e400,"token":"x","file":"a.bin","chunks":[0]}"#,
+            "bad_request",
+        ),
+        (
+            r#"{"v":1,"msg":4,"peer_id":1,"token":"x","file":"a.bin","chunks":[99999999999]}"#,
+            "bad_request",
+        ),
         (r#"{"v":1,"msg":5,"file":"a.bin","index":0}"#, "unknown_msg"),
-        (r#"{"v":1,"msg":1,"name":"p","addr":"not an address"}"#, "bad_request"),
+        (
+            r#"{"v":1,"msg":1,"name":"p","addr":"not an address"}"#,
+            "bad_request",
+        ),
     ];
     for (line, expected) in cases {
         assert_eq!(code(&c.ask(line)), expected, "for {line}");
     }
-    assert_eq!(c.ask(r#"{"v":1,"msg":42}"#)["msg"], 42, "a refusal echoes the message number");
+    assert_eq!(
+        c.ask(r#"{"v":1,"msg":42}"#)["msg"],
+        42,
+        "a refusal echoes the message number"
+    );
     let list = c.ask(r#"{"v":1,"msg":2}"#);
-    assert_eq!(list["ok"], true, "connection should still serve after refusals: {list}");
+    assert_eq!(
+        list["ok"], true,
+        "connection should still serve after refusals: {list}"
+    );
     // Unparseable, versionless and unknown-number frames count as "invalid": six of the above.
-    assert_eq!(tracker.metric(r#"shoal_tracker_requests_total{msg="invalid",outcome="error"}"#), 6.0);
+    assert_eq!(
+        tracker.metric(r#"shoal_tracker_requests_total{msg="invalid",outcome="error"}"#),
+        6.0
+    );
 }
 
 #[test]
@@ -65,7 +93,10 @@ fn over_long_frame_is_refused_before_buffering_and_others_are_served() {
     let reply = hog.recv().expect("a refusal before the close");
     assert_eq!(code(&reply), "frame_too_long");
     assert!(hog.closed());
-    assert_eq!(Raw::connect(tracker.addr).ask(r#"{"v":1,"msg":2}"#)["ok"], true);
+    assert_eq!(
+        Raw::connect(tracker.addr).ask(r#"{"v":1,"msg":2}"#)["ok"],
+        true
+    );
 }
 
 #[test]
@@ -74,25 +105,46 @@ fn half_a_line_that_stalls_is_dropped() {
     let mut c = Raw::connect(tracker.addr);
     c.stream.write_all(br#"{"v":1,"msg":"#).unwrap();
     assert!(c.closed(), "a stalled partial frame must be dropped");
-    assert_eq!(Raw::connect(tracker.addr).ask(r#"{"v":1,"msg":2}"#)["ok"], true);
+    assert_eq!(
+        Raw::connect(tracker.addr).ask(r#"{"v":1,"msg":2}"#)["ok"],
+        true
+    );
 }
 
 #[test]
 fn unsafe_names_are_refused_per_file() {
     let (tracker, _s, _d, loc) = seeded();
-    let names = ["../x", "/etc/passwd", "a\u{0}b", "tab\tname", ".hidden", &"x".repeat(300), "ok.bin"];
+    let names = [
+        "../x",
+        "/etc/passwd",
+        "a\u{0}b",
+        "tab\tname",
+        ".hidden",
+        &"x".repeat(300),
+        "ok.bin",
+    ];
     let files: Vec<Value> = names.iter().map(|n| offer(n, &loc)).collect();
     let reg = json!({"v":1,"msg":1,"name":"p","addr":"127.0.0.1:9","files":files});
     let reply = Raw::connect(tracker.addr).ask(&reg.to_string());
     assert_eq!(reply["ok"], true, "{reply}");
     let verdicts = reply["files"].as_array().unwrap();
     for (v, name) in verdicts.iter().zip(names) {
-        let expected = if name == "ok.bin" { Value::Null } else { json!("invalid_name") };
+        let expected = if name == "ok.bin" {
+            Value::Null
+        } else {
+            json!("invalid_name")
+        };
         assert_eq!(v["error"], expected, "for {name:?}: {v}");
     }
     let mut c = Raw::connect(tracker.addr);
-    assert_eq!(code(&c.ask(r#"{"v":1,"msg":3,"file":"../a.bin"}"#)), "invalid_name");
-    assert_eq!(code(&c.ask(r#"{"v":1,"msg":3,"file":"nope.bin"}"#)), "unknown_file");
+    assert_eq!(
+        code(&c.ask(r#"{"v":1,"msg":3,"file":"../a.bin"}"#)),
+        "invalid_name"
+    );
+    assert_eq!(
+        code(&c.ask(r#"{"v":1,"msg":3,"file":"nope.bin"}"#)),
+        "unknown_file"
+    );
 }
 
 #[test]
@@ -100,9 +152,14 @@ fn same_name_with_different_content_is_a_conflict() {
     let (tracker, _s, dir, _) = seeded();
     make_file(&dir.path().join("other"), "a.bin", 150_000, 99);
     let other = daemon(tracker.addr, &dir.path().join("other"), "other", &[]);
-    assert!(wait_until(Duration::from_secs(10), || other.log_contains("tracker refused file")));
+    assert!(wait_until(Duration::from_secs(10), || other
+        .log_contains("tracker refused file")));
     assert!(other.log_contains("different content"));
-    assert_eq!(holder_count(tracker.addr, "a.bin"), 1, "the second copy must not be mixed in");
+    assert_eq!(
+        holder_count(tracker.addr, "a.bin"),
+        1,
+        "the second copy must not be mixed in"
+    );
 }
 
 #[test]
@@ -111,15 +168,36 @@ fn chunk_register_is_guarded_by_token_file_and_range() {
     let mut c = Raw::connect(tracker.addr);
     let me = c.ask(r#"{"v":1,"msg":1,"name":"me","addr":"127.0.0.1:9"}"#);
     let other = c.ask(r#"{"v":1,"msg":1,"name":"other","addr":"127.0.0.1:10"}"#);
-    let (id, token) = (me["peer_id"].as_u64().unwrap(), me["token"].as_str().unwrap());
-    let reg = |file: &str, chunks: &str, tok: &str| format!(r#"{{"v":1,"msg":4,"peer_id":{id},"token":"{tok}","file":"{file}","chunks":{chunks}}}"#);
+    let (id, token) = (
+        me["peer_id"].as_u64().unwrap(),
+        me["token"].as_str().unwrap(),
+    );
+    let reg = |file: &str, chunks: &str, tok: &str| {
+        format!(
+            r#"{{"v":1,"msg":4,"peer_id":{id},"token":"{tok}","file":"{file}","chunks":{chunks}}}"#
+        )
+    };
     assert_eq!(code(&c.ask(&reg("nope.bin", "[0]", token))), "unknown_file");
-    assert_eq!(code(&c.ask(&reg("a.bin", "[0]", other["token"].as_str().unwrap()))), "forbidden");
+    assert_eq!(
+        code(&c.ask(&reg("a.bin", "[0]", other["token"].as_str().unwrap()))),
+        "forbidden"
+    );
     assert_eq!(code(&c.ask(&reg("a.bin", "[0,3]", token))), "out_of_range");
-    assert_eq!(holder_count(tracker.addr, "a.bin"), 1, "a refused request must record nothing");
+    assert_eq!(
+        holder_count(tracker.addr, "a.bin"),
+        1,
+        "a refused request must record nothing"
+    );
     assert_eq!(c.ask(&reg("a.bin", "[0,2]", token))["recorded"], 2);
-    let leave_other = format!(r#"{{"v":1,"msg":6,"peer_id":{id},"token":"{}"}}"#, other["token"].as_str().unwrap());
-    assert_eq!(code(&c.ask(&leave_other)), "forbidden", "no peer may remove another's entries");
+    let leave_other = format!(
+        r#"{{"v":1,"msg":6,"peer_id":{id},"token":"{}"}}"#,
+        other["token"].as_str().unwrap()
+    );
+    assert_eq!(
+        code(&c.ask(&leave_other)),
+        "forbidden",
+        "no peer may remove another's entries"
+    );
     assert_eq!(holder_count(tracker.addr, "a.bin"), 2);
 }
 
@@ -127,7 +205,9 @@ fn chunk_register_is_guarded_by_token_file_and_range() {
 fn peer_serves_only_registered_files_and_refuses_the_rest() {
     let (_tracker, seeder, _d, loc) = seeded();
     let mut c = Raw::connect(seeder.addr);
-    let ask = |c: &mut Raw, file: &str, index: i64| c.ask(&json!({"v":1,"msg":5,"file":file,"index":index}).to_string());
+    let ask = |c: &mut Raw, file: &str, index: i64| {
+        c.ask(&json!({"v":1,"msg":5,"file":file,"index":index}).to_string())
+    };
     assert_eq!(code(&ask(&mut c, "../etc/passwd", 0)), "invalid_name");
     assert_eq!(code(&ask(&mut c, "/etc/passwd", 0)), "invalid_name");
     assert_eq!(code(&ask(&mut c, "other.bin", 0)), "unknown_file");
@@ -140,7 +220,11 @@ fn peer_serves_only_registered_files_and_refuses_the_rest() {
     let body = c.recv_bytes(header["length"].as_u64().unwrap() as usize);
     let hashes = loc["hashes"].as_str().unwrap();
     assert_eq!(header["hash"].as_str().unwrap(), hex_of_hash(hashes, 2));
-    assert_eq!(blake3::hash(&body).to_hex().as_str(), hex_of_hash(hashes, 2), "served bytes must match the published hash");
+    assert_eq!(
+        blake3::hash(&body).to_hex().as_str(),
+        hex_of_hash(hashes, 2),
+        "served bytes must match the published hash"
+    );
 }
 
 #[test]
@@ -151,15 +235,26 @@ fn peer_refuses_over_long_requests_and_binary_garbage() {
     assert_eq!(code(&hog.recv().expect("refusal")), "frame_too_long");
     assert!(hog.closed());
     let mut noise = Raw::connect(seeder.addr);
-    let garbage: Vec<u8> = (0..20_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let garbage: Vec<u8> = (0..20_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
     let _ = noise.stream.write_all(&garbage);
     drop(noise);
     let mut c = Raw::connect(seeder.addr);
-    assert_eq!(c.ask(r#"{"v":1,"msg":5,"file":"a.bin","index":0}"#)["ok"], true, "peer must keep serving");
+    assert_eq!(
+        c.ask(r#"{"v":1,"msg":5,"file":"a.bin","index":0}"#)["ok"],
+        true,
+        "peer must keep serving"
+    );
 }
 
 fn hex_of_hash(hashes_b64: &str, index: usize) -> String {
     use base64::Engine;
-    let flat = base64::engine::general_purpose::STANDARD.decode(hashes_b64).unwrap();
-    flat[index * 32..index * 32 + 32].iter().map(|b| format!("{b:02x}")).collect()
+    let flat = base64::engine::general_purpose::STANDARD
+        .decode(hashes_b64)
+        .unwrap();
+    flat[index * 32..index * 32 + 32]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }

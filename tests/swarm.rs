@@ -14,23 +14,56 @@ fn seed_menu_downloads_a_file_from_two_sources_byte_identical() {
     std::fs::copy(&original, dir.path().join("s2/movie.bin")).unwrap();
     let s1 = daemon(tracker.addr, &dir.path().join("s1"), "s1", &[]);
     let s2 = daemon(tracker.addr, &dir.path().join("s2"), "s2", &[]);
-    assert!(wait_until(Duration::from_secs(10), || holder_count(tracker.addr, "movie.bin") == 2));
+    assert!(wait_until(Duration::from_secs(10), || holder_count(
+        tracker.addr,
+        "movie.bin"
+    ) == 2));
 
     let client = dir.path().join("client");
     std::fs::create_dir_all(&client).unwrap();
-    let (status, out) = run_menu(tracker.addr, &client, "client2", &[], "2\n5\nmovie.bin\n3\nmovie.bin\n6\n", Duration::from_secs(60));
+    let (status, out) = run_menu(
+        tracker.addr,
+        &client,
+        "client2",
+        &[],
+        "2\n5\nmovie.bin\n3\nmovie.bin\n6\n",
+        Duration::from_secs(60),
+    );
 
-    assert!(status.success(), "menu exited with {status}; output:\n{out}");
-    assert!(out.contains("movie.bin") && out.contains("4194304"), "file list missing:\n{out}");
+    assert!(
+        status.success(),
+        "menu exited with {status}; output:\n{out}"
+    );
+    assert!(
+        out.contains("movie.bin") && out.contains("4194304"),
+        "file list missing:\n{out}"
+    );
     assert!(out.contains("downloaded movie.bin"), "{out}");
     assert!(same_bytes(&original, &client.join("movie.bin")));
-    assert!(out.contains(&format!("{} (s1) chunks: all 64", s1.addr)), "locations should list s1 as ip:port:\n{out}");
+    assert!(
+        out.contains(&format!("{} (s1) chunks: all 64", s1.addr)),
+        "locations should list s1 as ip:port:\n{out}"
+    );
     // Both holders served: 64 chunks in all, at least one each (endgame may add duplicates).
     let uploads = |p: &Proc| p.metric("shoal_peer_chunks_uploaded_total");
-    assert!(wait_until(Duration::from_secs(5), || uploads(&s1) + uploads(&s2) >= 64.0));
-    assert!(uploads(&s1) >= 1.0 && uploads(&s2) >= 1.0, "s1 {} s2 {}", uploads(&s1), uploads(&s2));
-    let leftovers: Vec<_> = std::fs::read_dir(&client).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert_eq!(leftovers, vec![std::ffi::OsString::from("movie.bin")], "partial files left behind");
+    assert!(wait_until(Duration::from_secs(5), || uploads(&s1)
+        + uploads(&s2)
+        >= 64.0));
+    assert!(
+        uploads(&s1) >= 1.0 && uploads(&s2) >= 1.0,
+        "s1 {} s2 {}",
+        uploads(&s1),
+        uploads(&s2)
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&client)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        leftovers,
+        vec![std::ffi::OsString::from("movie.bin")],
+        "partial files left behind"
+    );
 }
 
 #[test]
@@ -39,14 +72,29 @@ fn later_peers_fetch_from_earlier_downloaders_once_the_seeder_is_gone() {
     let dir = tempfile::tempdir().unwrap();
     let original = make_file(&dir.path().join("seed"), "model.bin", 3 << 20, 2);
     let mut seeder = daemon(tracker.addr, &dir.path().join("seed"), "seed", &[]);
-    let first = daemon(tracker.addr, &dir.path().join("first"), "first", &[("SHOAL_WANT", "model.bin")]);
-    assert!(wait_until(Duration::from_secs(30), || same_bytes(&original, &dir.path().join("first/model.bin"))));
+    let first = daemon(
+        tracker.addr,
+        &dir.path().join("first"),
+        "first",
+        &[("SHOAL_WANT", "model.bin")],
+    );
+    assert!(wait_until(Duration::from_secs(30), || same_bytes(
+        &original,
+        &dir.path().join("first/model.bin")
+    )));
     assert_eq!(first.metric("shoal_peer_downloads_completed_total"), 1.0);
 
     seeder.kill9();
     let later = dir.path().join("later");
     let status = std::process::Command::new(PEER)
-        .args(["get", "model.bin", "--tracker", &tracker.addr.to_string(), "--listen", "127.0.0.1:0"])
+        .args([
+            "get",
+            "model.bin",
+            "--tracker",
+            &tracker.addr.to_string(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
         .arg("--data-dir")
         .arg(&later)
         .envs(FAST.iter().copied())
@@ -56,7 +104,10 @@ fn later_peers_fetch_from_earlier_downloaders_once_the_seeder_is_gone() {
 
     assert!(status.success(), "get exited with {status}");
     assert!(same_bytes(&original, &later.join("model.bin")));
-    assert!(first.metric("shoal_peer_chunks_uploaded_total") >= 48.0, "the first downloader should have served it all");
+    assert!(
+        first.metric("shoal_peer_chunks_uploaded_total") >= 48.0,
+        "the first downloader should have served it all"
+    );
 }
 
 #[test]
@@ -65,10 +116,19 @@ fn one_shot_commands_have_meaningful_exit_codes() {
     let dir = tempfile::tempdir().unwrap();
     make_file(&dir.path().join("s"), "a.bin", 100_000, 3);
     let _s = daemon(tracker.addr, &dir.path().join("s"), "s", &[]);
-    assert!(wait_until(Duration::from_secs(10), || holder_count(tracker.addr, "a.bin") == 1));
+    assert!(wait_until(Duration::from_secs(10), || holder_count(
+        tracker.addr,
+        "a.bin"
+    ) == 1));
     let run = |args: &[&str]| {
-        let out = std::process::Command::new(PEER).args(args).output().unwrap();
-        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+        let out = std::process::Command::new(PEER)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
     };
     let t = tracker.addr.to_string();
     let (code, out) = run(&["files", "--tracker", &t]);
@@ -78,8 +138,28 @@ fn one_shot_commands_have_meaningful_exit_codes() {
     assert_eq!(code, Some(0));
     assert!(out.contains("chunks: all 2"), "{out}");
     assert_eq!(run(&["locate", "missing.bin", "--tracker", &t]).0, Some(4));
-    assert_eq!(run(&["get", "missing.bin", "--tracker", &t, "--listen", "127.0.0.1:0", "--data-dir", dir.path().to_str().unwrap()]).0, Some(4));
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    assert_eq!(
+        run(&[
+            "get",
+            "missing.bin",
+            "--tracker",
+            &t,
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            dir.path().to_str().unwrap()
+        ])
+        .0,
+        Some(4)
+    );
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
     assert_eq!(run(&["files", "--tracker", &closed]).0, Some(3));
-    assert_eq!(run(&["files", "--tracker", &t, "--chunk-size", "banana"]).0, Some(2));
+    assert_eq!(
+        run(&["files", "--tracker", &t, "--chunk-size", "banana"]).0,
+        Some(2)
+    );
 }

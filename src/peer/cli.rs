@@ -338,8 +338,9 @@ pub async fn health(metrics_addr: Option<&str>) -> ExitCode {
 pub async fn daemon(cfg: PeerConfig, stop: CancellationToken) -> anyhow::Result<()> {
     let want = cfg.want();
     let peer = Peer::start(cfg, Shares::DataDir, stop.clone()).await?;
-    let mut running: HashMap<String, tokio::task::JoinHandle<bool>> = HashMap::new();
+    let mut running: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
     let mut backoff: HashMap<String, tokio::time::Instant> = HashMap::new();
+    let finished = Arc::new(tokio::sync::Notify::new());
     loop {
         let wanted = wanted_names(&peer, &want).await;
         running.retain(|name, task| {
@@ -364,21 +365,20 @@ pub async fn daemon(cfg: PeerConfig, stop: CancellationToken) -> anyhow::Result<
             }
             let p = peer.clone();
             let n = name.clone();
+            let finished = finished.clone();
             let task = tokio::spawn(async move {
                 match download(&p, &n, Arc::new(LogProgress::default())).await {
-                    Ok(_) => true,
-                    Err(DownloadError::Stopped(_)) => false,
-                    Err(e) => {
-                        tracing::warn!(file = %n, "download failed, will retry: {e}");
-                        false
-                    }
+                    Ok(_) | Err(DownloadError::Stopped(_)) => {}
+                    Err(e) => tracing::warn!(file = %n, "download failed, will retry: {e}"),
                 }
+                finished.notify_one();
             });
             running.insert(name, task);
         }
         peer.metrics.files_wanted.set(pending);
         tokio::select! {
             _ = stop.cancelled() => break,
+            _ = finished.notified() => {}
             _ = tokio::time::sleep(peer.cfg.refresh_interval) => {}
         }
     }

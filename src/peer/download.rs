@@ -33,6 +33,8 @@ const RETRY_HOLDER_AFTER: Duration = Duration::from_secs(10);
 const FRUITLESS_REFRESHES: u32 = 3;
 /// At most this many holders are asked for the same chunk at once (endgame).
 const MAX_REQUESTS_PER_CHUNK: u8 = 2;
+/// An endgame duplicate waits at least this long (seconds) after the first request.
+const ENDGAME_MIN_WAIT: f64 = 0.25;
 /// Longest chunk header line accepted from a holder.
 const MAX_HEADER_BYTES: usize = 4096;
 
@@ -178,15 +180,33 @@ struct Scheduler {
     have: Bitfield,
     /// Requests outstanding per chunk.
     inflight: Vec<u8>,
+    /// When the oldest outstanding request for each chunk was sent.
+    requested_at: Vec<Option<Instant>>,
     /// Usable holders per chunk.
     availability: Vec<u32>,
     holders: HashMap<String, HolderState>,
+    /// Running average of chunk transfer times, seconds (0 until the first chunk).
+    typical_secs: f64,
     rng: StdRng,
     /// A local failure (disk full, unwritable dir) that ends the download.
     fatal: Option<anyhow::Error>,
 }
 
 impl Scheduler {
+    fn new(have: Bitfield) -> Scheduler {
+        let n = have.len();
+        Scheduler {
+            have,
+            inflight: vec![0; n],
+            requested_at: vec![None; n],
+            availability: vec![0; n],
+            holders: HashMap::new(),
+            typical_secs: 0.0,
+            rng: StdRng::from_entropy(),
+            fatal: None,
+        }
+    }
+
     fn recount(&mut self) {
         let now = Instant::now();
         self.availability.iter_mut().for_each(|a| *a = 0);
@@ -197,27 +217,73 @@ impl Scheduler {
         }
     }
 
+    /// A request may be duplicated once it is overdue: three typical transfer times.
+    fn overdue(&self, i: usize, now: Instant) -> bool {
+        let wait = if self.typical_secs > 0.0 {
+            (3.0 * self.typical_secs).max(ENDGAME_MIN_WAIT)
+        } else {
+            1.0
+        };
+        self.requested_at[i].is_some_and(|t| now.duration_since(t).as_secs_f64() > wait)
+    }
+
+    /// Whether chunk `i` could be asked of holder `h` now (`mine`: what `h` already has in flight).
+    fn askable(
+        &self,
+        h: &HolderState,
+        i: usize,
+        now: Instant,
+        endgame: bool,
+        mine: &VecDeque<(u32, Instant)>,
+    ) -> bool {
+        if self.have.get(i) || !h.have.get(i) {
+            return false;
+        }
+        if self.inflight[i] == 0 {
+            return true;
+        }
+        endgame
+            && self.inflight[i] < MAX_REQUESTS_PER_CHUNK
+            && self.overdue(i, now)
+            && !mine.iter().any(|(c, _)| *c as usize == i)
+    }
+
+    /// Endgame: every missing chunk has been requested from someone.
+    fn endgame(&self) -> bool {
+        (0..self.have.len()).all(|i| self.have.get(i) || self.inflight[i] > 0)
+    }
+
+    /// Whether holder `addr` has anything to be asked for now.
+    fn has_work(&self, addr: &str, now: Instant) -> bool {
+        let endgame = self.endgame();
+        let h = &self.holders[addr];
+        (0..self.have.len()).any(|i| self.askable(h, i, now, endgame, &VecDeque::new()))
+    }
+
     /// The next chunk to ask `addr` for: the rarest missing chunk it holds that nobody is
-    /// fetching, from a random starting point; in the endgame, one already asked of another.
+    /// fetching, from a random starting point. In the endgame (everything missing is requested
+    /// somewhere), an overdue request may be duplicated here; there is no cancel message, so a
+    /// duplicate costs the uploader a whole chunk and is kept for stragglers only.
     fn pick(&mut self, addr: &str, mine: &VecDeque<(u32, Instant)>) -> Option<u32> {
         let n = self.have.len();
         if n == 0 {
             return None;
         }
+        let now = Instant::now();
+        let endgame = self.endgame();
         let h = &self.holders[addr];
         let start = self.rng.gen_range(0..n);
         let mut best: Option<(u32, usize)> = None;
-        let mut unrequested_elsewhere = false;
-        for k in 0..n {
-            let i = (start + k) % n;
-            if self.have.get(i) || self.inflight[i] > 0 {
+        for i in (0..n).map(|k| (start + k) % n) {
+            if !self.askable(h, i, now, endgame, mine) {
                 continue;
             }
-            if !h.have.get(i) {
-                unrequested_elsewhere = true;
-                continue;
-            }
-            let a = self.availability[i];
+            // Fresh chunks rank before duplicates; among fresh ones, the rarest first.
+            let a = if self.inflight[i] == 0 {
+                self.availability[i]
+            } else {
+                u32::MAX
+            };
             if best.is_none_or(|(b, _)| a < b) {
                 best = Some((a, i));
                 if a <= 1 {
@@ -225,21 +291,27 @@ impl Scheduler {
                 }
             }
         }
-        let endgame = || {
-            (0..n).map(|k| (start + k) % n).find(|&i| {
-                !self.have.get(i)
-                    && h.have.get(i)
-                    && self.inflight[i] < MAX_REQUESTS_PER_CHUNK
-                    && !mine.iter().any(|(c, _)| *c as usize == i)
-            })
-        };
-        let chosen = match best {
-            Some((_, i)) => Some(i),
-            None if !unrequested_elsewhere => endgame(),
-            None => None,
-        }?;
+        let (_, chosen) = best?;
         self.inflight[chosen] += 1;
+        self.requested_at[chosen].get_or_insert(now);
         Some(chosen as u32)
+    }
+
+    /// A request for chunk `i` ended (answered, failed or abandoned).
+    fn settle(&mut self, i: u32) {
+        let i = i as usize;
+        self.inflight[i] = self.inflight[i].saturating_sub(1);
+        if self.inflight[i] == 0 {
+            self.requested_at[i] = None;
+        }
+    }
+
+    fn observe(&mut self, secs: f64) {
+        self.typical_secs = if self.typical_secs == 0.0 {
+            secs
+        } else {
+            0.8 * self.typical_secs + 0.2 * secs
+        };
     }
 }
 
@@ -260,21 +332,12 @@ enum Fault {
 
 impl Job {
     fn new(peer: Arc<Peer>, file: Arc<StoredFile>, progress: Arc<dyn Progress>) -> Job {
-        let have = file.have();
-        let n = have.len();
-        let sched = Scheduler {
-            have,
-            inflight: vec![0; n],
-            availability: vec![0; n],
-            holders: HashMap::new(),
-            rng: StdRng::from_entropy(),
-            fatal: None,
-        };
+        let sched = Mutex::new(Scheduler::new(file.have()));
         Job {
             peer,
             file,
             progress,
-            sched: Mutex::new(sched),
+            sched,
             wake: Notify::new(),
         }
     }
@@ -318,7 +381,7 @@ impl Job {
         let mut next_refresh = tokio::time::Instant::now() + cfg.refresh_interval;
         let mut fruitless = 0;
         loop {
-            if self.file.is_complete() {
+            if self.sched().have.is_full() {
                 return Ok(());
             }
             if let Some(e) = self.sched().fatal.take() {
@@ -336,6 +399,8 @@ impl Job {
                 _ = self.peer.stop.cancelled() => return Err(DownloadError::Stopped(self.name().to_string())),
                 Some(_) = workers.join_next(), if !workers.is_empty() => {}
                 _ = self.wake.notified() => {}
+                // Re-evaluate now and then: endgame requests become overdue with time alone.
+                _ = tokio::time::sleep(Duration::from_secs_f64(ENDGAME_MIN_WAIT)) => {}
                 _ = tokio::time::sleep_until(next_refresh) => {
                     next_refresh = tokio::time::Instant::now() + cfg.refresh_interval;
                     match locate(&self.peer, self.name(), false).await {
@@ -368,11 +433,10 @@ impl Job {
     fn eligible(&self, room: usize) -> Vec<String> {
         let now = Instant::now();
         let mut s = self.sched();
-        let have = s.have.clone();
         let mut chosen: Vec<String> = s
             .holders
             .iter()
-            .filter(|(_, h)| h.usable(now) && !h.running && h.have.has_any_not_in(&have))
+            .filter(|(a, h)| h.usable(now) && !h.running && s.has_work(a, now))
             .map(|(a, _)| a.clone())
             .collect();
         let len = chosen.len();
@@ -411,7 +475,7 @@ impl Job {
         let outcome = self.fetch_from(&addr, &mut queue).await;
         let mut s = self.sched();
         for (i, _) in queue.drain(..) {
-            s.inflight[i as usize] = s.inflight[i as usize].saturating_sub(1);
+            s.settle(i);
             self.peer.metrics.active_transfers.dec();
         }
         let holder = s
@@ -489,7 +553,7 @@ impl Job {
             self.peer.metrics.active_transfers.dec();
             if let Err(failure) = received {
                 let mut s = self.sched();
-                s.inflight[index as usize] = s.inflight[index as usize].saturating_sub(1);
+                s.settle(index);
                 match failure {
                     Received::NotHeld => {
                         // The tracker's view was stale: forget that this holder has it.
@@ -504,11 +568,8 @@ impl Job {
             let data = std::mem::take(&mut buf);
             let (written, data) = self.verify_and_write(index, data).await;
             buf = data;
-            {
-                // Only now may another worker pick this chunk again (if it failed).
-                let mut s = self.sched();
-                s.inflight[index as usize] = s.inflight[index as usize].saturating_sub(1);
-            }
+            // Only now may another worker pick this chunk again (if it failed).
+            self.sched().settle(index);
             match written {
                 Ok(Some(w)) => self.record(addr, index, sent, buf.len() as u64, w),
                 Ok(None) => {
@@ -580,26 +641,31 @@ impl Job {
         }
     }
 
+    /// Books a verified, written chunk. Runs without awaiting, and marks the chunk held in the
+    /// scheduler last: the coordinator declares the file complete from that mark and then
+    /// drops the workers, so nothing may remain to do after it.
     fn record(&self, addr: &str, index: u32, sent: Instant, bytes: u64, written: Written) {
+        let m = &self.peer.metrics;
         if written == Written::Duplicate {
+            m.chunks_duplicate.inc();
             return;
         }
-        let m = &self.peer.metrics;
+        let secs = sent.elapsed().as_secs_f64();
         m.chunks_downloaded.inc();
         m.bytes_downloaded.inc_by(bytes);
-        m.chunk_transfer_duration
-            .observe(sent.elapsed().as_secs_f64());
-        {
-            let mut s = self.sched();
-            s.have.set(index as usize);
-            if let Some(h) = s.holders.get_mut(addr) {
-                h.delivered += 1;
-            }
-        }
+        m.chunk_transfer_duration.observe(secs);
         self.peer.report_chunk(self.name(), index);
         self.progress.advance(bytes);
         tracing::trace!(chunk = index, holder = %addr, "chunk verified");
-        if written == Written::LastChunk {
+        let mut s = self.sched();
+        s.observe(secs);
+        if let Some(h) = s.holders.get_mut(addr) {
+            h.delivered += 1;
+        }
+        s.have.set(index as usize);
+        let complete = s.have.is_full();
+        drop(s);
+        if complete {
             self.wake.notify_one();
         }
     }
@@ -623,36 +689,27 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn bits(v: &[bool]) -> Bitfield {
+        let mut b = Bitfield::new(v.len());
+        for (i, _) in v.iter().enumerate().filter(|(_, &x)| x) {
+            b.set(i);
+        }
+        b
+    }
+
     fn sched(have: &[bool], holders: &[(&str, &[bool])]) -> Scheduler {
-        let bits = |v: &[bool]| {
-            let mut b = Bitfield::new(v.len());
-            v.iter().enumerate().filter(|(_, &x)| x).for_each(|(i, _)| {
-                b.set(i);
-            });
-            b
-        };
-        let mut s = Scheduler {
-            have: bits(have),
-            inflight: vec![0; have.len()],
-            availability: vec![0; have.len()],
-            holders: holders
-                .iter()
-                .map(|(a, h)| {
-                    (
-                        a.to_string(),
-                        HolderState {
-                            have: bits(h),
-                            running: false,
-                            banned: false,
-                            retry_at: None,
-                            delivered: 0,
-                        },
-                    )
-                })
-                .collect(),
-            rng: StdRng::seed_from_u64(7),
-            fatal: None,
-        };
+        let mut s = Scheduler::new(bits(have));
+        s.rng = StdRng::seed_from_u64(7);
+        for (addr, h) in holders {
+            let state = HolderState {
+                have: bits(h),
+                running: false,
+                banned: false,
+                retry_at: None,
+                delivered: 0,
+            };
+            s.holders.insert(addr.to_string(), state);
+        }
         s.recount();
         s
     }
@@ -671,19 +728,25 @@ mod tests {
     }
 
     #[test]
-    fn endgame_duplicates_only_when_nothing_else_is_left() {
+    fn endgame_duplicates_only_overdue_requests_when_nothing_else_is_left() {
         let t = true;
         let f = false;
         let mut s = sched(&[t, f, f], &[("a", &[t, t, f]), ("b", &[t, t, t])]);
-        let mut mine_a = VecDeque::new();
-        assert_eq!(s.pick("a", &mine_a), Some(1));
-        mine_a.push_back((1, Instant::now()));
-        // Chunk 2 is still unrequested (b has it): a must not duplicate chunk 1 yet.
+        let mine_a = VecDeque::from([(1, Instant::now())]);
+        assert_eq!(s.pick("a", &VecDeque::new()), Some(1));
+        // Chunk 2 is still unrequested (b has it): a must not duplicate anything yet.
         assert_eq!(s.pick("a", &mine_a), None);
         assert_eq!(s.pick("b", &VecDeque::new()), Some(2));
-        // Now everything missing is in flight: b may duplicate chunk 1, a may not repeat itself.
-        assert_eq!(s.pick("a", &mine_a), None);
         let mine_b = VecDeque::from([(2, Instant::now())]);
+        // Everything missing is in flight, but nothing is overdue: no duplicate yet.
+        assert!(s.endgame());
+        assert_eq!(s.pick("b", &mine_b), None);
+        assert!(!s.has_work("b", Instant::now()));
+        // Once chunk 1's request is overdue, b may duplicate it; a may never repeat itself.
+        s.typical_secs = 0.1;
+        s.requested_at[1] = Some(Instant::now() - Duration::from_secs(1));
+        assert!(s.has_work("b", Instant::now()));
+        assert_eq!(s.pick("a", &mine_a), None);
         assert_eq!(s.pick("b", &mine_b), Some(1));
         assert_eq!(
             s.pick(
@@ -692,6 +755,9 @@ mod tests {
             ),
             None
         );
+        s.settle(1);
+        s.settle(1);
+        assert_eq!(s.requested_at[1], None);
     }
 
     proptest! {

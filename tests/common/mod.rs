@@ -39,7 +39,9 @@ pub struct Proc {
 impl Proc {
     /// Spawns `cmd` with JSON logs and waits for the log line `ready_message`.
     fn spawn(mut cmd: Command, ready_message: &str) -> Proc {
-        cmd.env("SHOAL_LOG_FORMAT", "json").env("SHOAL_LOG", "info").stderr(Stdio::piped());
+        cmd.env("SHOAL_LOG_FORMAT", "json")
+            .env("SHOAL_LOG", "info")
+            .stderr(Stdio::piped());
         if cmd.get_envs().all(|(k, _)| k != "SHOAL_CONFIG") {
             cmd.env_remove("SHOAL_CONFIG");
         }
@@ -59,11 +61,25 @@ impl Proc {
         });
         let Some(line) = found.filter(|_| started) else {
             let _ = child.kill();
-            panic!("no {ready_message:?} log line; log:\n{}", log.lock().unwrap().join("\n"));
+            panic!(
+                "no {ready_message:?} log line; log:\n{}",
+                log.lock().unwrap().join("\n")
+            );
         };
-        let addr = line["addr"].as_str().expect("addr field").parse().expect("socket addr");
-        let metrics = line["metrics"].as_str().and_then(|m| m.strip_prefix("Some(")?.strip_suffix(')')?.parse().ok());
-        Proc { child, log, addr, metrics }
+        let addr = line["addr"]
+            .as_str()
+            .expect("addr field")
+            .parse()
+            .expect("socket addr");
+        let metrics = line["metrics"]
+            .as_str()
+            .and_then(|m| m.strip_prefix("Some(")?.strip_suffix(')')?.parse().ok());
+        Proc {
+            child,
+            log,
+            addr,
+            metrics,
+        }
     }
 
     pub fn log_contains(&self, text: &str) -> bool {
@@ -84,7 +100,11 @@ impl Proc {
     }
 
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill").args([&format!("-{sig}"), &self.pid().to_string()]).status().unwrap().success();
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
         assert!(ok, "kill -{sig} failed");
     }
 
@@ -100,7 +120,8 @@ impl Proc {
 
     /// The value of one metric sample (`name` or `name{labels}` exactly as exported).
     pub fn metric(&self, sample: &str) -> f64 {
-        metric_value(&self.metrics_text(), sample).unwrap_or_else(|| panic!("metric {sample} not exported"))
+        metric_value(&self.metrics_text(), sample)
+            .unwrap_or_else(|| panic!("metric {sample} not exported"))
     }
 
     pub fn metrics_text(&self) -> String {
@@ -124,7 +145,13 @@ fn find_log(log: &Mutex<Vec<String>>, message: &str) -> Option<Value> {
 }
 
 pub fn metric_value(text: &str, sample: &str) -> Option<f64> {
-    text.lines().find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.trim().parse().ok())
+    text.lines().find_map(|l| {
+        l.strip_prefix(sample)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 /// A minimal HTTP/1.0 GET: (status, body).
@@ -134,16 +161,27 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").unwrap();
     let mut text = String::new();
     s.read_to_string(&mut text).unwrap();
-    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
 /// Starts a tracker on an ephemeral port with metrics, with extra `SHOAL_*` settings.
 pub fn tracker(env: &[(&str, &str)]) -> Proc {
     let mut cmd = Command::new(TRACKER);
-    cmd.env("SHOAL_LISTEN", "127.0.0.1:0").env("SHOAL_METRICS_ADDR", "127.0.0.1:0").env("SHOAL_ANNOUNCE_INTERVAL", "1s");
-    cmd.envs(env.iter().copied()).stdin(Stdio::null()).stdout(Stdio::null());
+    cmd.env("SHOAL_LISTEN", "127.0.0.1:0")
+        .env("SHOAL_METRICS_ADDR", "127.0.0.1:0")
+        .env("SHOAL_ANNOUNCE_INTERVAL", "1s");
+    cmd.envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
     Proc::spawn(cmd, "tracker listening")
 }
 
@@ -153,8 +191,11 @@ pub fn tracker_at(addr: SocketAddr, env: &[(&str, &str)]) -> Proc {
     let mut all = vec![("SHOAL_LISTEN", listen.as_str())];
     all.extend_from_slice(env);
     let mut cmd = Command::new(TRACKER);
-    cmd.env("SHOAL_METRICS_ADDR", "127.0.0.1:0").env("SHOAL_ANNOUNCE_INTERVAL", "1s");
-    cmd.envs(all.iter().copied()).stdin(Stdio::null()).stdout(Stdio::null());
+    cmd.env("SHOAL_METRICS_ADDR", "127.0.0.1:0")
+        .env("SHOAL_ANNOUNCE_INTERVAL", "1s");
+    cmd.envs(all.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
     Proc::spawn(cmd, "tracker listening")
 }
 
@@ -217,8 +258,13 @@ pub struct Raw {
 impl Raw {
     pub fn connect(addr: SocketAddr) -> Raw {
         let stream = TcpStream::connect(addr).expect("connect");
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        Raw { reader: BufReader::new(stream.try_clone().unwrap()), stream }
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        Raw {
+            reader: BufReader::new(stream.try_clone().unwrap()),
+            stream,
+        }
     }
 
     pub fn send(&mut self, line: &str) {
@@ -231,7 +277,10 @@ impl Raw {
         let mut line = String::new();
         match self.reader.read_line(&mut line) {
             Ok(0) | Err(_) => None,
-            Ok(_) => Some(serde_json::from_str(&line).unwrap_or_else(|e| panic!("reply {line:?} is not JSON: {e}"))),
+            Ok(_) => Some(
+                serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("reply {line:?} is not JSON: {e}")),
+            ),
         }
     }
 
@@ -268,12 +317,17 @@ pub fn register_fake_holder(tracker: SocketAddr, addr: &str, loc: &Value) -> (u6
     let reply = Raw::connect(tracker).ask(&req.to_string());
     assert_eq!(reply["ok"], true, "{reply}");
     assert_eq!(reply["files"][0]["accepted"], true, "{reply}");
-    (reply["peer_id"].as_u64().unwrap(), reply["token"].as_str().unwrap().to_string())
+    (
+        reply["peer_id"].as_u64().unwrap(),
+        reply["token"].as_str().unwrap().to_string(),
+    )
 }
 
 /// Message 3 with hashes, as JSON.
 pub fn locations(tracker: SocketAddr, file: &str) -> Value {
-    let reply = Raw::connect(tracker).ask(&format!(r#"{{"v":1,"msg":3,"file":"{file}","hashes":true}}"#));
+    let reply = Raw::connect(tracker).ask(&format!(
+        r#"{{"v":1,"msg":3,"file":"{file}","hashes":true}}"#
+    ));
     assert_eq!(reply["ok"], true, "{reply}");
     reply
 }
@@ -286,20 +340,48 @@ pub fn holder_count(tracker: SocketAddr, file: &str) -> u64 {
 
 /// Names in the tracker's file list.
 pub fn file_names(tracker: SocketAddr) -> Vec<String> {
-    let Ok(stream) = TcpStream::connect(tracker) else { return Vec::new() };
+    let Ok(stream) = TcpStream::connect(tracker) else {
+        return Vec::new();
+    };
     drop(stream);
     let reply = Raw::connect(tracker).ask(r#"{"v":1,"msg":2}"#);
-    reply["files"].as_array().map(|f| f.iter().map(|x| x["name"].as_str().unwrap().to_string()).collect()).unwrap_or_default()
+    reply["files"]
+        .as_array()
+        .map(|f| {
+            f.iter()
+                .map(|x| x["name"].as_str().unwrap().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Runs the seed's menu form `shoal-peer <tracker_port> 0 <name> [files]` in `dir`, feeding
 /// `input` on stdin; returns (exit status, stdout). Killed after `limit`.
-pub fn run_menu(tracker: SocketAddr, dir: &Path, name: &str, files: &[&Path], input: &str, limit: Duration) -> (ExitStatus, String) {
+pub fn run_menu(
+    tracker: SocketAddr,
+    dir: &Path,
+    name: &str,
+    files: &[&Path],
+    input: &str,
+    limit: Duration,
+) -> (ExitStatus, String) {
     let mut cmd = Command::new(PEER);
-    cmd.arg(tracker.port().to_string()).arg("0").arg(name).args(files);
-    cmd.current_dir(dir).envs(FAST.iter().copied()).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null());
+    cmd.arg(tracker.port().to_string())
+        .arg("0")
+        .arg(name)
+        .args(files);
+    cmd.current_dir(dir)
+        .envs(FAST.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
     let mut child = cmd.spawn().expect("menu starts");
-    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
     let mut stdout = child.stdout.take().unwrap();
     let reader = std::thread::spawn(move || {
         let mut s = String::new();
@@ -360,7 +442,9 @@ fn serve_hostile(stream: TcpStream, behaviour: Hostile, size: u64, chunk: u64) {
         let header = serde_json::json!({
             "v": 1, "msg": 5, "ok": true, "file": req["file"], "index": index, "length": len, "hash": "00".repeat(32),
         });
-        if writeln!(writer, "{header}").is_err() || writer.write_all(&vec![0xAB; len as usize]).is_err() {
+        if writeln!(writer, "{header}").is_err()
+            || writer.write_all(&vec![0xAB; len as usize]).is_err()
+        {
             return;
         }
     }
