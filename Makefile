@@ -36,3 +36,6 @@ e2e: image ## Container end-to-end run with faults; exit code is the verdict
 
 k8s-check: ## Render the Kubernetes manifests and validate them strictly, offline
 	bash tests/k8s/validate.sh
+
+demo: build ## Local swarm without Docker: tracker, seeder, peers, live status; Ctrl-C stops
+	bash tests/demo/run.sh

@@ -86,6 +86,7 @@ impl TrackerConfig {
             self.announce_interval.as_millis() as u64,
         )?;
         positive("SHOAL_MAX_CONNECTIONS", self.max_connections as u64)?;
+        check_secret(&self.secret)?;
         at_least("SHOAL_MAX_FRAME_BYTES", self.max_frame_bytes as u64, 4096)?;
         positive("SHOAL_MAX_HOLDERS", self.max_holders as u64)?;
         positive("SHOAL_MAX_CHUNKS_PER_FILE", self.max_chunks_per_file)?;
@@ -194,6 +195,7 @@ impl PeerConfig {
         }
         crate::chunking::check_chunk_size(self.chunk_size).context("SHOAL_CHUNK_SIZE")?;
         positive("SHOAL_MAX_CONNECTIONS", self.max_connections as u64)?;
+        check_secret(&self.secret)?;
         positive("SHOAL_MAX_SOURCES", self.max_sources as u64)?;
         positive("SHOAL_PIPELINE_DEPTH", self.pipeline_depth as u64)?;
         at_least("SHOAL_MAX_FRAME_BYTES", self.max_frame_bytes as u64, 4096)?;
@@ -229,6 +231,20 @@ impl PeerConfig {
         } else {
             Want::Names(names)
         }
+    }
+}
+
+/// Longest cluster secret: it travels in every chunk request, whose line a peer caps at 4 KiB.
+pub const MAX_SECRET_BYTES: usize = 1024;
+
+fn check_secret(secret: &Option<String>) -> anyhow::Result<()> {
+    match secret {
+        Some(s) if s.is_empty() || s.len() > MAX_SECRET_BYTES => {
+            bail!(
+                "SHOAL_SECRET: must be 1 to {MAX_SECRET_BYTES} bytes (unset it for an open swarm)"
+            )
+        }
+        _ => Ok(()),
     }
 }
 

@@ -7,7 +7,7 @@ use std::io;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
-use tokio::time::timeout;
+use tokio::time::{timeout, timeout_at, Instant};
 
 /// Why a frame could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -60,9 +60,12 @@ impl Connection {
         self.stream.get_ref().local_addr()
     }
 
-    /// Reads one line, without its newline. `Ok(None)` is a clean close between frames.
+    /// Reads one line, without its newline. `Ok(None)` is a clean close between frames. Once a
+    /// line has started, all of it must arrive within the frame timeout (a trickle does not
+    /// reset the clock).
     pub async fn read_line(&mut self) -> Result<Option<BytesMut>, FrameError> {
         let mut scanned = 0;
+        let mut deadline = None;
         loop {
             if let Some(pos) = self.buf[scanned..].iter().position(|&b| b == b'\n') {
                 let mut line = self.buf.split_to(scanned + pos + 1);
@@ -76,24 +79,24 @@ impl Connection {
             if scanned > self.limits.max_frame {
                 return Err(FrameError::TooLong(self.limits.max_frame));
             }
-            let started = !self.buf.is_empty();
+            if deadline.is_none() && !self.buf.is_empty() {
+                deadline = Some(Instant::now() + self.limits.frame_timeout);
+            }
             // Never read past the cap: at most max_frame + 1 bytes of one line are ever held.
             let room = (self.limits.max_frame + 1 - scanned).clamp(1, 64 * 1024);
             self.buf.reserve(room);
-            let wait = if started {
-                self.limits.frame_timeout
-            } else {
-                self.limits.idle_timeout
-            };
+            let until = deadline.unwrap_or_else(|| Instant::now() + self.limits.idle_timeout);
             let read = {
                 let stream = self.stream.get_mut();
                 let mut limited = (&mut *stream).take(room as u64);
-                timeout(wait, limited.read_buf(&mut self.buf)).await
+                timeout_at(until, limited.read_buf(&mut self.buf)).await
             };
             let n = match read {
                 Ok(r) => r?,
-                Err(_) if started => return Err(FrameError::Stalled(wait)),
-                Err(_) => return Err(FrameError::Idle(wait)),
+                Err(_) if deadline.is_some() => {
+                    return Err(FrameError::Stalled(self.limits.frame_timeout))
+                }
+                Err(_) => return Err(FrameError::Idle(self.limits.idle_timeout)),
             };
             if n == 0 {
                 return if self.buf.is_empty() {
@@ -138,25 +141,38 @@ impl Connection {
         Ok(())
     }
 
-    /// Queues one frame (a newline is added). Call [`Connection::flush`] to send.
+    /// Queues one frame (a newline is added). Call [`Connection::flush`] to send. Like every
+    /// write here, it fails if the other side stops reading for the frame timeout.
     pub async fn write_line(&mut self, frame: &[u8]) -> io::Result<()> {
-        self.stream.write_all(frame).await?;
-        self.stream.write_all(b"\n").await
+        let limit = self.limits.frame_timeout;
+        let stream = &mut self.stream;
+        bounded(limit, async move {
+            stream.write_all(frame).await?;
+            stream.write_all(b"\n").await
+        })
+        .await
     }
 
     /// Queues raw bytes (a chunk body).
     pub async fn write_raw(&mut self, data: &[u8]) -> io::Result<()> {
-        self.stream.write_all(data).await
+        bounded(self.limits.frame_timeout, self.stream.write_all(data)).await
     }
 
     pub async fn flush(&mut self) -> io::Result<()> {
-        match timeout(self.limits.frame_timeout, self.stream.flush()).await {
-            Ok(r) => r,
-            Err(_) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "peer stopped reading",
-            )),
-        }
+        bounded(self.limits.frame_timeout, self.stream.flush()).await
+    }
+}
+
+async fn bounded(
+    limit: Duration,
+    io: impl std::future::Future<Output = io::Result<()>>,
+) -> io::Result<()> {
+    match timeout(limit, io).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("peer stopped reading for {limit:?}"),
+        )),
     }
 }
 
@@ -210,6 +226,23 @@ mod tests {
     async fn a_half_line_that_stalls_is_dropped() {
         let (mut conn, mut raw) = pair().await;
         raw.write_all(b"{\"v\":1").await.unwrap();
+        assert!(matches!(
+            conn.read_line().await,
+            Err(FrameError::Stalled(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_trickle_does_not_keep_a_partial_line_alive() {
+        let (mut conn, mut raw) = pair().await;
+        tokio::spawn(async move {
+            for _ in 0..20 {
+                if raw.write_all(b"x").await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
         assert!(matches!(
             conn.read_line().await,
             Err(FrameError::Stalled(_))

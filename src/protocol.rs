@@ -144,7 +144,7 @@ impl Hash {
     }
 
     pub fn from_hex(s: &str) -> Option<Hash> {
-        if s.len() != 64 || !s.is_ascii() {
+        if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
             return None;
         }
         let mut out = [0u8; 32];
@@ -388,6 +388,15 @@ pub fn decode_body<T: DeserializeOwned>(line: &[u8]) -> Result<T, Refusal> {
 /// Parses a reply line: the body on success, the refusal otherwise.
 pub fn decode_reply<T: DeserializeOwned>(expect: Msg, line: &[u8]) -> Result<T, Refusal> {
     let env: Envelope = decode_body(line)?;
+    // A refusal counts whatever number it echoes: `busy` and `frame_too_long` carry 0 because
+    // they are sent before (or instead of) reading the request.
+    if env.ok != Some(true) {
+        return Err(Refusal::new(
+            env.error.unwrap_or(ErrorCode::Internal),
+            env.message
+                .unwrap_or_else(|| "refused without a message".into()),
+        ));
+    }
     if env.msg != expect as u64 {
         let why = format!(
             "reply is for message {}, expected {}",
@@ -395,14 +404,7 @@ pub fn decode_reply<T: DeserializeOwned>(expect: Msg, line: &[u8]) -> Result<T, 
         );
         return Err(Refusal::new(ErrorCode::BadRequest, why));
     }
-    match env.ok {
-        Some(true) => decode_body(line),
-        _ => Err(Refusal::new(
-            env.error.unwrap_or(ErrorCode::Internal),
-            env.message
-                .unwrap_or_else(|| "refused without a message".into()),
-        )),
-    }
+    decode_body(line)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -460,9 +462,13 @@ pub struct FileVerdict {
     pub message: Option<String>,
 }
 
-/// 2 file list: no fields.
+/// 2 file list.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FileList {}
+pub struct FileList {
+    /// The cluster secret, when the tracker has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileListReply {
@@ -493,6 +499,9 @@ pub struct Locations {
     /// At most this many holders (the tracker also applies its own cap).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub want: Option<u32>,
+    /// The cluster secret, when the tracker has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -598,7 +607,12 @@ mod tests {
             files: vec![offer],
         };
         round_trip(Msg::Register, register);
-        round_trip(Msg::FileList, FileList {});
+        round_trip(
+            Msg::FileList,
+            FileList {
+                secret: Some("s".into()),
+            },
+        );
         round_trip(
             Msg::Locations,
             Locations {
@@ -606,6 +620,7 @@ mod tests {
                 hashes: true,
                 peer_id: Some(3),
                 want: Some(5),
+                secret: None,
             },
         );
         round_trip(
@@ -664,6 +679,21 @@ mod tests {
         assert_eq!(decode_reply::<Registered>(Msg::Register, &line), Err(r));
         let text = String::from_utf8(line).unwrap();
         assert!(text.contains(r#""error":"conflict""#), "{text}");
+    }
+
+    #[test]
+    fn refusals_sent_before_reading_the_request_keep_their_code() {
+        let busy = encode_refusal(0, &Refusal::new(ErrorCode::Busy, "full"));
+        let got = decode_reply::<FileListReply>(Msg::FileList, &busy).unwrap_err();
+        assert_eq!(got.code, ErrorCode::Busy);
+    }
+
+    #[test]
+    fn hex_hashes_are_exactly_64_hex_digits() {
+        let plus = format!("+a{}", "0".repeat(62));
+        assert_eq!(Hash::from_hex(&plus), None);
+        assert_eq!(Hash::from_hex(&"AB".repeat(32)), Some(Hash([0xab; 32])));
+        assert_eq!(Hash::from_hex(&"g0".repeat(32)), None);
     }
 
     #[test]

@@ -2,11 +2,11 @@
 //! for containers, and the health probe. Output for people goes to stdout; logs go to stderr.
 
 use super::download::{download, DownloadError, Progress};
-use super::tracker_client::TrackerError;
+use super::tracker_client::{TrackerClient, TrackerError};
 use super::{Peer, Shares};
 use crate::bitfield::Bitfield;
 use crate::config::{PeerConfig, Want};
-use crate::protocol::{FileInfo, FileList, FileListReply, Locations, LocationsReply, Msg};
+use crate::protocol::{FileInfo, FileListReply, LocationsReply};
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -60,16 +60,17 @@ pub async fn menu(
                 };
                 menu_register(&peer, PathBuf::from(path)).await;
             }
-            "2" => print_result(
-                list_files(&peer.tracker)
-                    .await
-                    .map(|l| format_file_list(&l)),
-            ),
+            "2" => print_result(peer.tracker.file_list().await.map(|l| format_file_list(&l))),
             "3" => {
                 let Some(name) = ask(&mut lines, &stop, "file name").await else {
                     break;
                 };
-                print_result(locate(&peer, &name).await.map(|l| format_locations(&l)));
+                print_result(
+                    peer.tracker
+                        .locations(&name, false, None)
+                        .await
+                        .map(|l| format_locations(&l)),
+                );
             }
             "4" => {
                 let Some(name) = ask(&mut lines, &stop, "file name").await else {
@@ -115,7 +116,7 @@ async fn ask(
     next_line(lines, stop).await.map(|l| l.trim().to_string())
 }
 
-fn print_result(r: Result<String, String>) {
+fn print_result(r: Result<String, TrackerError>) {
     match r {
         Ok(text) => print!("{text}"),
         Err(e) => println!("error: {e}"),
@@ -168,28 +169,6 @@ async fn menu_chunk_register(peer: &Peer, name: &str) {
     }
 }
 
-async fn list_files(
-    tracker: &super::tracker_client::TrackerClient,
-) -> Result<FileListReply, String> {
-    tracker
-        .request(Msg::FileList, &FileList {})
-        .await
-        .map_err(|e| e.to_string())
-}
-
-async fn locate(peer: &Peer, name: &str) -> Result<LocationsReply, String> {
-    let req = Locations {
-        file: name.to_string(),
-        hashes: false,
-        peer_id: None,
-        want: None,
-    };
-    peer.tracker
-        .request(Msg::Locations, &req)
-        .await
-        .map_err(|e| e.to_string())
-}
-
 pub fn format_file_list(list: &FileListReply) -> String {
     if list.files.is_empty() {
         return "no files in the swarm\n".into();
@@ -232,28 +211,17 @@ pub fn format_locations(loc: &LocationsReply) -> String {
     out
 }
 
-/// A client for one-shot commands that only talk to the tracker.
-fn tracker_only(cfg: &PeerConfig) -> super::tracker_client::TrackerClient {
-    super::tracker_client::TrackerClient::new(
-        &cfg.tracker,
-        cfg.max_frame_bytes,
-        cfg.connect_timeout,
-        cfg.request_timeout,
-    )
-}
-
-fn tracker_exit(e: &str) -> ExitCode {
+fn tracker_exit(e: &TrackerError) -> ExitCode {
     eprintln!("shoal-peer: {e}");
-    ExitCode::from(if e.contains("unreachable") {
-        exit::TRACKER_UNREACHABLE
-    } else {
-        exit::FAILED
-    })
+    match e {
+        TrackerError::Unreachable { .. } => ExitCode::from(exit::TRACKER_UNREACHABLE),
+        TrackerError::Refused { .. } => ExitCode::from(exit::FAILED),
+    }
 }
 
 /// `shoal-peer files`
 pub async fn files(cfg: PeerConfig) -> ExitCode {
-    match list_files(&tracker_only(&cfg)).await {
+    match TrackerClient::new(&cfg).file_list().await {
         Ok(l) => {
             print!("{}", format_file_list(&l));
             ExitCode::SUCCESS
@@ -264,16 +232,7 @@ pub async fn files(cfg: PeerConfig) -> ExitCode {
 
 /// `shoal-peer locate NAME`
 pub async fn locate_cmd(cfg: PeerConfig, name: &str) -> ExitCode {
-    let req = Locations {
-        file: name.to_string(),
-        hashes: false,
-        peer_id: None,
-        want: None,
-    };
-    match tracker_only(&cfg)
-        .request::<_, LocationsReply>(Msg::Locations, &req)
-        .await
-    {
+    match TrackerClient::new(&cfg).locations(name, false, None).await {
         Ok(l) => {
             print!("{}", format_locations(&l));
             ExitCode::SUCCESS
@@ -282,7 +241,7 @@ pub async fn locate_cmd(cfg: PeerConfig, name: &str) -> ExitCode {
             eprintln!("shoal-peer: no peer shares {name:?}");
             ExitCode::from(exit::NOT_FOUND)
         }
-        Err(e) => tracker_exit(&e.to_string()),
+        Err(e) => tracker_exit(&e),
     }
 }
 
@@ -394,7 +353,7 @@ async fn wanted_names(peer: &Peer, want: &Want) -> Vec<String> {
     match want {
         Want::Nothing => Vec::new(),
         Want::Names(names) => names.clone(),
-        Want::Everything => match list_files(&peer.tracker).await {
+        Want::Everything => match peer.tracker.file_list().await {
             Ok(l) => l.files.into_iter().map(|f| f.info.name).collect(),
             Err(e) => {
                 tracing::debug!("file list failed: {e}");

@@ -13,7 +13,7 @@ use super::Peer;
 use crate::bitfield::Bitfield;
 use crate::connection::{Connection, FrameError, Limits};
 use crate::protocol::{
-    decode_reply, encode_request, ChunkHeader, ChunkRequest, ErrorCode, FileInfo, Hash, Locations,
+    decode_reply, encode_request, ChunkHeader, ChunkRequest, ErrorCode, FileInfo, Hash,
     LocationsReply, Msg,
 };
 use rand::rngs::StdRng;
@@ -146,13 +146,7 @@ async fn run(
 }
 
 async fn locate(peer: &Peer, name: &str, hashes: bool) -> Result<LocationsReply, DownloadError> {
-    let req = Locations {
-        file: name.to_string(),
-        hashes,
-        peer_id: peer.peer_id(),
-        want: None,
-    };
-    match peer.tracker.request(Msg::Locations, &req).await {
+    match peer.tracker.locations(name, hashes, peer.peer_id()).await {
         Err(e) if e.code() == Some(ErrorCode::UnknownFile) => {
             Err(DownloadError::NoSuchFile(name.to_string()))
         }

@@ -96,12 +96,7 @@ impl Peer {
             .await
             .with_context(|| format!("cannot listen on {}", cfg.listen))?;
         let listen_addr = listener.local_addr()?;
-        let tracker = TrackerClient::new(
-            &cfg.tracker,
-            cfg.max_frame_bytes,
-            cfg.connect_timeout,
-            cfg.request_timeout,
-        );
+        let tracker = TrackerClient::new(&cfg);
         let (reports, report_rx) = mpsc::channel(REPORT_QUEUE);
         let peer = Arc::new(Peer {
             name,
@@ -198,10 +193,7 @@ impl Peer {
                 files,
             };
             let reply: Registered = match self.tracker.request(Msg::Register, &req).await {
-                Err(e)
-                    if e.code() == Some(ErrorCode::UnknownPeer)
-                        || e.code() == Some(ErrorCode::Forbidden) =>
-                {
+                Err(e) if forgotten(&e) => {
                     tracing::info!("tracker forgot this peer; registering afresh");
                     self.set_session(None);
                     return Box::pin(self.register_offers()).await;
@@ -311,11 +303,12 @@ impl Peer {
                     self.announce_ms.store(ms.max(100), Ordering::Relaxed);
                 }
             }
-            Err(e) if e.code().is_some() => {
+            Err(e) if forgotten(&e) => {
                 tracing::info!("announce refused ({e}); registering again");
                 self.set_session(None);
                 self.needs_sync.store(true, Ordering::SeqCst);
             }
+            // Unreachable or busy: keep the identity and try again next interval.
             Err(e) => {
                 self.ready.set(false);
                 tracing::warn!("announce failed: {e}");
@@ -364,6 +357,15 @@ impl Peer {
             .files_shared
             .set(self.store.complete_count() as i64);
     }
+}
+
+/// Whether the tracker no longer knows this identity (it restarted, expired us, or the id now
+/// belongs to someone else): the cure is a fresh registration.
+fn forgotten(e: &TrackerError) -> bool {
+    matches!(
+        e.code(),
+        Some(ErrorCode::UnknownPeer | ErrorCode::Forbidden)
+    )
 }
 
 /// The registration entry for one held file; `None` when it holds no chunk yet.

@@ -1,8 +1,12 @@
 //! The peer's side of the control protocol: one persistent connection to the tracker, reopened
 //! on failure, one request at a time, every await under a timeout.
 
+use crate::config::PeerConfig;
 use crate::connection::{Connection, Limits};
-use crate::protocol::{decode_reply, encode_request, ErrorCode, Msg, Refusal};
+use crate::protocol::{
+    decode_reply, encode_request, ErrorCode, FileList, FileListReply, Locations, LocationsReply,
+    Msg, Refusal,
+};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::net::{IpAddr, SocketAddr};
@@ -29,6 +33,8 @@ impl TrackerError {
 
 pub struct TrackerClient {
     addr: String,
+    /// The cluster secret, sent with the requests that carry one (1, 2, 3).
+    pub secret: Option<String>,
     limits: Limits,
     connect_timeout: Duration,
     request_timeout: Duration,
@@ -38,24 +44,45 @@ pub struct TrackerClient {
 }
 
 impl TrackerClient {
-    pub fn new(
-        addr: &str,
-        max_frame: usize,
-        connect_timeout: Duration,
-        request_timeout: Duration,
-    ) -> Self {
+    pub fn new(cfg: &PeerConfig) -> Self {
         let limits = Limits {
-            max_frame,
-            idle_timeout: request_timeout,
-            frame_timeout: request_timeout,
+            max_frame: cfg.max_frame_bytes,
+            idle_timeout: cfg.request_timeout,
+            frame_timeout: cfg.request_timeout,
         };
         TrackerClient {
-            addr: addr.to_string(),
+            addr: cfg.tracker.clone(),
+            secret: cfg.secret.clone(),
             limits,
-            connect_timeout,
-            request_timeout,
+            connect_timeout: cfg.connect_timeout,
+            request_timeout: cfg.request_timeout,
             conn: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// 2 file list.
+    pub async fn file_list(&self) -> Result<FileListReply, TrackerError> {
+        let req = FileList {
+            secret: self.secret.clone(),
+        };
+        self.request(Msg::FileList, &req).await
+    }
+
+    /// 3 file locations, leaving `exclude` (this peer) out.
+    pub async fn locations(
+        &self,
+        file: &str,
+        hashes: bool,
+        exclude: Option<u64>,
+    ) -> Result<LocationsReply, TrackerError> {
+        let req = Locations {
+            file: file.to_string(),
+            hashes,
+            peer_id: exclude,
+            want: None,
+            secret: self.secret.clone(),
+        };
+        self.request(Msg::Locations, &req).await
     }
 
     pub fn addr(&self) -> &str {

@@ -146,7 +146,7 @@ impl Tracker {
             }
             Msg::FileList => {
                 let _: protocol::FileList = decode_body(line)?;
-                encode_reply(msg, &self.state.file_list())
+                encode_reply(msg, &self.state.file_list(&decode_body(line)?)?)
             }
             Msg::Locations => encode_reply(msg, &self.state.locations(&decode_body(line)?)?),
             Msg::ChunkRegister => {

@@ -8,8 +8,8 @@ use crate::bitfield::{Bitfield, WireBits};
 use crate::chunking::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 use crate::protocol::{
     secret_matches, validate_name, Acknowledged, ChunkRegister, ChunksRecorded, ErrorCode,
-    FileInfo, FileListReply, FileOffer, FileSummary, FileVerdict, HashList, Holder, Locations,
-    LocationsReply, PeerAuth, Refusal, Register, Registered,
+    FileInfo, FileList, FileListReply, FileOffer, FileSummary, FileVerdict, HashList, Holder,
+    Locations, LocationsReply, PeerAuth, Refusal, Register, Registered,
 };
 use rand::seq::SliceRandom;
 use rand::Rng;
@@ -99,6 +99,15 @@ impl TrackerState {
         now + self.announce_interval * LEASE_INTERVALS
     }
 
+    /// The cluster secret guards every way in that does not already need a peer's token.
+    fn admit(&self, secret: Option<&str>, what: &str) -> Result<(), Refusal> {
+        if secret_matches(self.secret.as_deref(), secret) {
+            return Ok(());
+        }
+        let why = format!("{what} refused: missing or wrong cluster secret");
+        Err(Refusal::new(ErrorCode::Unauthorized, why))
+    }
+
     /// 1 register: a new peer (or more files for an existing one).
     pub fn register(
         &self,
@@ -106,12 +115,7 @@ impl TrackerState {
         source: IpAddr,
         now: Instant,
     ) -> Result<Registered, Refusal> {
-        if !secret_matches(self.secret.as_deref(), req.secret.as_deref()) {
-            return Err(Refusal::new(
-                ErrorCode::Unauthorized,
-                "registration refused: missing or wrong cluster secret",
-            ));
-        }
+        self.admit(req.secret.as_deref(), "registration")?;
         check_peer_name(&req.name)?;
         let addr = advertised_addr(&req.addr, source)?;
         let lease = self.lease(now);
@@ -120,6 +124,8 @@ impl TrackerState {
             (Some(id), Some(token)) => {
                 let peer = authorised(&mut ix, id, token)?;
                 peer.expires = lease;
+                peer.name = req.name.clone();
+                peer.addr = addr;
                 id
             }
             (None, None) => {
@@ -205,6 +211,10 @@ impl TrackerState {
             }
             _ => {}
         }
+        if have.count() == 0 {
+            // Valid, but holding nothing: there is nothing to index.
+            return Ok(());
+        }
         self.ensure_holding(ix, peer_id, &name)?;
         let file = ix.files.entry(name).or_insert_with(|| FileEntry {
             info: offer.info,
@@ -276,7 +286,8 @@ impl TrackerState {
     }
 
     /// 2 file list.
-    pub fn file_list(&self) -> FileListReply {
+    pub fn file_list(&self, req: &FileList) -> Result<FileListReply, Refusal> {
+        self.admit(req.secret.as_deref(), "file list")?;
         let ix = self.lock();
         let mut files: Vec<FileSummary> = ix
             .files
@@ -289,11 +300,12 @@ impl TrackerState {
             })
             .collect();
         files.sort_by(|a, b| a.info.name.cmp(&b.info.name));
-        FileListReply { files }
+        Ok(FileListReply { files })
     }
 
     /// 3 file locations: a bounded, randomised sample of holders that covers the rarest chunks.
     pub fn locations(&self, req: &Locations) -> Result<LocationsReply, Refusal> {
+        self.admit(req.secret.as_deref(), "locations")?;
         validate_name(&req.file)?;
         let want = req.want.map_or(self.limits.max_holders, |w| {
             (w as usize).min(self.limits.max_holders)
@@ -356,6 +368,9 @@ impl TrackerState {
                 req.file
             );
             return Err(Refusal::new(ErrorCode::OutOfRange, why));
+        }
+        if req.chunks.is_empty() {
+            return Ok(ChunksRecorded { recorded: 0 });
         }
         self.ensure_holding(&mut ix, req.peer_id, &req.file)?;
         let file = ix.files.get_mut(&req.file).expect("checked above");
@@ -557,6 +572,7 @@ mod tests {
             hashes: true,
             peer_id: None,
             want: None,
+            secret: None,
         })
         .unwrap()
     }
@@ -741,6 +757,47 @@ mod tests {
         );
         req.secret = Some("k".into());
         assert!(s.register(req, ip, Instant::now()).is_ok());
+    }
+
+    #[test]
+    fn holders_of_no_chunk_are_not_indexed() {
+        let s = state();
+        let mut empty = offer("a", 1, 4);
+        empty.have = Some(WireBits(vec![0]));
+        let r = register(&s, "p", 1, vec![empty]);
+        assert!(r.files[0].accepted);
+        assert_eq!(s.sizes().files, 0);
+        register(&s, "seed", 2, vec![offer("a", 1, 4)]);
+        let req = ChunkRegister {
+            peer_id: r.peer_id,
+            token: r.token,
+            file: "a".into(),
+            chunks: vec![],
+        };
+        assert_eq!(s.chunk_register(&req, Instant::now()).unwrap().recorded, 0);
+        assert_eq!(locate(&s, "a").total_peers, 1);
+    }
+
+    #[test]
+    fn registering_again_under_an_identity_updates_its_address() {
+        let s = state();
+        let r = register(&s, "p", 1, vec![offer("a", 1, 4)]);
+        let again = Register {
+            name: "p2".into(),
+            addr: "10.9.9.9:77".into(),
+            secret: None,
+            peer_id: Some(r.peer_id),
+            token: Some(r.token.clone()),
+            files: vec![],
+        };
+        let reply = s
+            .register(again, "10.1.2.3".parse().unwrap(), Instant::now())
+            .unwrap();
+        assert_eq!(
+            (reply.peer_id, reply.addr.as_str()),
+            (r.peer_id, "10.9.9.9:77")
+        );
+        assert_eq!(locate(&s, "a").peers[0].name, "p2");
     }
 
     #[test]

@@ -1,0 +1,517 @@
+#!/usr/bin/env python3
+"""Offline checks of Shoal's Kubernetes manifests (run by tests/k8s/validate.sh).
+
+Renders k8s/ and k8s/monitoring with `kubectl kustomize`, validates every built-in resource
+strictly (unknown fields rejected) against the schemas kubernetes-validate ships, checks the
+ServiceMonitor's shape by hand (no schema ships for CRDs), holds every pod to Shoal's policy, and
+checks the Grafana dashboard against the metric names the binaries export. Prints one line per
+check and ends with "k8s-check: N passed, M failed"; exits 1 if anything failed.
+"""
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+NAMESPACE = "shoal"
+USER = 65532
+
+# Settings each binary reads (the contract in k8s/README.md); anything else SHOAL_* is a typo.
+TRACKER_ENV = {"SHOAL_LISTEN", "SHOAL_METRICS_ADDR", "SHOAL_ANNOUNCE_INTERVAL", "SHOAL_SECRET",
+               "SHOAL_LOG", "SHOAL_LOG_FORMAT"}
+PEER_ENV = {"SHOAL_TRACKER", "SHOAL_LISTEN", "SHOAL_ADVERTISE", "SHOAL_NAME", "SHOAL_DATA_DIR",
+            "SHOAL_WANT", "SHOAL_CHUNK_SIZE", "SHOAL_UPLOAD_LIMIT", "SHOAL_METRICS_ADDR",
+            "SHOAL_SECRET", "SHOAL_LOG", "SHOAL_LOG_FORMAT"}
+ENV_BY_IMAGE = {"shoal-tracker": TRACKER_ENV, "shoal-peer": PEER_ENV}
+
+# Metrics the binaries export; histograms are queried through their series suffixes.
+COUNTERS_AND_GAUGES = {
+    "shoal_tracker_registrations_total", "shoal_tracker_chunk_registrations_total",
+    "shoal_tracker_requests_total", "shoal_tracker_peers", "shoal_tracker_files",
+    "shoal_tracker_leases_expired_total",
+    "shoal_peer_chunks_downloaded_total", "shoal_peer_chunks_uploaded_total",
+    "shoal_peer_bytes_downloaded_total", "shoal_peer_bytes_uploaded_total",
+    "shoal_peer_chunk_verify_failures_total", "shoal_peer_downloads_completed_total",
+    "shoal_peer_downloads_failed_total", "shoal_peer_files_shared", "shoal_peer_files_wanted",
+    "shoal_peer_active_transfers",
+}
+HISTOGRAMS = {"shoal_tracker_request_duration_seconds",
+              "shoal_peer_chunk_transfer_duration_seconds", "shoal_peer_download_duration_seconds"}
+HISTOGRAM_SERIES = {h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
+
+# API groups that are CRDs: kubernetes-validate has no schema for them, so they get a structural
+# check here instead. Any other resource without a schema fails.
+CRD_GROUPS = {"monitoring.coreos.com"}
+WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "CronJob", "Pod"}
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
+                  "PriorityClass", "StorageClass", "PersistentVolume"}
+SERVICEMONITOR_SPEC_KEYS = {"selector", "endpoints", "namespaceSelector", "podTargetLabels",
+                            "targetLabels", "jobLabel", "sampleLimit", "targetLimit",
+                            "labelLimit", "attachMetadata"}
+SERVICEMONITOR_ENDPOINT_KEYS = {"port", "targetPort", "path", "scheme", "interval",
+                                "scrapeTimeout", "honorLabels", "honorTimestamps", "relabelings",
+                                "metricRelabelings", "params", "tlsConfig", "followRedirects"}
+
+
+class Report:
+    def __init__(self):
+        self.passed = 0
+        self.failed = 0
+
+    def check(self, name, problems):
+        """Records one check; `problems` is a list of messages, empty when the check passed."""
+        if problems:
+            self.failed += 1
+            print(f"FAIL {name}")
+            for problem in problems:
+                print(f"       {problem}")
+        else:
+            self.passed += 1
+            print(f"ok   {name}")
+
+
+def kn(doc):
+    return f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
+
+
+def api_group(doc):
+    api_version = doc.get("apiVersion", "")
+    return api_version.split("/")[0] if "/" in api_version else ""
+
+
+def render(report, kdir, out_file):
+    """Renders one kustomize tree to out_file; returns its documents, or None if it failed."""
+    proc = subprocess.run(["kubectl", "kustomize", kdir], capture_output=True, text=True)
+    if proc.returncode != 0:
+        report.check(f"render {kdir}", [proc.stderr.strip() or f"kubectl exited {proc.returncode}"])
+        return None
+    out_file.write_text(proc.stdout)
+    docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    report.check(f"render {kdir} -> {out_file} ({len(docs)} resources)",
+                 [] if docs else ["rendered nothing"])
+    return docs
+
+
+def validate_schemas(report, docs, label, out_dir, kv, version):
+    """Strict schema validation of every built-in resource, one file per resource so that the
+    CLI's report can be tied to a resource (its WARN for a missing schema names only the kind)."""
+    doc_dir = out_dir / label
+    doc_dir.mkdir(parents=True, exist_ok=True)
+    for old in doc_dir.glob("*.yaml"):
+        old.unlink()
+    files = {}
+    for i, doc in enumerate(docs):
+        if api_group(doc) in CRD_GROUPS:
+            continue
+        path = doc_dir / f"{i:02d}-{doc['kind'].lower()}-{doc['metadata']['name']}.yaml"
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        files[str(path)] = doc
+    if not files:
+        return
+    proc = subprocess.run([kv, "--strict", "-k", version, *files], capture_output=True, text=True)
+    lines = (proc.stdout + proc.stderr).splitlines()
+    for path, doc in files.items():
+        mine = [line for line in lines if f" {path} " in f"{line} "]
+        bad = [line for line in mine if not line.startswith("INFO")]
+        if not bad and not any(" passed " in line for line in mine):
+            bad = [f"no verdict from kubernetes-validate (exit {proc.returncode})"]
+        report.check(f"schema {label}: {kn(doc)} (strict, Kubernetes {version})", bad)
+
+
+def pod_spec(doc):
+    kind = doc["kind"]
+    if kind == "Pod":
+        return doc["spec"]
+    if kind == "CronJob":
+        return doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    return doc["spec"]["template"]["spec"]
+
+
+def pod_meta(doc):
+    if doc["kind"] == "Pod":
+        return doc["metadata"]
+    if doc["kind"] == "CronJob":
+        return doc["spec"]["jobTemplate"]["spec"]["template"]["metadata"]
+    return doc["spec"]["template"]["metadata"]
+
+
+def image_name(image):
+    return image.rsplit(":", 1)[0] if ":" in image.split("/")[-1] else image
+
+
+def check_container(c, pod_sc, spec, configmaps, is_service):
+    """Policy for one container; `is_service` adds what long-running Shoal daemons need."""
+    problems = []
+    sc = c.get("securityContext", {})
+
+    def effective(key):
+        return sc.get(key, pod_sc.get(key))
+
+    if effective("runAsNonRoot") is not True:
+        problems.append("runAsNonRoot is not true")
+    for key in ("runAsUser", "runAsGroup"):
+        if effective(key) != USER:
+            problems.append(f"{key} is {effective(key)}, want {USER}")
+    if sc.get("readOnlyRootFilesystem") is not True:
+        problems.append("readOnlyRootFilesystem is not true")
+    if sc.get("allowPrivilegeEscalation") is not False:
+        problems.append("allowPrivilegeEscalation is not false")
+    if "ALL" not in sc.get("capabilities", {}).get("drop", []):
+        problems.append("capabilities do not drop ALL")
+    if sc.get("capabilities", {}).get("add"):
+        problems.append("capabilities add something")
+    if (effective("seccompProfile") or {}).get("type") != "RuntimeDefault":
+        problems.append("seccompProfile is not RuntimeDefault")
+    resources = c.get("resources", {})
+    for section in ("requests", "limits"):
+        for res in ("cpu", "memory"):
+            if res not in resources.get(section, {}):
+                problems.append(f"no resources.{section}.{res}")
+    if c.get("imagePullPolicy") != "IfNotPresent":
+        problems.append("imagePullPolicy is not IfNotPresent (there is no registry)")
+    image = c.get("image", "")
+    if image_name(image) == image or image.endswith(":latest"):
+        problems.append(f"image {image!r} is not pinned to a version")
+
+    env = c.get("env", [])
+    defined = set()
+    for var in env:
+        for ref in re.findall(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", var.get("value", "")):
+            if ref not in defined:
+                problems.append(f"env {var['name']} uses $({ref}) before it is defined")
+        defined.add(var["name"])
+        cm_ref = var.get("valueFrom", {}).get("configMapKeyRef")
+        if cm_ref and not cm_ref.get("optional"):
+            if cm_ref["key"] not in configmaps.get(cm_ref["name"], {}):
+                problems.append(f"env {var['name']} reads missing ConfigMap key "
+                                f"{cm_ref['name']}/{cm_ref['key']}")
+        secret_ref = var.get("valueFrom", {}).get("secretKeyRef")
+        if secret_ref and not secret_ref.get("optional"):
+            problems.append(f"env {var['name']} needs Secret {secret_ref['name']}, which no "
+                            "manifest creates: mark it optional")
+    if c.get("envFrom"):
+        problems.append("envFrom hands the container every key; pick keys with env instead")
+
+    if not is_service:
+        return problems
+
+    allowed = ENV_BY_IMAGE.get(image_name(image))
+    if allowed is None:
+        problems.append(f"image {image!r} is neither shoal-tracker nor shoal-peer")
+        allowed = set()
+    env_by_name = {var["name"]: var for var in env}
+    for name in env_by_name:
+        if name.startswith("SHOAL_") and name not in allowed:
+            problems.append(f"env {name} is not a setting of {image_name(image)}")
+    ports = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
+    for setting, port_name in (("SHOAL_LISTEN", "shoal"), ("SHOAL_METRICS_ADDR", "metrics")):
+        value = env_by_name.get(setting, {}).get("value", "")
+        if port_name not in ports:
+            problems.append(f"no container port named {port_name!r}")
+        elif not value.endswith(f":{ports[port_name]}"):
+            problems.append(f"{setting}={value!r} does not listen on port {port_name} "
+                            f"({ports[port_name]})")
+    for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        get = c.get(probe, {}).get("httpGet", {})
+        if get.get("path") != path or get.get("port") not in ("metrics", ports.get("metrics")):
+            problems.append(f"{probe} is not httpGet {path} on the metrics port")
+
+    if allowed is PEER_ENV:
+        advertise = env_by_name.get("SHOAL_ADVERTISE", {}).get("value", "")
+        pod_ip = env_by_name.get("POD_IP", {}).get("valueFrom", {}).get("fieldRef", {})
+        if "$(POD_IP)" not in advertise or pod_ip.get("fieldPath") != "status.podIP":
+            problems.append("SHOAL_ADVERTISE does not come from the pod IP (downward API)")
+        name_ref = env_by_name.get("SHOAL_NAME", {}).get("valueFrom", {}).get("fieldRef", {})
+        if name_ref.get("fieldPath") != "metadata.name":
+            problems.append("SHOAL_NAME does not come from metadata.name")
+        data_dir = env_by_name.get("SHOAL_DATA_DIR", {}).get("value", "/data")
+        if data_dir not in {m["mountPath"] for m in c.get("volumeMounts", [])}:
+            problems.append(f"data dir {data_dir} is not a volume (the root filesystem is "
+                            "read-only)")
+    return problems
+
+
+def check_workload(report, label, doc, configmaps, is_service=True):
+    spec = pod_spec(doc)
+    meta = pod_meta(doc)
+    problems = []
+    if spec.get("enableServiceLinks") is not False:
+        problems.append("enableServiceLinks is not false (service env would collide with SHOAL_)")
+    if spec.get("automountServiceAccountToken") is not False:
+        problems.append("automountServiceAccountToken is not false")
+    for pod_key in ("hostNetwork", "hostPID", "hostIPC"):
+        if spec.get(pod_key):
+            problems.append(f"{pod_key} is set")
+    labels = meta.get("labels", {})
+    for key in ("app.kubernetes.io/name", "app.kubernetes.io/component",
+                "app.kubernetes.io/part-of"):
+        if key not in labels:
+            problems.append(f"pod label {key} missing")
+    if is_service:
+        annotations = meta.get("annotations", {})
+        metrics_ports = {p["containerPort"] for c in spec["containers"]
+                         for p in c.get("ports", []) if p.get("name") == "metrics"}
+        if annotations.get("prometheus.io/scrape") != "true":
+            problems.append("prometheus.io/scrape is not \"true\"")
+        if not annotations.get("prometheus.io/port", "").isdigit() or \
+                int(annotations["prometheus.io/port"]) not in metrics_ports:
+            problems.append("prometheus.io/port is not the metrics port")
+        if annotations.get("prometheus.io/path") != "/metrics":
+            problems.append("prometheus.io/path is not /metrics")
+    pod_sc = spec.get("securityContext", {})
+    for c in spec.get("initContainers", []) + spec["containers"]:
+        for problem in check_container(c, pod_sc, spec, configmaps, is_service):
+            problems.append(f"container {c['name']}: {problem}")
+    report.check(f"policy {label}: {kn(doc)}", problems)
+
+
+def selects(selector, labels):
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def check_base(report, docs):
+    """What the base must contain, and that its pieces point at one another correctly."""
+    by_kn = {kn(d): d for d in docs}
+    configmaps = {d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "ConfigMap"}
+    workloads = [d for d in docs if d["kind"] in WORKLOAD_KINDS]
+
+    problems = []
+    for want in ("Namespace/shoal", "Deployment/shoal-tracker", "Service/shoal-tracker",
+                 "StatefulSet/shoal-seeder", "Service/shoal-seeder", "Deployment/shoal-peer",
+                 "Service/shoal-peer", "PodDisruptionBudget/shoal-seeder",
+                 "PodDisruptionBudget/shoal-peer"):
+        if want not in by_kn:
+            problems.append(f"missing {want}")
+    crds = [kn(d) for d in docs if api_group(d) in CRD_GROUPS]
+    if crds:
+        problems.append(f"the base must not need a CRD, found {crds}")
+    report.check("base: has every Shoal object and no CRD", problems)
+
+    problems = []
+    for doc in docs:
+        ns = doc["metadata"].get("namespace")
+        if doc["kind"] not in CLUSTER_SCOPED and ns != NAMESPACE:
+            problems.append(f"{kn(doc)} is in namespace {ns!r}")
+    namespace = by_kn.get("Namespace/shoal", {}).get("metadata", {}).get("labels", {})
+    if namespace.get("pod-security.kubernetes.io/enforce") != "restricted":
+        problems.append("namespace shoal does not enforce the restricted Pod Security Standard")
+    report.check("base: everything in namespace shoal, which enforces 'restricted'", problems)
+
+    problems = []
+    settings = {}
+    for data in configmaps.values():
+        settings.update(data)
+    for key, value in (("SHOAL_TRACKER", "shoal-tracker:7400"), ("SHOAL_WANT", "*"),
+                       ("SHOAL_LOG_FORMAT", "json")):
+        if settings.get(key) != value:
+            problems.append(f"ConfigMap {key} is {settings.get(key)!r}, want {value!r}")
+    if not re.fullmatch(r"\d+(ms|s|m|h)", settings.get("SHOAL_ANNOUNCE_INTERVAL", "")):
+        problems.append("ConfigMap SHOAL_ANNOUNCE_INTERVAL is not a duration")
+    report.check("base: ConfigMap carries the swarm settings", problems)
+
+    tracker = by_kn.get("Deployment/shoal-tracker")
+    if tracker:
+        report.check("base: tracker runs one replica", [] if tracker["spec"].get("replicas") == 1
+                     else [f"replicas is {tracker['spec'].get('replicas')}"])
+    service = by_kn.get("Service/shoal-tracker")
+    if service:
+        ports = {p["name"]: p["port"] for p in service["spec"]["ports"]}
+        report.check("base: tracker Service exposes 7400 and 9400",
+                     [] if ports == {"shoal": 7400, "metrics": 9400} else [f"ports are {ports}"])
+
+    # Services and PDBs must select pods, and a Service's named target ports must exist on them.
+    for doc in docs:
+        if doc["kind"] == "Service":
+            selector = doc["spec"].get("selector", {})
+        elif doc["kind"] == "PodDisruptionBudget":
+            selector = doc["spec"].get("selector", {}).get("matchLabels", {})
+        else:
+            continue
+        matched = [w for w in workloads if selects(selector, pod_meta(w).get("labels", {}))]
+        problems = [] if matched else [f"selector {selector} matches no pod template"]
+        for w in matched if doc["kind"] == "Service" else []:
+            names = {p.get("name") for c in pod_spec(w)["containers"] for p in c.get("ports", [])}
+            for port in doc["spec"]["ports"]:
+                target = port.get("targetPort")
+                if isinstance(target, str) and target not in names:
+                    problems.append(f"targetPort {target} is not a port of {kn(w)}")
+        report.check(f"base: {kn(doc)} selects {', '.join(kn(w) for w in matched) or 'nothing'}",
+                     problems)
+
+    seeder = by_kn.get("StatefulSet/shoal-seeder")
+    if seeder:
+        problems = []
+        governing = by_kn.get(f"Service/{seeder['spec'].get('serviceName')}")
+        if not governing or governing["spec"].get("clusterIP") != "None":
+            problems.append("serviceName is not a headless Service")
+        if not seeder["spec"].get("volumeClaimTemplates"):
+            problems.append("no volumeClaimTemplates: seeded files would not persist")
+        report.check("base: seeders keep a volume each behind a headless Service", problems)
+
+    for w in workloads:
+        check_workload(report, "base", w, configmaps)
+    return configmaps
+
+
+def check_service_monitor(report, doc, docs):
+    """Structural check standing in for the schema a CRD does not ship."""
+    problems = []
+    if doc.get("apiVersion") != "monitoring.coreos.com/v1":
+        problems.append(f"apiVersion is {doc.get('apiVersion')}")
+    if not doc.get("metadata", {}).get("name"):
+        problems.append("no metadata.name")
+    spec = doc.get("spec", {})
+    unknown = set(spec) - SERVICEMONITOR_SPEC_KEYS
+    if unknown:
+        problems.append(f"unknown spec fields {sorted(unknown)}")
+    selector = spec.get("selector", {}).get("matchLabels", {})
+    services = [d for d in docs if d["kind"] == "Service"
+                and selects(selector, d["metadata"].get("labels", {}))]
+    if not services:
+        problems.append(f"spec.selector.matchLabels {selector} selects no Service")
+    endpoints = spec.get("endpoints")
+    if not isinstance(endpoints, list) or not endpoints:
+        problems.append("spec.endpoints is empty")
+    for ep in endpoints or []:
+        unknown = set(ep) - SERVICEMONITOR_ENDPOINT_KEYS
+        if unknown:
+            problems.append(f"unknown endpoint fields {sorted(unknown)}")
+        for svc in services:
+            if ep.get("port") not in {p.get("name") for p in svc["spec"]["ports"]}:
+                problems.append(f"{kn(svc)} has no port named {ep.get('port')!r}")
+    names = ", ".join(kn(s) for s in services)
+    report.check(f"structure monitoring: {kn(doc)} scrapes {names or 'nothing'}", problems)
+
+
+def check_monitoring(report, docs, base_docs, dashboard_text):
+    base = {kn(d): d for d in base_docs}
+    mine = {kn(d): d for d in docs}
+    changed = [k for k, d in base.items() if mine.get(k) != d]
+    report.check("monitoring: includes the base unchanged",
+                 [f"{k} differs from the base or is missing" for k in changed])
+    for doc in docs:
+        if api_group(doc) in CRD_GROUPS:
+            if doc["kind"] == "ServiceMonitor":
+                check_service_monitor(report, doc, docs)
+            else:
+                report.check(f"structure monitoring: {kn(doc)}",
+                             ["no schema and no structural check for this kind"])
+    dashboards = [d for d in docs if d["kind"] == "ConfigMap"
+                  and d["metadata"].get("labels", {}).get("grafana_dashboard") == "1"]
+    problems = [] if len(dashboards) == 1 else [f"{len(dashboards)} ConfigMaps labelled "
+                                                 "grafana_dashboard=\"1\", want 1"]
+    if dashboards and dashboards[0].get("data", {}).get("shoal.json") != dashboard_text:
+        problems.append("its shoal.json is not k8s/dashboard/shoal.json")
+    if not any(d["kind"] == "ServiceMonitor" for d in docs):
+        problems.append("no ServiceMonitor")
+    report.check("monitoring: ServiceMonitor and dashboard ConfigMap present", problems)
+
+
+def check_dashboard(report, path):
+    text = path.read_text()
+    try:
+        dash = json.loads(text)
+    except json.JSONDecodeError as e:
+        report.check(f"dashboard {path}: valid JSON", [str(e)])
+        return text
+    report.check(f"dashboard {path}: valid JSON", [])
+
+    problems = []
+    if not 36 <= dash.get("schemaVersion", 0) <= 41:
+        problems.append(f"schemaVersion {dash.get('schemaVersion')}, want about 39")
+    variables = {v.get("name"): v for v in dash.get("templating", {}).get("list", [])}
+    ds = variables.get("DS_PROMETHEUS", {})
+    if ds.get("type") != "datasource" or ds.get("query") != "prometheus":
+        problems.append("no DS_PROMETHEUS datasource variable of type prometheus")
+    ids = [p.get("id") for p in dash.get("panels", [])]
+    if len(ids) != len(set(ids)):
+        problems.append("panel ids are not unique")
+    report.check("dashboard: schema version, DS_PROMETHEUS variable, unique panel ids", problems)
+
+    problems = []
+    used = set()
+    for panel in dash.get("panels", []):
+        if panel.get("type") == "row":
+            continue
+        title = panel.get("title")
+        if panel.get("datasource", {}).get("uid") != "${DS_PROMETHEUS}":
+            problems.append(f"panel {title!r} does not use ${{DS_PROMETHEUS}}")
+        if not panel.get("targets"):
+            problems.append(f"panel {title!r} has no query")
+        for target in panel.get("targets", []):
+            expr = target.get("expr", "")
+            for name in re.findall(r"\bshoal_[a-z0-9_]+", expr):
+                if name in COUNTERS_AND_GAUGES or name in HISTOGRAM_SERIES:
+                    used.add(name)
+                else:
+                    problems.append(f"panel {title!r}: {name} is not an exported metric")
+            if "_bucket" in expr and "histogram_quantile" not in expr:
+                problems.append(f"panel {title!r}: reads buckets without histogram_quantile")
+    report.check("dashboard: every query uses exported metric names only", problems)
+
+    families = {n.rsplit("_", 1)[0] if n in HISTOGRAM_SERIES else n for n in used}
+    unused = sorted((COUNTERS_AND_GAUGES | HISTOGRAMS) - families)
+    report.check("dashboard: every exported metric has a panel",
+                 [f"{name} is on no panel" for name in unused])
+    return text
+
+
+def check_tools(report, tools_dir, out_dir, kv, version, seeder):
+    docs = []
+    for path in sorted(tools_dir.glob("*.yaml")):
+        docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    validate_schemas(report, docs, "tools", out_dir, kv, version)
+    for doc in docs:
+        if doc["kind"] in WORKLOAD_KINDS:
+            check_workload(report, "tools", doc, {}, is_service=False)
+        if doc["metadata"].get("namespace") != NAMESPACE:
+            report.check(f"tools: {kn(doc)} in namespace shoal", ["wrong namespace"])
+    loader = next((d for d in docs if kn(d) == "Pod/shoal-seed-loader"), None)
+    if loader and seeder:
+        template = seeder["spec"]["volumeClaimTemplates"][0]["metadata"]["name"]
+        want = f"{template}-{seeder['metadata']['name']}-0"
+        claims = [v["persistentVolumeClaim"]["claimName"] for v in loader["spec"]["volumes"]
+                  if "persistentVolumeClaim" in v]
+        report.check(f"tools: seed loader mounts the claim of seeder 0 ({want})",
+                     [] if claims == [want] else [f"it mounts {claims}"])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kubernetes-validate", required=True, help="the CLI to run")
+    parser.add_argument("--kubernetes-version", required=True)
+    parser.add_argument("--out", type=Path, required=True, help="where rendered YAML goes")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    kv, version = args.kubernetes_validate, args.kubernetes_version
+    report = Report()
+
+    dashboard_text = check_dashboard(report, Path("k8s/dashboard/shoal.json"))
+
+    base = render(report, "k8s/", args.out / "shoal.yaml")
+    seeder = None
+    if base is not None:
+        validate_schemas(report, base, "base", args.out, kv, version)
+        check_base(report, base)
+        seeder = next((d for d in base if kn(d) == "StatefulSet/shoal-seeder"), None)
+
+    monitoring = render(report, "k8s/monitoring", args.out / "shoal-monitoring.yaml")
+    if monitoring is not None:
+        # What the base already passed is only compared with it, not validated twice.
+        base_by_kn = {kn(d): d for d in base or []}
+        added = [d for d in monitoring if base_by_kn.get(kn(d)) != d]
+        validate_schemas(report, added, "monitoring", args.out, kv, version)
+        check_monitoring(report, monitoring, base or [], dashboard_text)
+
+    check_tools(report, Path("k8s/tools"), args.out, kv, version, seeder)
+
+    print(f"k8s-check: {report.passed} passed, {report.failed} failed")
+    return 1 if report.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
