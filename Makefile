@@ -37,5 +37,19 @@ e2e: image ## Container end-to-end run with faults; exit code is the verdict
 k8s-check: ## Render the Kubernetes manifests and validate them strictly, offline
 	bash tests/k8s/validate.sh
 
+bench: ## Full benchmarks (~10 min): tables, target/bench/*.json, rewrites docs/BENCHMARKS.md
+	$(CARGO) bench --locked --bench shoal -- full
+
+bench-smoke: ## Quick benchmarks at a small scale (CI): fail on any corrupted copy or lost registration
+	$(CARGO) bench --locked --bench shoal -- smoke
+
 demo: build ## Local swarm without Docker: tracker, seeder, peers, live status; Ctrl-C stops
 	bash tests/demo/run.sh
+
+FUZZ_SECONDS ?= 60
+fuzz: ## Fuzz every decoder for FUZZ_SECONDS each (nightly + cargo-fuzz, installed if missing)
+	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	set -e; for t in $$($(CARGO) +nightly fuzz list --fuzz-dir tests/fuzz); do \
+	  echo "== fuzz $$t ($(FUZZ_SECONDS)s)"; \
+	  $(CARGO) +nightly fuzz run --fuzz-dir tests/fuzz $$t -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=4096; \
+	done

@@ -168,3 +168,107 @@ fn unreachable_advertised_address_is_skipped() {
     );
     assert!(d.log_contains("cannot connect"), "{}", d.log_text());
 }
+
+#[test]
+fn disk_full_on_the_downloader_fails_clearly_and_it_keeps_serving() {
+    if !std::process::Command::new("unshare")
+        .args(["-m", "true"])
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI must be able to run this test (needs unshare -m and mount)"
+        );
+        eprintln!("skipping: this machine does not allow a private mount namespace");
+        return;
+    }
+    let tracker = tracker(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let original = make_file(&dir.path().join("s"), "big.bin", MIB, 70);
+    let _s = daemon(tracker.addr, &dir.path().join("s"), "s", &[]);
+    assert!(wait_until(Duration::from_secs(10), || holder_count(
+        tracker.addr,
+        "big.bin"
+    ) == 1));
+    let data = dir.path().join("d");
+    std::fs::create_dir_all(&data).unwrap();
+
+    // The downloader's data dir is a 256 KiB tmpfs in its own mount namespace: it fills mid-file.
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args([
+        "-m",
+        "sh",
+        "-c",
+        r#"mount -t tmpfs -o size=256k shoal-test "$0" && exec "$1" run"#,
+    ])
+    .arg(&data)
+    .arg(PEER);
+    daemon_env(
+        &mut cmd,
+        tracker.addr,
+        &data,
+        "d",
+        &[("SHOAL_WANT", "big.bin")],
+    );
+    let d = Proc::spawn(cmd, "peer listening");
+
+    assert!(
+        wait_until(Duration::from_secs(30), || d
+            .log_contains("No space left on device")),
+        "{}",
+        d.log_text()
+    );
+    assert!(d.metric("shoal_peer_downloads_failed_total") >= 1.0);
+    let seen_by_d = std::path::PathBuf::from(format!("/proc/{}/root", d.pid()))
+        .join(data.strip_prefix("/").unwrap());
+    assert!(
+        seen_by_d.join(".big.bin.shoal-part").exists(),
+        "the partial download stays for a later resume"
+    );
+    assert!(
+        !seen_by_d.join("big.bin").exists(),
+        "no incomplete file under the final name"
+    );
+    // What it verified before the disk filled, it still serves, byte for byte.
+    let mut c = Raw::connect(d.addr);
+    let held = (0..16).find(|i| {
+        c.ask(&format!(
+            r#"{{"v":1,"msg":5,"file":"big.bin","index":{i}}}"#
+        ))["ok"]
+            == true
+    });
+    let i = held.expect("some chunks were written before the disk filled");
+    let body = c.recv_bytes(65536);
+    assert_eq!(
+        body,
+        std::fs::read(&original).unwrap()[i * 65536..(i + 1) * 65536]
+    );
+}
+
+#[test]
+fn unwritable_download_target_fails_clearly_and_the_peer_keeps_serving() {
+    let tracker = tracker(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    make_file(&dir.path().join("s"), "big.bin", MIB, 71);
+    let _s = daemon(tracker.addr, &dir.path().join("s"), "s", &[]);
+    let data = dir.path().join("d");
+    make_file(&data, "mine.bin", 100_000, 72);
+    // Something that cannot be replaced by a file sits where the partial download must go.
+    std::fs::create_dir_all(data.join(".big.bin.shoal-part")).unwrap();
+    let d = daemon(tracker.addr, &data, "d", &[("SHOAL_WANT", "big.bin")]);
+
+    assert!(
+        wait_until(Duration::from_secs(20), || d.log_contains("cannot create")),
+        "{}",
+        d.log_text()
+    );
+    assert!(d.metric("shoal_peer_downloads_failed_total") >= 1.0);
+    assert!(!data.join("big.bin").exists());
+    let mut c = Raw::connect(d.addr);
+    assert_eq!(
+        c.ask(r#"{"v":1,"msg":5,"file":"mine.bin","index":0}"#)["ok"],
+        true,
+        "it keeps serving its own files"
+    );
+}

@@ -157,30 +157,32 @@ async fn serve(peer: &Peer, conn: &mut Connection) -> &'static str {
 }
 
 /// Checks a request and reads the chunk into `buf`.
+/// Parses and checks a request line up to what needs the store: the message number, the
+/// fields, the secret and the name. The refusal carries the message number to echo.
+pub fn parse_request(line: &[u8], secret: Option<&str>) -> Result<ChunkRequest, (u64, Refusal)> {
+    let (msg, _) = decode_envelope(line)?;
+    let n = msg as u64;
+    if msg != Msg::ChunkRequest {
+        let why = format!("a peer answers only message 5, not {n}");
+        return Err((n, Refusal::new(ErrorCode::UnknownMsg, why)));
+    }
+    let req: ChunkRequest = decode_body(line).map_err(|r| (n, r))?;
+    if !secret_matches(secret, req.secret.as_deref()) {
+        let why = "missing or wrong cluster secret";
+        return Err((n, Refusal::new(ErrorCode::Unauthorized, why)));
+    }
+    validate_name(&req.file).map_err(|r| (n, r))?;
+    Ok(req)
+}
+
+/// Answers a request line: the chunk's header, with its bytes read into `buf`.
 async fn answer(
     peer: &Peer,
     line: &[u8],
     buf: &mut Vec<u8>,
 ) -> Result<(ChunkHeader, String), (u64, Refusal)> {
-    let (msg, _) = decode_envelope(line)?;
-    let n = msg as u64;
-    if msg != Msg::ChunkRequest {
-        return Err((
-            n,
-            Refusal::new(
-                ErrorCode::UnknownMsg,
-                format!("a peer answers only message 5, not {n}"),
-            ),
-        ));
-    }
-    let req: ChunkRequest = decode_body(line).map_err(|r| (n, r))?;
-    if !secret_matches(peer.cfg.secret.as_deref(), req.secret.as_deref()) {
-        return Err((
-            n,
-            Refusal::new(ErrorCode::Unauthorized, "missing or wrong cluster secret"),
-        ));
-    }
-    validate_name(&req.file).map_err(|r| (n, r))?;
+    let req = parse_request(line, peer.cfg.secret.as_deref())?;
+    let n = Msg::ChunkRequest as u64;
     let file = peer.store.get(&req.file).ok_or_else(|| {
         (
             n,

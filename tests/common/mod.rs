@@ -38,7 +38,7 @@ pub struct Proc {
 
 impl Proc {
     /// Spawns `cmd` with JSON logs and waits for the log line `ready_message`.
-    fn spawn(mut cmd: Command, ready_message: &str) -> Proc {
+    pub fn spawn(mut cmd: Command, ready_message: &str) -> Proc {
         cmd.env("SHOAL_LOG_FORMAT", "json")
             .env("SHOAL_LOG", "info")
             .stderr(Stdio::piped());
@@ -211,8 +211,20 @@ pub const FAST: &[(&str, &str)] = &[
 /// Starts `shoal-peer run` (daemon) sharing `dir`, configured by environment only.
 pub fn daemon(tracker: SocketAddr, dir: &Path, name: &str, env: &[(&str, &str)]) -> Proc {
     let mut cmd = Command::new(PEER);
-    cmd.arg("run")
-        .env("SHOAL_TRACKER", tracker.to_string())
+    cmd.arg("run");
+    daemon_env(&mut cmd, tracker, dir, name, env);
+    Proc::spawn(cmd, "peer listening")
+}
+
+/// The environment of a test daemon peer, for commands that wrap the binary.
+pub fn daemon_env(
+    cmd: &mut Command,
+    tracker: SocketAddr,
+    dir: &Path,
+    name: &str,
+    env: &[(&str, &str)],
+) {
+    cmd.env("SHOAL_TRACKER", tracker.to_string())
         .env("SHOAL_LISTEN", "127.0.0.1:0")
         .env("SHOAL_METRICS_ADDR", "127.0.0.1:0")
         .env("SHOAL_DATA_DIR", dir)
@@ -221,7 +233,6 @@ pub fn daemon(tracker: SocketAddr, dir: &Path, name: &str, env: &[(&str, &str)])
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null());
-    Proc::spawn(cmd, "peer listening")
 }
 
 /// Writes `len` bytes of deterministic pseudo-random content (varying with `seed`).
@@ -261,6 +272,7 @@ impl Raw {
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
+        stream.set_nodelay(true).unwrap();
         Raw {
             reader: BufReader::new(stream.try_clone().unwrap()),
             stream,
@@ -268,8 +280,9 @@ impl Raw {
     }
 
     pub fn send(&mut self, line: &str) {
-        self.stream.write_all(line.as_bytes()).unwrap();
-        self.stream.write_all(b"\n").unwrap();
+        self.stream
+            .write_all(format!("{line}\n").as_bytes())
+            .unwrap();
     }
 
     /// The next reply line as JSON; `None` on close.
@@ -294,6 +307,19 @@ impl Raw {
         let mut buf = vec![0; len];
         self.reader.read_exact(&mut buf).unwrap();
         buf
+    }
+
+    /// Whether the server accepted this connection and stays quiet (no `busy` line) for 200 ms.
+    pub fn recv_timeout_is_silent(&mut self) -> bool {
+        self.stream
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut buf = [0u8; 1];
+        let silent = matches!(self.reader.read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut);
+        self.stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        silent
     }
 
     /// Whether the other side closed the connection (reads EOF within the timeout).
@@ -321,6 +347,18 @@ pub fn register_fake_holder(tracker: SocketAddr, addr: &str, loc: &Value) -> (u6
         reply["peer_id"].as_u64().unwrap(),
         reply["token"].as_str().unwrap().to_string(),
     )
+}
+
+/// A registration offer for a local file, as message 1 would carry it.
+pub fn offer_for(path: &Path, chunk_size: u32) -> Value {
+    let name = path.file_name().unwrap().to_str().unwrap();
+    let (info, hashes) = shoal::chunking::hash_file(path, name, chunk_size).unwrap();
+    serde_json::to_value(shoal::protocol::FileOffer {
+        info,
+        hashes,
+        have: None,
+    })
+    .unwrap()
 }
 
 /// Message 3 with hashes, as JSON.
