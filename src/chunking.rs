@@ -19,10 +19,36 @@ pub fn check_chunk_size(chunk_size: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Reads `path` once and returns its metadata (shared under `name`) and chunk hashes.
-pub fn hash_file(path: &Path, name: &str, chunk_size: u32) -> anyhow::Result<(FileInfo, HashList)> {
-    check_chunk_size(chunk_size)?;
+/// Chunks per file that [`auto_chunk_size`] aims for: enough that a swarm can pass a file on in
+/// small steps (each relay hop costs one chunk's transfer time), few enough that per-chunk costs
+/// (requests, hashes, bitfields) stay small.
+pub const TARGET_CHUNKS: u64 = 1024;
+/// Bounds of the automatic chunk size.
+pub const AUTO_MIN_CHUNK: u32 = 64 * 1024;
+pub const AUTO_MAX_CHUNK: u32 = 16 * 1024 * 1024;
+
+/// The chunk size for a file of `size` bytes when none is configured: the power of two that
+/// gives about [`TARGET_CHUNKS`] chunks, within 64 KiB to 16 MiB (32 MiB -> 64 KiB,
+/// 1 GiB -> 1 MiB, 64 GiB -> 16 MiB).
+pub fn auto_chunk_size(size: u64) -> u32 {
+    let ideal = size.div_ceil(TARGET_CHUNKS).next_power_of_two();
+    ideal.clamp(u64::from(AUTO_MIN_CHUNK), u64::from(AUTO_MAX_CHUNK)) as u32
+}
+
+/// Reads `path` once and returns its metadata (shared under `name`) and chunk hashes. With no
+/// `chunk_size`, the size is chosen by [`auto_chunk_size`].
+pub fn hash_file(
+    path: &Path,
+    name: &str,
+    chunk_size: Option<u32>,
+) -> anyhow::Result<(FileInfo, HashList)> {
     let mut file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let len = file
+        .metadata()
+        .with_context(|| format!("cannot stat {}", path.display()))?
+        .len();
+    let chunk_size = chunk_size.unwrap_or_else(|| auto_chunk_size(len));
+    check_chunk_size(chunk_size)?;
     let mut buf = vec![0u8; chunk_size as usize];
     let mut hashes = Vec::new();
     let mut size = 0u64;
@@ -72,7 +98,7 @@ mod tests {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         let data: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
         f.write_all(&data).unwrap();
-        let (info, hashes) = hash_file(f.path(), "x", 4096).unwrap();
+        let (info, hashes) = hash_file(f.path(), "x", Some(4096)).unwrap();
         assert_eq!(info.size, 10_000);
         assert_eq!(info.chunks(), 3);
         assert_eq!(hashes.0.len(), 3);
@@ -83,8 +109,21 @@ mod tests {
     #[test]
     fn empty_file_has_no_chunks() {
         let f = tempfile::NamedTempFile::new().unwrap();
-        let (info, hashes) = hash_file(f.path(), "empty", 4096).unwrap();
+        let (info, hashes) = hash_file(f.path(), "empty", Some(4096)).unwrap();
         assert_eq!((info.size, info.chunks(), hashes.0.len()), (0, 0, 0));
+    }
+
+    #[test]
+    fn automatic_chunk_size_aims_at_a_thousand_chunks() {
+        assert_eq!(auto_chunk_size(0), AUTO_MIN_CHUNK);
+        assert_eq!(auto_chunk_size(32 << 20), 64 * 1024);
+        assert_eq!(auto_chunk_size(256 << 20), 256 * 1024);
+        assert_eq!(auto_chunk_size(1 << 30), 1 << 20);
+        assert_eq!(auto_chunk_size((1 << 30) + 1), 2 << 20);
+        assert_eq!(auto_chunk_size(1 << 40), AUTO_MAX_CHUNK);
+        for size in [1u64, 4096, 10 << 20, 3 << 30] {
+            check_chunk_size(auto_chunk_size(size)).unwrap();
+        }
     }
 
     #[test]

@@ -110,10 +110,14 @@ pub struct PeerConfig {
     pub data_dir: PathBuf,
     /// Files to fetch: comma-separated names, or `*` for everything offered, now and later.
     pub want: String,
-    /// Chunk size for files this peer registers, bytes.
-    pub chunk_size: u32,
+    /// Chunk size for files this peer registers, bytes; unset = chosen per file (about 1,024
+    /// chunks, 64 KiB to 16 MiB).
+    pub chunk_size: Option<u32>,
     /// Total upload rate cap, bytes per second; 0 = unlimited.
     pub upload_limit: u64,
+    /// Chunks sent at once; more requests wait their turn. Few slots finish each chunk sooner,
+    /// so its recipient can pass it on sooner.
+    pub upload_slots: usize,
     /// HTTP address for `/metrics`, `/healthz`, `/readyz`; unset = no HTTP endpoint.
     pub metrics_addr: Option<String>,
     /// Shared secret for the tracker and for chunk requests between peers.
@@ -154,13 +158,14 @@ impl Default for PeerConfig {
             name: None,
             data_dir: PathBuf::from("."),
             want: String::new(),
-            chunk_size: 1024 * 1024,
+            chunk_size: None,
             upload_limit: 0,
+            upload_slots: 2,
             metrics_addr: None,
             secret: None,
             max_connections: 256,
-            max_sources: 16,
-            pipeline_depth: 4,
+            max_sources: 32,
+            pipeline_depth: 2,
             max_frame_bytes: 8 * 1024 * 1024,
             connect_timeout: Duration::from_secs(3),
             chunk_timeout: Duration::from_secs(30),
@@ -193,10 +198,13 @@ impl PeerConfig {
         if let Some(m) = &self.metrics_addr {
             parse_addr("SHOAL_METRICS_ADDR", m)?;
         }
-        crate::chunking::check_chunk_size(self.chunk_size).context("SHOAL_CHUNK_SIZE")?;
+        if let Some(size) = self.chunk_size {
+            crate::chunking::check_chunk_size(size).context("SHOAL_CHUNK_SIZE")?;
+        }
         positive("SHOAL_MAX_CONNECTIONS", self.max_connections as u64)?;
         check_secret(&self.secret)?;
         positive("SHOAL_MAX_SOURCES", self.max_sources as u64)?;
+        positive("SHOAL_UPLOAD_SLOTS", self.upload_slots as u64)?;
         positive("SHOAL_PIPELINE_DEPTH", self.pipeline_depth as u64)?;
         at_least("SHOAL_MAX_FRAME_BYTES", self.max_frame_bytes as u64, 4096)?;
         for (var, d) in [
@@ -385,7 +393,7 @@ mod tests {
             &[],
         )
         .unwrap();
-        assert_eq!(c.chunk_size, 65536);
+        assert_eq!(c.chunk_size, Some(65536));
         assert_eq!(c.want(), Want::Names(vec!["a".into(), "b".into()]));
         assert_eq!(c.upload_limit, 9);
     }

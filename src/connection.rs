@@ -35,6 +35,26 @@ pub struct Limits {
     pub frame_timeout: Duration,
 }
 
+/// Binds a listening socket with room for `backlog` connections waiting to be accepted (tokio's
+/// default of 128 overflows when a thousand peers connect at once, and the dropped ones wait a
+/// second for the kernel to retry).
+pub fn listen(addr: &str, backlog: usize) -> io::Result<tokio::net::TcpListener> {
+    let addr: std::net::SocketAddr = addr.parse().map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{addr:?} is not ip:port"),
+        )
+    })?;
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog.clamp(128, 65_535) as u32)
+}
+
 pub struct Connection {
     stream: BufWriter<TcpStream>,
     buf: BytesMut,

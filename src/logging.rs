@@ -7,9 +7,12 @@ use tracing_subscriber::EnvFilter;
 pub fn init(filter: &str, format: LogFormat) -> anyhow::Result<()> {
     let filter =
         EnvFilter::try_new(filter).map_err(|e| anyhow::anyhow!("SHOAL_LOG: {filter:?}: {e}"))?;
+    // Colours only for a person at a terminal, never into files or container logs.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     let result = match format {
         LogFormat::Json => builder
             .json()

@@ -217,6 +217,23 @@ impl Default for PeerMetrics {
     }
 }
 
+/// Counts one unit in a gauge for as long as it lives, so a cancelled task still gives its
+/// unit back.
+pub struct Active(IntGauge);
+
+impl Active {
+    pub fn new(gauge: &IntGauge) -> Active {
+        gauge.inc();
+        Active(gauge.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Readiness flag shared between the service and its `/readyz` endpoint.
 #[derive(Clone, Default)]
 pub struct Ready(Arc<AtomicBool>);

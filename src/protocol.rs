@@ -83,6 +83,9 @@ pub enum ErrorCode {
     OutOfRange,
     /// The peer does not hold that chunk (yet).
     NotFound,
+    /// The peer holds that chunk but sent it to another peer moments ago and still has chunks
+    /// it never sent: fetch this one from the peers that have it (initial seeding).
+    Elsewhere,
     /// A configured limit was reached (files per peer, chunks per file, peers, files).
     LimitReached,
     /// Too many connections; try again later. The connection is closed.
@@ -106,6 +109,7 @@ impl ErrorCode {
             ErrorCode::Conflict => "conflict",
             ErrorCode::OutOfRange => "out_of_range",
             ErrorCode::NotFound => "not_found",
+            ErrorCode::Elsewhere => "elsewhere",
             ErrorCode::LimitReached => "limit_reached",
             ErrorCode::Busy => "busy",
             ErrorCode::Internal => "internal",
@@ -788,6 +792,7 @@ mod tests {
             Conflict,
             OutOfRange,
             NotFound,
+            Elsewhere,
             LimitReached,
             Busy,
             Internal,

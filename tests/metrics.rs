@@ -119,6 +119,15 @@ fn swarm_counters_equal_the_real_transfers() {
         sum("shoal_peer_chunks_uploaded_total")
     );
     assert_eq!(seeder.metric("shoal_peer_files_shared"), 2.0);
+    let idle = || {
+        everyone
+            .iter()
+            .all(|p| p.metric("shoal_peer_active_transfers") == 0.0)
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), idle),
+        "transfers still counted as active after the swarm settled"
+    );
     // The tracker saw one registration per process and every downloaded chunk once.
     assert_eq!(tracker.metric("shoal_tracker_registrations_total"), 4.0);
     assert!(wait_until(Duration::from_secs(5), || tracker

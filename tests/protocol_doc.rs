@@ -394,6 +394,7 @@ fn every_error_code() -> Vec<ErrorCode> {
         Conflict,
         OutOfRange,
         NotFound,
+        Elsewhere,
         LimitReached,
         Busy,
         Internal,
@@ -403,7 +404,7 @@ fn every_error_code() -> Vec<ErrorCode> {
         match code {
             BadRequest | UnsupportedVersion | UnknownMsg | FrameTooLong | InvalidName
             | Unauthorized | UnknownPeer | Forbidden | UnknownFile | Conflict | OutOfRange
-            | NotFound | LimitReached | Busy | Internal => {}
+            | NotFound | Elsewhere | LimitReached | Busy | Internal => {}
         }
     }
     all

@@ -163,3 +163,35 @@ fn one_shot_commands_have_meaningful_exit_codes() {
         Some(2)
     );
 }
+
+#[test]
+fn an_origin_sends_every_chunk_once_before_any_twice() {
+    let tracker = tracker(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    make_file(dir.path(), "four.bin", 4 * 65536, 4);
+    let origin = daemon(tracker.addr, dir.path(), "origin", &[]);
+    let mut c = Raw::connect(origin.addr);
+    let mut ask = |i: u32| {
+        let reply = c.ask(&format!(
+            r#"{{"v":1,"msg":5,"file":"four.bin","index":{i}}}"#
+        ));
+        if reply["ok"] == true {
+            c.recv_bytes(65536);
+        }
+        reply
+    };
+    assert_eq!(ask(0)["ok"], true);
+    assert_eq!(
+        ask(0)["error"],
+        "elsewhere",
+        "chunk 0 just went out while 1-3 never did"
+    );
+    for i in 1..4 {
+        assert_eq!(ask(i)["ok"], true);
+    }
+    assert_eq!(
+        ask(0)["ok"],
+        true,
+        "once every chunk went out, the origin serves freely"
+    );
+}

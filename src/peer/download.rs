@@ -12,6 +12,7 @@ use super::tracker_client::TrackerError;
 use super::Peer;
 use crate::bitfield::Bitfield;
 use crate::connection::{Connection, FrameError, Limits};
+use crate::metrics::Active;
 use crate::protocol::{
     decode_reply, encode_request, ChunkHeader, ChunkRequest, ErrorCode, FileInfo, Hash,
     LocationsReply, Msg,
@@ -20,6 +21,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
@@ -35,6 +37,10 @@ const FRUITLESS_REFRESHES: u32 = 3;
 const MAX_REQUESTS_PER_CHUNK: u8 = 2;
 /// An endgame duplicate waits at least this long (seconds) after the first request.
 const ENDGAME_MIN_WAIT: f64 = 0.25;
+/// Early refreshes (when a source runs dry) are at least this far apart.
+const MIN_REFRESH_GAP: Duration = Duration::from_millis(250);
+/// How long a source with nothing to ask waits for news before closing its connection.
+const IDLE_GRACE: Duration = Duration::from_secs(1);
 /// Longest chunk header line accepted from a holder.
 const MAX_HEADER_BYTES: usize = 4096;
 
@@ -228,7 +234,7 @@ impl Scheduler {
         i: usize,
         now: Instant,
         endgame: bool,
-        mine: &VecDeque<(u32, Instant)>,
+        mine: &[u32],
     ) -> bool {
         if self.have.get(i) || !h.have.get(i) {
             return false;
@@ -239,7 +245,7 @@ impl Scheduler {
         endgame
             && self.inflight[i] < MAX_REQUESTS_PER_CHUNK
             && self.overdue(i, now)
-            && !mine.iter().any(|(c, _)| *c as usize == i)
+            && !mine.contains(&(i as u32))
     }
 
     /// Endgame: every missing chunk has been requested from someone.
@@ -251,14 +257,14 @@ impl Scheduler {
     fn has_work(&self, addr: &str, now: Instant) -> bool {
         let endgame = self.endgame();
         let h = &self.holders[addr];
-        (0..self.have.len()).any(|i| self.askable(h, i, now, endgame, &VecDeque::new()))
+        (0..self.have.len()).any(|i| self.askable(h, i, now, endgame, &[]))
     }
 
     /// The next chunk to ask `addr` for: the rarest missing chunk it holds that nobody is
     /// fetching, from a random starting point. In the endgame (everything missing is requested
     /// somewhere), an overdue request may be duplicated here; there is no cancel message, so a
     /// duplicate costs the uploader a whole chunk and is kept for stragglers only.
-    fn pick(&mut self, addr: &str, mine: &VecDeque<(u32, Instant)>) -> Option<u32> {
+    fn pick(&mut self, addr: &str, mine: &[u32]) -> Option<u32> {
         let n = self.have.len();
         if n == 0 {
             return None;
@@ -314,7 +320,12 @@ struct Job {
     file: Arc<StoredFile>,
     progress: Arc<dyn Progress>,
     sched: Mutex<Scheduler>,
+    /// Wakes the coordinator (a source ended or starves, the file completed).
     wake: Notify,
+    /// Wakes idle sources: holders were refreshed or chunks went back to the pool.
+    changed: Notify,
+    /// A source had nothing to ask: refresh holders early.
+    starving: AtomicBool,
 }
 
 enum Fault {
@@ -333,6 +344,8 @@ impl Job {
             progress,
             sched,
             wake: Notify::new(),
+            changed: Notify::new(),
+            starving: AtomicBool::new(false),
         }
     }
 
@@ -366,13 +379,16 @@ impl Job {
             }
         }
         s.recount();
+        drop(s);
+        self.changed.notify_waiters();
     }
 
     /// Runs workers until the file is complete, no holder is left, or the peer stops.
     async fn coordinate(self: Arc<Self>) -> Result<(), DownloadError> {
         let cfg = &self.peer.cfg;
         let mut workers = JoinSet::new();
-        let mut next_refresh = tokio::time::Instant::now() + cfg.refresh_interval;
+        let mut last_refresh = tokio::time::Instant::now();
+        let mut next_refresh = last_refresh + cfg.refresh_interval;
         let mut fruitless = 0;
         loop {
             if self.sched().have.is_full() {
@@ -391,12 +407,20 @@ impl Job {
             }
             tokio::select! {
                 _ = self.peer.stop.cancelled() => return Err(DownloadError::Stopped(self.name().to_string())),
-                Some(_) = workers.join_next(), if !workers.is_empty() => {}
-                _ = self.wake.notified() => {}
+                Some(_) = workers.join_next(), if !workers.is_empty() => {
+                    // A source ran dry: new holders may have what we miss; ask soon, not at the tick.
+                    next_refresh = next_refresh.min(last_refresh + MIN_REFRESH_GAP);
+                }
+                _ = self.wake.notified() => {
+                    if self.starving.swap(false, Ordering::Relaxed) {
+                        next_refresh = next_refresh.min(last_refresh + MIN_REFRESH_GAP);
+                    }
+                }
                 // Re-evaluate now and then: endgame requests become overdue with time alone.
                 _ = tokio::time::sleep(Duration::from_secs_f64(ENDGAME_MIN_WAIT)) => {}
                 _ = tokio::time::sleep_until(next_refresh) => {
-                    next_refresh = tokio::time::Instant::now() + cfg.refresh_interval;
+                    last_refresh = tokio::time::Instant::now();
+                    next_refresh = last_refresh + cfg.refresh_interval;
                     match locate(&self.peer, self.name(), false).await {
                         Ok(loc) => self.update_holders(&loc),
                         Err(e) => tracing::debug!("refresh failed: {e}"),
@@ -414,6 +438,7 @@ impl Job {
         }
     }
 
+    /// Holders that hold some chunk we miss, now or once their in-flight requests settle.
     fn eligible_count(&self) -> usize {
         let now = Instant::now();
         let s = self.sched();
@@ -468,9 +493,8 @@ impl Job {
         let mut queue = VecDeque::new();
         let outcome = self.fetch_from(&addr, &mut queue).await;
         let mut s = self.sched();
-        for (i, _) in queue.drain(..) {
-            s.settle(i);
-            self.peer.metrics.active_transfers.dec();
+        for p in queue.drain(..) {
+            s.settle(p.index);
         }
         let holder = s
             .holders
@@ -493,15 +517,13 @@ impl Job {
             }
         }
         drop(s);
+        self.changed.notify_waiters();
         self.wake.notify_one();
     }
 
-    /// Keeps `pipeline_depth` requests in flight to one holder until it has nothing we need.
-    async fn fetch_from(
-        &self,
-        addr: &str,
-        queue: &mut VecDeque<(u32, Instant)>,
-    ) -> Result<(), Fault> {
+    /// Keeps `pipeline_depth` requests in flight to one holder until it has nothing we need,
+    /// even after waiting [`IDLE_GRACE`] for news (a refresh, a released chunk).
+    async fn fetch_from(&self, addr: &str, queue: &mut VecDeque<Pending>) -> Result<(), Fault> {
         let cfg = &self.peer.cfg;
         let stream = match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(addr)).await
         {
@@ -524,7 +546,8 @@ impl Job {
         let failed = |e: std::io::Error| Fault::Failed(format!("send failed: {e}"));
         loop {
             while queue.len() < cfg.pipeline_depth {
-                let Some(index) = self.sched().pick(addr, queue) else {
+                let mine: Vec<u32> = queue.iter().map(|p| p.index).collect();
+                let Some(index) = self.sched().pick(addr, &mine) else {
                     break;
                 };
                 let req = ChunkRequest {
@@ -535,16 +558,29 @@ impl Job {
                 conn.write_line(&encode_request(Msg::ChunkRequest, &req))
                     .await
                     .map_err(failed)?;
-                queue.push_back((index, Instant::now()));
-                self.peer.metrics.active_transfers.inc();
+                let active = Active::new(&self.peer.metrics.active_transfers);
+                queue.push_back(Pending {
+                    index,
+                    sent: Instant::now(),
+                    _active: active,
+                });
             }
-            let Some(&(index, sent)) = queue.front() else {
+            let Some(&Pending { index, sent, .. }) = queue.front() else {
+                // Nothing to ask this holder now: say so (the coordinator refreshes early),
+                // then give news a moment before closing the connection.
+                self.starving.store(true, Ordering::Relaxed);
+                self.wake.notify_one();
+                let news = tokio::time::timeout(IDLE_GRACE, self.changed.notified())
+                    .await
+                    .is_ok();
+                if news && self.sched().has_work(addr, Instant::now()) {
+                    continue;
+                }
                 return Ok(());
             };
             conn.flush().await.map_err(failed)?;
             let received = self.receive(&mut conn, index, &mut buf).await;
             queue.pop_front();
-            self.peer.metrics.active_transfers.dec();
             if let Err(failure) = received {
                 let mut s = self.sched();
                 s.settle(index);
@@ -599,7 +635,10 @@ impl Job {
         };
         let header: ChunkHeader = match decode_reply(Msg::ChunkRequest, &line) {
             Ok(h) => h,
-            Err(r) if r.code == ErrorCode::NotFound => return Err(Received::NotHeld),
+            // Not there, or an origin asks us to fetch it from the peer it just sent it to.
+            Err(r) if matches!(r.code, ErrorCode::NotFound | ErrorCode::Elsewhere) => {
+                return Err(Received::NotHeld)
+            }
             Err(r) => return Err(fault(format!("refused chunk {index}: {r}"))),
         };
         let (_, expected) = self.file.info.chunk_span(index);
@@ -665,6 +704,14 @@ impl Job {
     }
 }
 
+/// A chunk request on the wire; counted as an active transfer while it lives, also when a
+/// cancelled worker drops it.
+struct Pending {
+    index: u32,
+    sent: Instant,
+    _active: Active,
+}
+
 enum Received {
     NotHeld,
     Fault(Fault),
@@ -716,9 +763,9 @@ mod tests {
             &[f, f, f],
             &[("a", &[t, t, t]), ("b", &[t, f, t]), ("c", &[t, f, f])],
         );
-        assert_eq!(s.pick("a", &VecDeque::new()), Some(1));
-        assert_eq!(s.pick("a", &VecDeque::new()), Some(2));
-        assert_eq!(s.pick("a", &VecDeque::new()), Some(0));
+        assert_eq!(s.pick("a", &[]), Some(1));
+        assert_eq!(s.pick("a", &[]), Some(2));
+        assert_eq!(s.pick("a", &[]), Some(0));
     }
 
     #[test]
@@ -726,12 +773,12 @@ mod tests {
         let t = true;
         let f = false;
         let mut s = sched(&[t, f, f], &[("a", &[t, t, f]), ("b", &[t, t, t])]);
-        let mine_a = VecDeque::from([(1, Instant::now())]);
-        assert_eq!(s.pick("a", &VecDeque::new()), Some(1));
+        let mine_a = [1u32];
+        assert_eq!(s.pick("a", &[]), Some(1));
         // Chunk 2 is still unrequested (b has it): a must not duplicate anything yet.
         assert_eq!(s.pick("a", &mine_a), None);
-        assert_eq!(s.pick("b", &VecDeque::new()), Some(2));
-        let mine_b = VecDeque::from([(2, Instant::now())]);
+        assert_eq!(s.pick("b", &[]), Some(2));
+        let mine_b = [2u32];
         // Everything missing is in flight, but nothing is overdue: no duplicate yet.
         assert!(s.endgame());
         assert_eq!(s.pick("b", &mine_b), None);
@@ -742,13 +789,7 @@ mod tests {
         assert!(s.has_work("b", Instant::now()));
         assert_eq!(s.pick("a", &mine_a), None);
         assert_eq!(s.pick("b", &mine_b), Some(1));
-        assert_eq!(
-            s.pick(
-                "b",
-                &VecDeque::from([(2, Instant::now()), (1, Instant::now())])
-            ),
-            None
-        );
+        assert_eq!(s.pick("b", &[2, 1]), None);
         s.settle(1);
         s.settle(1);
         assert_eq!(s.requested_at[1], None);
@@ -764,7 +805,7 @@ mod tests {
             let n = have.len();
             let mut s = sched(&have, &[("h", &holder[..n]), ("g", &vec![true; n])]);
             let mut seen = std::collections::HashMap::new();
-            let mine = VecDeque::new();
+            let mine: [u32; 0] = [];
             for _ in 0..rounds {
                 let Some(i) = s.pick("h", &mine) else { break };
                 let i = i as usize;

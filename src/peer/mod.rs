@@ -36,6 +36,8 @@ const REGISTER_BATCH_BYTES: usize = 1024 * 1024;
 struct Session {
     peer_id: u64,
     token: String,
+    /// The address this peer registered as reachable at.
+    advertised: String,
 }
 
 /// A running peer. Cheap to share (`Arc<Peer>`); every task holds one.
@@ -47,6 +49,8 @@ pub struct Peer {
     pub metrics: PeerMetrics,
     pub ready: Ready,
     pub upload: RateLimiter,
+    /// Chunks sent at once; further requests wait their turn (first come, first served).
+    pub upload_slots: tokio::sync::Semaphore,
     pub listen_addr: SocketAddr,
     pub stop: CancellationToken,
     pub tasks: TaskTracker,
@@ -92,8 +96,7 @@ impl Peer {
             Ok(store)
         })
         .await??;
-        let listener = TcpListener::bind(&cfg.listen)
-            .await
+        let listener = crate::connection::listen(&cfg.listen, cfg.max_connections)
             .with_context(|| format!("cannot listen on {}", cfg.listen))?;
         let listen_addr = listener.local_addr()?;
         let tracker = TrackerClient::new(&cfg);
@@ -105,6 +108,7 @@ impl Peer {
             metrics: PeerMetrics::default(),
             ready: Ready::default(),
             upload: RateLimiter::new(cfg.upload_limit),
+            upload_slots: tokio::sync::Semaphore::new(cfg.upload_slots),
             listen_addr,
             stop,
             tasks: TaskTracker::new(),
@@ -208,6 +212,7 @@ impl Peer {
             self.set_session(Some(Session {
                 peer_id: reply.peer_id,
                 token: reply.token.clone(),
+                advertised: addr.clone(),
             }));
             replies.push(reply);
         }
@@ -289,6 +294,15 @@ impl Peer {
 
     async fn announce(&self) {
         let Some(s) = self.session() else { return };
+        // A container that reconnects may come back with another address: tell the tracker
+        // now rather than let others dial the old one until the lease runs out.
+        if let Ok(now) = self.advertised().await {
+            if now != s.advertised {
+                tracing::info!(old = %s.advertised, new = %now, "advertised address changed; registering it");
+                self.needs_sync.store(true, Ordering::SeqCst);
+                return;
+            }
+        }
         let auth = PeerAuth {
             peer_id: s.peer_id,
             token: s.token,

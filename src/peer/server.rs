@@ -3,8 +3,10 @@
 //! Requests on one connection are answered in order, one at a time; a client may pipeline
 //! further requests, which wait in the socket buffer (the in-flight bound is that buffer).
 
+use super::store::StoredFile;
 use super::Peer;
 use crate::connection::{Connection, FrameError, Limits};
+use crate::metrics::Active;
 use crate::protocol::{
     decode_body, decode_envelope, encode_refusal, encode_reply, secret_matches, validate_name,
     ChunkHeader, ChunkRequest, ErrorCode, Msg, Refusal,
@@ -12,7 +14,7 @@ use crate::protocol::{
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tracing::Instrument;
 
 /// Longest request line a peer accepts: a chunk request is small (names are <= 255 bytes).
@@ -130,14 +132,21 @@ async fn serve(peer: &Peer, conn: &mut Connection) -> &'static str {
             Err(_) => return "read failed or timed out",
         };
         match answer(peer, &line, &mut buf).await {
-            Ok((header, file)) => {
-                peer.metrics.active_transfers.inc();
+            Ok((header, file, _slot)) => {
+                let active = Active::new(&peer.metrics.active_transfers);
                 let sent = send_chunk(peer, conn, &header, &buf).await;
-                peer.metrics.active_transfers.dec();
+                drop(active);
                 if sent.is_err() {
                     return "write failed";
                 }
-                tracing::trace!(file = %file, chunk = header.index, "chunk sent");
+                if file
+                    .seeding
+                    .as_ref()
+                    .is_some_and(|s| s.sent(header.index, Instant::now()))
+                {
+                    tracing::info!(file = %header.file, "every chunk has gone out once; serving freely");
+                }
+                tracing::trace!(file = %header.file, chunk = header.index, "chunk sent");
             }
             Err((n, refusal)) => {
                 tracing::debug!(
@@ -176,11 +185,11 @@ pub fn parse_request(line: &[u8], secret: Option<&str>) -> Result<ChunkRequest, 
 }
 
 /// Answers a request line: the chunk's header, with its bytes read into `buf`.
-async fn answer(
-    peer: &Peer,
+async fn answer<'a>(
+    peer: &'a Peer,
     line: &[u8],
     buf: &mut Vec<u8>,
-) -> Result<(ChunkHeader, String), (u64, Refusal)> {
+) -> Result<(ChunkHeader, Arc<StoredFile>, SemaphorePermit<'a>), (u64, Refusal)> {
     let req = parse_request(line, peer.cfg.secret.as_deref())?;
     let n = Msg::ChunkRequest as u64;
     let file = peer.store.get(&req.file).ok_or_else(|| {
@@ -209,6 +218,23 @@ async fn answer(
                 format!("chunk {} is not here yet", req.index),
             ),
         ));
+    }
+    // Wait for an upload slot first: by then the chunk may have gone to someone else.
+    let slot = peer
+        .upload_slots
+        .acquire()
+        .await
+        .map_err(|_| (n, Refusal::new(ErrorCode::Busy, "shutting down")))?;
+    if file
+        .seeding
+        .as_ref()
+        .is_some_and(|s| s.refer_elsewhere(req.index, Instant::now()))
+    {
+        let why = format!(
+            "chunk {} went to another peer moments ago: fetch it there",
+            req.index
+        );
+        return Err((n, Refusal::new(ErrorCode::Elsewhere, why)));
     }
     let mut owned = std::mem::take(buf);
     let index = req.index;
@@ -242,7 +268,7 @@ async fn answer(
         length: buf.len() as u32,
         hash: file.hashes.0[index as usize],
     };
-    Ok((header, req.file))
+    Ok((header, file, slot))
 }
 
 async fn send_chunk(

@@ -17,6 +17,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 const PART: &str = "shoal-part";
 const META: &str = "shoal-meta";
@@ -29,6 +30,48 @@ pub struct StoredFile {
     file: File,
     /// Held only for in-memory bit flips, never across I/O or an `.await`.
     progress: Mutex<Progress>,
+    /// For files this peer shares from its own disk (it is an origin of the file).
+    pub seeding: Option<InitialSeeding>,
+}
+
+/// How long after sending a chunk an origin refers further requests for it to other peers.
+/// Long enough for the recipient to register it and others to hear of it (a few refreshes);
+/// short enough that a recipient that vanished costs only a short wait, never a deadlock.
+pub const ELSEWHERE_WINDOW: Duration = Duration::from_secs(5);
+
+/// Initial seeding (BitTorrent's super-seeding, in a pull protocol): while some chunks of a
+/// file have never been sent, an origin's upload is best spent on those. A repeat request for a
+/// chunk sent within [`ELSEWHERE_WINDOW`] is refused with `elsewhere`; the downloader fetches it
+/// from the peer that got it. Once every chunk has gone out, the origin serves everything.
+pub struct InitialSeeding {
+    /// Held briefly for in-memory bookkeeping only.
+    state: Mutex<(Vec<Option<Instant>>, usize)>,
+}
+
+impl InitialSeeding {
+    fn new(chunks: usize) -> Self {
+        InitialSeeding {
+            state: Mutex::new((vec![None; chunks], chunks)),
+        }
+    }
+
+    /// Whether a request for `index` should go to the peers that already have it.
+    pub fn refer_elsewhere(&self, index: u32, now: Instant) -> bool {
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (sent, never_sent) = (&s.0, s.1);
+        never_sent > 0
+            && sent[index as usize].is_some_and(|t| now.duration_since(t) < ELSEWHERE_WINDOW)
+    }
+
+    /// Records that chunk `index` was sent in full; true when that completes the first copy.
+    pub fn sent(&self, index: u32, now: Instant) -> bool {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if s.0[index as usize].replace(now).is_none() {
+            s.1 -= 1;
+            return s.1 == 0;
+        }
+        false
+    }
 }
 
 struct Progress {
@@ -150,7 +193,7 @@ impl Store {
     }
 
     /// Shares an existing file under its base name (hashing it once, blocking).
-    pub fn share(&self, path: &Path, chunk_size: u32) -> anyhow::Result<Arc<StoredFile>> {
+    pub fn share(&self, path: &Path, chunk_size: Option<u32>) -> anyhow::Result<Arc<StoredFile>> {
         let name = path
             .file_name()
             .and_then(|n| n.to_str())
@@ -173,6 +216,7 @@ impl Store {
             hashes: Arc::new(hashes),
             file,
             progress: Mutex::new(progress),
+            seeding: Some(InitialSeeding::new(chunks)),
         });
         self.map().insert(name.to_string(), stored.clone());
         Ok(stored)
@@ -180,7 +224,7 @@ impl Store {
 
     /// Shares every visible regular file in the data dir and resumes every partial download.
     /// Returns the names that could not be loaded, with the reason.
-    pub fn scan(&self, chunk_size: u32) -> Vec<(String, anyhow::Error)> {
+    pub fn scan(&self, chunk_size: Option<u32>) -> Vec<(String, anyhow::Error)> {
         let mut failures = Vec::new();
         let entries = match std::fs::read_dir(&self.dir) {
             Ok(e) => e,
@@ -328,6 +372,7 @@ impl Store {
             hashes: Arc::new(hashes),
             file,
             progress: Mutex::new(progress),
+            seeding: None,
         });
         self.map().insert(name, stored.clone());
         Ok(stored)
@@ -388,7 +433,7 @@ mod tests {
         let src = tempfile::tempdir().unwrap();
         let dst = tempfile::tempdir().unwrap();
         let path = sample(src.path(), "f.bin", 20_000);
-        let (info, hashes) = hash_file(&path, "f.bin", 4096).unwrap();
+        let (info, hashes) = hash_file(&path, "f.bin", Some(4096)).unwrap();
         let original = std::fs::read(&path).unwrap();
         let chunk = |i: u32| {
             let (o, l) = info.chunk_span(i);
@@ -404,7 +449,7 @@ mod tests {
 
         // A new run finds the partial, keeps the verified chunks, serves them, finishes.
         let store = Store::new(dst.path()).unwrap();
-        assert!(store.scan(4096).is_empty());
+        assert!(store.scan(Some(4096)).is_empty());
         let f = store.get("f.bin").unwrap();
         assert_eq!(f.have().ones().collect::<Vec<_>>(), vec![0, 3]);
         let mut buf = Vec::new();
@@ -431,7 +476,7 @@ mod tests {
         let src = tempfile::tempdir().unwrap();
         let dst = tempfile::tempdir().unwrap();
         let path = sample(src.path(), "g.bin", 8192);
-        let (info, hashes) = hash_file(&path, "g.bin", 4096).unwrap();
+        let (info, hashes) = hash_file(&path, "g.bin", Some(4096)).unwrap();
         let store = Store::new(dst.path()).unwrap();
         let f = store.begin_download(&info, &hashes).unwrap();
         f.write_chunk(1, &std::fs::read(&path).unwrap()[4096..])
@@ -439,7 +484,7 @@ mod tests {
         drop((f, store));
         std::fs::write(dst.path().join(".g.bin.shoal-have"), [0xc0]).unwrap(); // claims chunk 0 too
         let store = Store::new(dst.path()).unwrap();
-        store.scan(4096);
+        store.scan(Some(4096));
         assert_eq!(
             store
                 .get("g.bin")
@@ -458,7 +503,7 @@ mod tests {
         sample(dir.path(), ".hidden", 100);
         std::fs::create_dir(dir.path().join("sub")).unwrap();
         let store = Store::new(dir.path()).unwrap();
-        assert!(store.scan(4096).is_empty());
+        assert!(store.scan(Some(4096)).is_empty());
         let names: Vec<_> = store.all().iter().map(|f| f.info.name.clone()).collect();
         assert_eq!(names, vec!["a.bin"]);
         assert!(store.get("a.bin").unwrap().is_complete());
@@ -468,10 +513,32 @@ mod tests {
     fn refuses_to_overwrite_an_existing_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = sample(dir.path(), "a.bin", 100);
-        let (info, hashes) = hash_file(&path, "a.bin", 4096).unwrap();
+        let (info, hashes) = hash_file(&path, "a.bin", Some(4096)).unwrap();
         let store = Store::new(dir.path()).unwrap();
         let err = store.begin_download(&info, &hashes).err().expect("refused");
         assert!(err.to_string().contains("already exists"), "{err}");
+    }
+
+    #[test]
+    fn an_origin_sends_every_chunk_once_before_any_twice() {
+        let seeding = InitialSeeding::new(3);
+        let t0 = Instant::now();
+        assert!(!seeding.refer_elsewhere(0, t0));
+        seeding.sent(0, t0);
+        assert!(
+            seeding.refer_elsewhere(0, t0),
+            "chunk 0 went out and 1, 2 never did"
+        );
+        assert!(
+            !seeding.refer_elsewhere(0, t0 + ELSEWHERE_WINDOW),
+            "the referral expires"
+        );
+        seeding.sent(1, t0);
+        seeding.sent(2, t0);
+        assert!(
+            !seeding.refer_elsewhere(0, t0),
+            "every chunk went out: serve freely"
+        );
     }
 
     #[test]

@@ -43,8 +43,7 @@ impl Tracker {
 /// serves until `stop` fires.
 pub async fn run(cfg: TrackerConfig, stop: CancellationToken) -> anyhow::Result<()> {
     use anyhow::Context;
-    let listener = TcpListener::bind(&cfg.listen)
-        .await
+    let listener = crate::connection::listen(&cfg.listen, cfg.max_connections)
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let tracker = Arc::new(Tracker::from_config(&cfg));
     let mut metrics_addr = None;

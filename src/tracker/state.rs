@@ -503,18 +503,26 @@ pub fn sample_holders<'a, R: Rng>(
         return candidates.to_vec();
     }
     let mut covered = Bitfield::new(chunks);
+    let mut all_covered = chunks == 0;
     let mut chosen = Vec::with_capacity(want);
-    let mut rest = Vec::new();
-    for &(id, have) in candidates.iter() {
-        if chosen.len() < want && have.has_any_not_in(&covered) {
+    let mut skipped = Vec::new();
+    let mut unseen = candidates.iter();
+    // Stop as soon as the sample is full or covers every chunk: a popular file has thousands
+    // of holders and this runs under the index lock.
+    while chosen.len() < want && !all_covered {
+        let Some(&(id, have)) = unseen.next() else {
+            break;
+        };
+        if have.has_any_not_in(&covered) {
             covered.union_with(have);
+            all_covered = covered.is_full();
             chosen.push((id, have));
         } else {
-            rest.push((id, have));
+            skipped.push((id, have));
         }
     }
     let missing = want - chosen.len();
-    chosen.extend(rest.into_iter().take(missing));
+    chosen.extend(skipped.into_iter().chain(unseen.copied()).take(missing));
     chosen
 }
 

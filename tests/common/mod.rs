@@ -216,8 +216,22 @@ pub fn daemon(tracker: SocketAddr, dir: &Path, name: &str, env: &[(&str, &str)])
     Proc::spawn(cmd, "peer listening")
 }
 
-/// The environment of a test daemon peer, for commands that wrap the binary.
+/// The environment of a test daemon peer, for commands that wrap the binary: [`FAST`]
+/// settings, then `env`.
 pub fn daemon_env(
+    cmd: &mut Command,
+    tracker: SocketAddr,
+    dir: &Path,
+    name: &str,
+    env: &[(&str, &str)],
+) {
+    let all: Vec<(&str, &str)> = FAST.iter().chain(env).copied().collect();
+    placed_peer(cmd, tracker, dir, name, &all);
+}
+
+/// Where a daemon peer finds its tracker, listens and keeps its files, plus `env`; nothing
+/// else, so every other setting keeps its real default (benchmarks use this).
+pub fn placed_peer(
     cmd: &mut Command,
     tracker: SocketAddr,
     dir: &Path,
@@ -229,7 +243,6 @@ pub fn daemon_env(
         .env("SHOAL_METRICS_ADDR", "127.0.0.1:0")
         .env("SHOAL_DATA_DIR", dir)
         .env("SHOAL_NAME", name)
-        .envs(FAST.iter().copied())
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null());
@@ -352,7 +365,7 @@ pub fn register_fake_holder(tracker: SocketAddr, addr: &str, loc: &Value) -> (u6
 /// A registration offer for a local file, as message 1 would carry it.
 pub fn offer_for(path: &Path, chunk_size: u32) -> Value {
     let name = path.file_name().unwrap().to_str().unwrap();
-    let (info, hashes) = shoal::chunking::hash_file(path, name, chunk_size).unwrap();
+    let (info, hashes) = shoal::chunking::hash_file(path, name, Some(chunk_size)).unwrap();
     serde_json::to_value(shoal::protocol::FileOffer {
         info,
         hashes,
