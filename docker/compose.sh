@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# Runs the compose.yaml swarm as project "shoal".
+#
+#   docker/compose.sh up [N]   write sample seed files if absent, start tracker, seeders, N peers
+#   docker/compose.sh status   one line per container from its /metrics, then "K/N peers complete"
+#   docker/compose.sh down     remove the containers, network, volumes and the seed files
+#
+# The images are expected to exist (docker/build.sh). Environment: COMPOSE (the compose command,
+# default docker-compose, or "docker compose" when only v2 is installed), SHOAL_PROJECT (shoal).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+project=${SHOAL_PROJECT:-shoal}
+seed_root=target/compose
+if [[ -n "${COMPOSE:-}" ]]; then
+    read -r -a compose <<<"$COMPOSE"
+elif command -v docker-compose >/dev/null; then
+    compose=(docker-compose)
+else
+    compose=(docker compose)
+fi
+compose+=(--project-name "$project" --file compose.yaml)
+
+usage() {
+    echo "usage: docker/compose.sh up [PEERS] | status | down" >&2
+    exit 2
+}
+
+# name size: a file of random bytes, written once (sizes deliberately not chunk multiples).
+seed_file() {
+    local path=$1 size=$2
+    [[ -f "$path" ]] && return 0
+    head -c "$size" /dev/urandom >"$path.tmp"
+    chmod 0644 "$path.tmp"
+    mv "$path.tmp" "$path"
+}
+
+write_seed_files() {
+    local mib=$((1024 * 1024))
+    mkdir -p "$seed_root/seeder1" "$seed_root/seeder2"
+    # The containers run as 65532, so the files must be world-readable.
+    chmod 0755 "$seed_root" "$seed_root/seeder1" "$seed_root/seeder2"
+    seed_file "$seed_root/seeder1/alpha.bin" $((24 * mib))
+    seed_file "$seed_root/seeder1/bravo.bin" $((16 * mib + 4097))
+    seed_file "$seed_root/seeder1/charlie.bin" $((10 * mib - 123))
+    seed_file "$seed_root/seeder2/delta.bin" $((20 * mib + 1))
+    seed_file "$seed_root/seeder2/echo.bin" $((8 * mib))
+    du -sh "$seed_root/seeder1" "$seed_root/seeder2"
+}
+
+cmd_up() {
+    local peers=${1:-6}
+    [[ "$peers" =~ ^[0-9]+$ ]] || usage
+    for image in shoal-tracker shoal-peer; do
+        if ! docker image inspect "$image:${SHOAL_IMAGE_TAG:-latest}" >/dev/null 2>&1; then
+            echo "compose.sh: image $image:${SHOAL_IMAGE_TAG:-latest} is missing; run make image" >&2
+            exit 1
+        fi
+    done
+    write_seed_files
+    # up waits for the tracker, then the seeders, to be healthy before it starts the peers.
+    "${compose[@]}" up --detach --scale "peer=$peers"
+    echo "started $peers peers; follow them with: make status"
+}
+
+# Prints the value of one metric (no labels) from Prometheus text on stdin; empty if absent.
+metric() {
+    awk -v name="$1" '$1 == name { print $2; exit }'
+}
+
+mib() {
+    awk -v b="${1:-0}" 'BEGIN { if (b == "") b = 0; printf "%.1f", b / 1048576 }'
+}
+
+# Prints HOST:PORT where the container's metrics port is published, or nothing.
+published() {
+    docker port "$1" "$2/tcp" 2>/dev/null | grep -m1 -E '^(127\.0\.0\.1|0\.0\.0\.0):' | sed 's/^0\.0\.0\.0:/127.0.0.1:/' || true
+}
+
+# Prints "yes" or "no" for the /readyz of HOST:PORT.
+ready_at() {
+    [[ "$(curl -s -o /dev/null --max-time 2 -w '%{http_code}' "http://$1/readyz" || true)" == 200 ]] &&
+        echo yes || echo no
+}
+
+cmd_status() {
+    # The tracker first (its file count defines "complete"), then seeders, then peers by number.
+    local rows
+    rows=$(docker ps --all --filter "label=com.docker.compose.project=$project" \
+        --format '{{.Label "com.docker.compose.service"}} {{.Names}} {{.State}}' |
+        awk '$1 != "prometheus" { print ($1 == "tracker" ? 0 : $1 == "peer" ? 2 : 1), $0 }' |
+        sort -k1,1n -k3,3V | cut -d' ' -f2-)
+    if [[ -z "$rows" ]]; then
+        echo "no containers in project $project; start them with: make up"
+        return 0
+    fi
+    local files="" service name state addr text ready shared wanted down up
+    local peers=0 complete=0
+    local format='%-22s %-8s %6s %6s %9s %9s %-5s %s\n'
+    # shellcheck disable=SC2059
+    printf "$format" CONTAINER STATE FILES WANTED DOWN_MiB UP_MiB READY ""
+    while read -r service name state; do
+        [[ "$service" == peer ]] && peers=$((peers + 1))
+        addr="" text="" ready=-
+        if [[ "$state" == running ]]; then
+            addr=$(published "$name" "$([[ "$service" == tracker ]] && echo 9400 || echo 9401)")
+        fi
+        if [[ -n "$addr" ]]; then
+            text=$(curl -fsS --max-time 2 "http://$addr/metrics" 2>/dev/null || true)
+            [[ -n "$text" ]] && ready=$(ready_at "$addr")
+        fi
+        if [[ "$service" == tracker ]]; then
+            files=$(metric shoal_tracker_files <<<"$text")
+            # shellcheck disable=SC2059
+            printf "$format" "$name" "$state" "${files:--}" - - - "$ready" \
+                "$(metric shoal_tracker_peers <<<"$text") peers registered"
+            continue
+        fi
+        if [[ -z "$text" ]]; then
+            # shellcheck disable=SC2059
+            printf "$format" "$name" "$state" - - - - "$ready" ""
+            continue
+        fi
+        shared=$(metric shoal_peer_files_shared <<<"$text")
+        wanted=$(metric shoal_peer_files_wanted <<<"$text")
+        down=$(metric shoal_peer_bytes_downloaded_total <<<"$text")
+        up=$(metric shoal_peer_bytes_uploaded_total <<<"$text")
+        # shellcheck disable=SC2059
+        printf "$format" "$name" "$state" "$shared" "$wanted" "$(mib "$down")" "$(mib "$up")" "$ready" ""
+        if [[ "$service" == peer && "${files:-0}" -gt 0 && "$shared" == "$files" && "$wanted" == 0 ]]; then
+            complete=$((complete + 1))
+        fi
+    done <<<"$rows"
+    echo "$complete/$peers peers complete"
+}
+
+cmd_down() {
+    "${compose[@]}" --profile monitoring down --volumes --remove-orphans --timeout 10
+    rm -rf "$seed_root"
+}
+
+case "${1:-}" in
+up) shift; cmd_up "$@" ;;
+status) cmd_status ;;
+down) cmd_down ;;
+*) usage ;;
+esac
