@@ -32,12 +32,12 @@ down: ## Stop and remove everything `make up` created
 	bash docker/compose.sh down
 
 e2e: image ## Container end-to-end run with faults; exit code is the verdict
-	python3 tests/e2e/run.py
+	python3 tests/e2e/run.py $(E2E_ARGS)
 
 k8s-check: ## Render the Kubernetes manifests and validate them strictly, offline
 	bash tests/k8s/validate.sh
 
-bench: ## Full benchmarks (~10 min): tables, target/bench/*.json, rewrites docs/BENCHMARKS.md
+bench: ## Full benchmarks (~3 min after the build): tables, target/bench/*.json, rewrites docs/BENCHMARKS.md
 	$(CARGO) bench --locked --bench shoal -- full
 
 bench-smoke: ## Quick benchmarks at a small scale (CI): fail on any corrupted copy or lost registration

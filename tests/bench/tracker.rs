@@ -1,0 +1,209 @@
+//! Scenarios 3 and 4, the tracker alone under the load generator of [`crate::load`] (running
+//! on the same cores): request throughput with many concurrent persistent connections, and
+//! resident memory per registered (peer, file) pair. Each phase ends with [`load::verify`].
+
+use crate::load::{self, Catalog, Plan, Report};
+use crate::report::{Goal, Outcome, Table};
+use crate::{memory_of, start_tracker, Scale, MIB};
+use anyhow::bail;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Chunk registers per second the tracker should sustain.
+const THROUGHPUT_GOAL: f64 = 50_000.0;
+/// The raw bitset of a 1,024-chunk file, bytes.
+const BITSET: f64 = 128.0;
+/// Goal: at most twice the bitset plus this fixed cost per (peer, file) pair, bytes.
+const PAIR_OVERHEAD: f64 = 64.0;
+
+pub fn throughput(scale: Scale) -> anyhow::Result<Outcome> {
+    let connections = scale.pick(64, 256);
+    load::require_open_files(1000);
+    let registers = chunk_registers(scale, connections)?;
+    let (holders, queries) = locations(scale)?;
+    let per_sec = registers.rate(shoal::protocol::Msg::ChunkRegister);
+    let mut rows = Vec::new();
+    for (phase, report) in [("chunk registers", &registers), ("locations", &queries)] {
+        for m in report.stats() {
+            rows.push(vec![
+                phase.into(),
+                m.msg.label().into(),
+                m.requests.to_string(),
+                format!("{:.0}", m.per_second),
+                m.p50_us.to_string(),
+                m.p99_us.to_string(),
+            ]);
+        }
+    }
+    Ok(Outcome {
+        name: "tracker_throughput",
+        title: "3. Tracker throughput",
+        settings: vec![
+            format!("chunk registers: {connections} persistent connections, one peer each, 16 requests pipelined per connection, one chunk per message 4, 10 files × 1,024 chunks"),
+            format!("locations: {} connections, 16 pipelined, on one file with {} holders, want 50 (the default cap), no hash list", queries.plan.connections, holders.plan.connections * holders.plan.peers_per_connection),
+            "latency: from writing the request to reading its reply, so it includes waiting behind the pipelined requests; the generator shares the cores with the tracker".into(),
+        ],
+        table: Table {
+            head: vec!["phase", "message", "requests", "per second", "p50 µs", "p99 µs"],
+            rows,
+        },
+        goals: vec![Goal::new(
+            format!("≥ {THROUGHPUT_GOAL:.0} chunk registers/s (is {per_sec:.0})"),
+            per_sec >= THROUGHPUT_GOAL,
+        )],
+        data: json!({
+            "chunk_registers": report_json(&registers),
+            "locations_holders": report_json(&holders),
+            "locations": report_json(&queries),
+        }),
+    })
+}
+
+/// Pipelined single-chunk registers from `connections` peers, on a fresh tracker.
+fn chunk_registers(scale: Scale, connections: usize) -> anyhow::Result<Report> {
+    let tracker = start_tracker();
+    let catalog = Arc::new(Catalog::new("thr", 10, 1024, MIB as u32));
+    load::seed(tracker.addr, &catalog);
+    let plan = Plan {
+        label: "thr",
+        connections,
+        peers_per_connection: 1,
+        chunk_registers: scale.pick(200, 4000),
+        chunks_per_register: 1,
+        locations: 0,
+        locations_want: None,
+        pipeline: 16,
+        time_limit: Duration::from_secs(scale.pick(20, 30)),
+    };
+    let report = load::run(tracker.addr, &catalog, &plan);
+    checked(load::verify(&tracker, &catalog, &[&report]))?;
+    Ok(report)
+}
+
+/// Locations queries on one file held by 1,000 peers, on a fresh tracker. Returns the run that
+/// made the holders and the run that asked.
+fn locations(scale: Scale) -> anyhow::Result<(Report, Report)> {
+    let tracker = start_tracker();
+    let catalog = Arc::new(Catalog::new("hot", 1, 1024, MIB as u32));
+    load::seed(tracker.addr, &catalog);
+    let holders = Plan {
+        label: "holder",
+        connections: 100,
+        peers_per_connection: 10,
+        chunk_registers: 1,
+        chunks_per_register: 64,
+        locations: 0,
+        locations_want: None,
+        pipeline: 10,
+        time_limit: Duration::from_secs(60),
+    };
+    let holding = load::run(tracker.addr, &catalog, &holders);
+    let queries = Plan {
+        label: "asker",
+        connections: 64,
+        peers_per_connection: 1,
+        chunk_registers: 0,
+        chunks_per_register: 1,
+        locations: scale.pick(50, 1000),
+        locations_want: Some(50),
+        pipeline: 16,
+        time_limit: Duration::from_secs(scale.pick(20, 30)),
+    };
+    let asking = load::run(tracker.addr, &catalog, &queries);
+    checked(load::verify(&tracker, &catalog, &[&holding, &asking]))?;
+    Ok((holding, asking))
+}
+
+pub fn memory(scale: Scale) -> anyhow::Result<Outcome> {
+    const FILES: usize = 10;
+    let peers_per_connection = scale.pick(10, 40);
+    let connections = scale.pick(50, 250);
+    load::require_open_files(connections);
+    let tracker = start_tracker();
+    let started = memory_of(tracker.pid(), "VmRSS");
+    let catalog = Arc::new(Catalog::new("mem", FILES, 1024, MIB as u32));
+    load::seed(tracker.addr, &catalog);
+    let before = memory_of(tracker.pid(), "VmRSS");
+    // Every peer registers every chunk of every file, one message 4 per file.
+    let plan = Plan {
+        label: "mem",
+        connections,
+        peers_per_connection,
+        chunk_registers: FILES,
+        chunks_per_register: 1024,
+        locations: 0,
+        locations_want: None,
+        pipeline: 8,
+        time_limit: Duration::from_secs(300),
+    };
+    let report = load::run(tracker.addr, &catalog, &plan);
+    let after = memory_of(tracker.pid(), "VmRSS");
+    let peak = memory_of(tracker.pid(), "VmHWM");
+    checked(load::verify(&tracker, &catalog, &[&report]))?;
+    let peers = connections * peers_per_connection;
+    let pairs = (peers * FILES) as f64;
+    let per_pair = (after as f64 - before as f64) / pairs;
+    let limit = 2.0 * BITSET + PAIR_OVERHEAD;
+    let mib = |b: u64| format!("{:.1}", b as f64 / MIB as f64);
+    Ok(Outcome {
+        name: "tracker_memory",
+        title: "4. Tracker memory",
+        settings: vec![
+            format!("{FILES} files × 1,024 chunks registered once with their hash lists, then {peers} peers each register all 1,024 chunks of every file (one message 4 per file, {connections} connections)"),
+            "resident memory from /proc/<pid>/status (VmRSS) before the peers and after them".into(),
+        ],
+        table: Table {
+            head: vec![
+                "peers", "pairs", "RSS at start MiB", "RSS before MiB", "RSS after MiB",
+                "peak MiB", "bytes per pair", "vs 128 B bitset",
+            ],
+            rows: vec![vec![
+                peers.to_string(),
+                format!("{pairs:.0}"),
+                mib(started),
+                mib(before),
+                mib(after),
+                mib(peak),
+                format!("{per_pair:.0}"),
+                format!("{:.2}", per_pair / BITSET),
+            ]],
+        },
+        goals: vec![Goal::new(
+            format!("≤ 2 × 128 B + {PAIR_OVERHEAD:.0} B = {limit:.0} B per pair (is {per_pair:.0} B)"),
+            per_pair <= limit,
+        )],
+        data: json!({
+            "peers": peers, "files": FILES, "pairs": pairs,
+            "rss_start_bytes": started, "rss_before_bytes": before, "rss_after_bytes": after,
+            "rss_peak_bytes": peak, "bytes_per_pair": per_pair, "ratio_to_bitset": per_pair / BITSET,
+            "load": report_json(&report),
+        }),
+    })
+}
+
+fn checked(problems: Vec<String>) -> anyhow::Result<()> {
+    if problems.is_empty() {
+        return Ok(());
+    }
+    bail!(
+        "the tracker's state does not match what was sent:\n{}",
+        problems.join("\n")
+    )
+}
+
+fn report_json(r: &Report) -> Value {
+    let messages: Vec<Value> = r
+        .stats()
+        .iter()
+        .map(|m| {
+            json!({"message": m.msg.label(), "requests": m.requests, "per_second": m.per_second,
+                   "p50_us": m.p50_us, "p99_us": m.p99_us})
+        })
+        .collect();
+    json!({
+        "connections": r.plan.connections, "peers": r.plan.connections * r.plan.peers_per_connection,
+        "pipeline": r.plan.pipeline, "setup_seconds": r.setup.as_secs_f64(),
+        "seconds": r.elapsed.as_secs_f64(), "chunks_recorded": r.recorded, "messages": messages,
+    })
+}
