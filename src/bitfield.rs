@@ -7,24 +7,25 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Bitfield {
-    bytes: Vec<u8>,
-    len: usize,
+    // A boxed slice and a u32: the tracker keeps one per (peer, file), so the header counts.
+    bytes: Box<[u8]>,
+    len: u32,
 }
 
 impl Bitfield {
     /// An empty set over `len` chunks.
     pub fn new(len: usize) -> Self {
         Bitfield {
-            bytes: vec![0; len.div_ceil(8)],
-            len,
+            bytes: vec![0; len.div_ceil(8)].into_boxed_slice(),
+            len: bit_count(len),
         }
     }
 
     /// The set holding every one of `len` chunks.
     pub fn full(len: usize) -> Self {
         let mut b = Bitfield {
-            bytes: vec![0xff; len.div_ceil(8)],
-            len,
+            bytes: vec![0xff; len.div_ceil(8)].into_boxed_slice(),
+            len: bit_count(len),
         };
         b.clear_spare_bits();
         b
@@ -32,7 +33,10 @@ impl Bitfield {
 
     /// Rebuilds a set of `len` chunks from its bytes; refuses a wrong length or set spare bits.
     pub fn from_bytes(bytes: Vec<u8>, len: usize) -> Option<Self> {
-        let b = Bitfield { bytes, len };
+        let b = Bitfield {
+            bytes: bytes.into_boxed_slice(),
+            len: u32::try_from(len).ok()?,
+        };
         (b.bytes.len() == len.div_ceil(8) && b.spare_bits_clear()).then_some(b)
     }
 
@@ -41,20 +45,20 @@ impl Bitfield {
     }
 
     pub fn len(&self) -> usize {
-        self.len
+        self.len as usize
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
     pub fn get(&self, i: usize) -> bool {
-        i < self.len && self.bytes[i / 8] & (0x80 >> (i % 8)) != 0
+        i < self.len() && self.bytes[i / 8] & (0x80 >> (i % 8)) != 0
     }
 
     /// Sets bit `i`; returns whether it was newly set.
     pub fn set(&mut self, i: usize) -> bool {
-        assert!(i < self.len, "chunk {i} out of range 0..{}", self.len);
+        assert!(i < self.len(), "chunk {i} out of range 0..{}", self.len());
         let was = self.get(i);
         self.bytes[i / 8] |= 0x80 >> (i % 8);
         !was
@@ -65,12 +69,12 @@ impl Bitfield {
     }
 
     pub fn is_full(&self) -> bool {
-        self.count() == self.len
+        self.count() == self.len()
     }
 
     /// Indexes of the chunks held, ascending.
     pub fn ones(&self) -> impl Iterator<Item = usize> + '_ {
-        (0..self.len).filter(|&i| self.get(i))
+        (0..self.len()).filter(|&i| self.get(i))
     }
 
     /// Whether `self` holds any chunk that `other` lacks.
@@ -98,13 +102,13 @@ impl Bitfield {
     pub fn to_ranges(&self) -> String {
         let mut out = Vec::new();
         let mut i = 0;
-        while i < self.len {
+        while i < self.len() {
             if !self.get(i) {
                 i += 1;
                 continue;
             }
             let start = i;
-            while i + 1 < self.len && self.get(i + 1) {
+            while i + 1 < self.len() && self.get(i + 1) {
                 i += 1;
             }
             out.push(if start == i {
@@ -118,7 +122,7 @@ impl Bitfield {
     }
 
     fn spare_bits_clear(&self) -> bool {
-        let spare = self.bytes.len() * 8 - self.len;
+        let spare = self.bytes.len() * 8 - self.len();
         spare == 0
             || self
                 .bytes
@@ -127,13 +131,18 @@ impl Bitfield {
     }
 
     fn clear_spare_bits(&mut self) {
-        let spare = self.bytes.len() * 8 - self.len;
+        let spare = self.bytes.len() * 8 - self.len();
         if spare > 0 {
             if let Some(last) = self.bytes.last_mut() {
                 *last &= !((1u8 << spare) - 1);
             }
         }
     }
+}
+
+/// Bit counts are file chunk counts, far below `u32::MAX` (the tracker caps them).
+fn bit_count(len: usize) -> u32 {
+    u32::try_from(len).expect("a bitfield of at most u32::MAX chunks")
 }
 
 /// The wire form of a bitfield before its length is known (the length comes from the file's
@@ -143,7 +152,7 @@ pub struct WireBits(pub Vec<u8>);
 
 impl From<&Bitfield> for WireBits {
     fn from(b: &Bitfield) -> Self {
-        WireBits(b.bytes.clone())
+        WireBits(b.bytes.to_vec())
     }
 }
 

@@ -40,7 +40,8 @@ pub struct TrackerState {
 
 #[derive(Default)]
 struct Index {
-    files: HashMap<String, FileEntry>,
+    /// Keyed by a shared name: each peer's file set holds the same `Arc`, not a copy.
+    files: HashMap<Arc<str>, FileEntry>,
     peers: HashMap<u64, PeerEntry>,
     next_id: u64,
 }
@@ -56,7 +57,7 @@ struct PeerEntry {
     addr: SocketAddr,
     token: String,
     expires: Instant,
-    files: HashSet<String>,
+    files: HashSet<Arc<str>>,
 }
 
 /// Counts for the gauges.
@@ -193,7 +194,7 @@ impl TrackerState {
     fn accept_offer(&self, ix: &mut Index, peer_id: u64, offer: FileOffer) -> Result<(), Refusal> {
         let have = self.check_offer(&offer)?;
         let name = offer.info.name.clone();
-        match ix.files.get(&name) {
+        match ix.files.get(name.as_str()) {
             Some(existing) if existing.info != offer.info => {
                 let why = format!(
                     "{name:?} is already shared with different content (size {}, digest {})",
@@ -215,6 +216,7 @@ impl TrackerState {
             // Valid, but holding nothing: there is nothing to index.
             return Ok(());
         }
+        let name = shared_name(ix, &name);
         self.ensure_holding(ix, peer_id, &name)?;
         let file = ix.files.entry(name).or_insert_with(|| FileEntry {
             info: offer.info,
@@ -270,7 +272,7 @@ impl TrackerState {
     }
 
     /// Records that `peer_id` holds entries for `name`, within the per-peer file limit.
-    fn ensure_holding(&self, ix: &mut Index, peer_id: u64, name: &str) -> Result<(), Refusal> {
+    fn ensure_holding(&self, ix: &mut Index, peer_id: u64, name: &Arc<str>) -> Result<(), Refusal> {
         let peer = ix.peers.get_mut(&peer_id).expect("caller checked the peer");
         if !peer.files.contains(name) {
             if peer.files.len() >= self.limits.max_files_per_peer {
@@ -280,7 +282,7 @@ impl TrackerState {
                 );
                 return Err(Refusal::new(ErrorCode::LimitReached, why));
             }
-            peer.files.insert(name.to_string());
+            peer.files.insert(name.clone());
         }
         Ok(())
     }
@@ -313,7 +315,7 @@ impl TrackerState {
         let ix = self.lock();
         let file = ix
             .files
-            .get(&req.file)
+            .get(req.file.as_str())
             .ok_or_else(|| unknown_file(&req.file))?;
         let mut candidates: Vec<(u64, &Bitfield)> = file
             .holders
@@ -359,7 +361,7 @@ impl TrackerState {
         authorised(&mut ix, req.peer_id, &req.token)?.expires = lease;
         let file = ix
             .files
-            .get(&req.file)
+            .get(req.file.as_str())
             .ok_or_else(|| unknown_file(&req.file))?;
         let chunks = file.info.chunks();
         if let Some(bad) = req.chunks.iter().find(|&&i| u64::from(i) >= chunks) {
@@ -372,8 +374,9 @@ impl TrackerState {
         if req.chunks.is_empty() {
             return Ok(ChunksRecorded { recorded: 0 });
         }
-        self.ensure_holding(&mut ix, req.peer_id, &req.file)?;
-        let file = ix.files.get_mut(&req.file).expect("checked above");
+        let name = shared_name(&ix, &req.file);
+        self.ensure_holding(&mut ix, req.peer_id, &name)?;
+        let file = ix.files.get_mut(&name).expect("checked above");
         let held = file
             .holders
             .entry(req.peer_id)
@@ -418,6 +421,13 @@ impl TrackerState {
     }
 }
 
+/// The index's own copy of a file name (a new one if the file is not indexed yet).
+fn shared_name(ix: &Index, name: &str) -> Arc<str> {
+    ix.files
+        .get_key_value(name)
+        .map_or_else(|| Arc::from(name), |(k, _)| k.clone())
+}
+
 fn unknown_file(name: &str) -> Refusal {
     Refusal::new(ErrorCode::UnknownFile, format!("no peer shares {name:?}"))
 }
@@ -444,10 +454,10 @@ fn remove_peer(ix: &mut Index, peer_id: u64) {
         return;
     };
     for name in peer.files {
-        if let Some(file) = ix.files.get_mut(&name) {
+        if let Some(file) = ix.files.get_mut(&*name) {
             file.holders.remove(&peer_id);
             if file.holders.is_empty() {
-                ix.files.remove(&name);
+                ix.files.remove(&*name);
             }
         }
     }
