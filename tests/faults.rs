@@ -47,19 +47,12 @@ fn holder_killed_mid_transfer_is_replaced() {
 
 #[test]
 fn lying_holder_is_detected_by_hash_and_dropped() {
-    let tracker = tracker(&[]);
-    let dir = tempfile::tempdir().unwrap();
-    let original = make_file(&dir.path().join("s"), "data.bin", 2 * MIB, 11);
-    let _s = daemon(
-        tracker.addr,
-        &dir.path().join("s"),
-        "s",
+    let (tracker, _s, dir, original) = seeded(
+        "data.bin",
+        2 * MIB,
+        11,
         &[("SHOAL_UPLOAD_LIMIT", "1048576")],
     );
-    assert!(wait_until(Duration::from_secs(10), || holder_count(
-        tracker.addr,
-        "data.bin"
-    ) == 1));
     let loc = locations(tracker.addr, "data.bin");
     let liar = fake_holder(Hostile::Lies, &loc);
     register_fake_holder(tracker.addr, &liar.addr.to_string(), &loc);
@@ -98,19 +91,8 @@ fn lying_holder_is_detected_by_hash_and_dropped() {
 
 #[test]
 fn stalled_holder_is_dropped_after_the_chunk_timeout() {
-    let tracker = tracker(&[]);
-    let dir = tempfile::tempdir().unwrap();
-    let original = make_file(&dir.path().join("s"), "data.bin", MIB, 12);
-    let _s = daemon(
-        tracker.addr,
-        &dir.path().join("s"),
-        "s",
-        &[("SHOAL_UPLOAD_LIMIT", "524288")],
-    );
-    assert!(wait_until(Duration::from_secs(10), || holder_count(
-        tracker.addr,
-        "data.bin"
-    ) == 1));
+    let (tracker, _s, dir, original) =
+        seeded("data.bin", MIB, 12, &[("SHOAL_UPLOAD_LIMIT", "524288")]);
     let loc = locations(tracker.addr, "data.bin");
     let staller = fake_holder(Hostile::Stalls, &loc);
     register_fake_holder(tracker.addr, &staller.addr.to_string(), &loc);
@@ -136,14 +118,7 @@ fn stalled_holder_is_dropped_after_the_chunk_timeout() {
 
 #[test]
 fn unreachable_advertised_address_is_skipped() {
-    let tracker = tracker(&[]);
-    let dir = tempfile::tempdir().unwrap();
-    let original = make_file(&dir.path().join("s"), "data.bin", MIB, 13);
-    let _s = daemon(tracker.addr, &dir.path().join("s"), "s", &[]);
-    assert!(wait_until(Duration::from_secs(10), || holder_count(
-        tracker.addr,
-        "data.bin"
-    ) == 1));
+    let (tracker, _s, dir, original) = seeded("data.bin", MIB, 13, &[]);
     let loc = locations(tracker.addr, "data.bin");
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -183,14 +158,7 @@ fn disk_full_on_the_downloader_fails_clearly_and_it_keeps_serving() {
         eprintln!("skipping: this machine does not allow a private mount namespace");
         return;
     }
-    let tracker = tracker(&[]);
-    let dir = tempfile::tempdir().unwrap();
-    let original = make_file(&dir.path().join("s"), "big.bin", MIB, 70);
-    let _s = daemon(tracker.addr, &dir.path().join("s"), "s", &[]);
-    assert!(wait_until(Duration::from_secs(10), || holder_count(
-        tracker.addr,
-        "big.bin"
-    ) == 1));
+    let (tracker, _s, dir, original) = seeded("big.bin", MIB, 70, &[]);
     let data = dir.path().join("d");
     std::fs::create_dir_all(&data).unwrap();
 

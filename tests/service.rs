@@ -107,19 +107,8 @@ fn silent_peer_is_expired_by_lease() {
 
 #[test]
 fn downloader_killed_with_sigkill_resumes_instead_of_starting_over() {
-    let tracker = tracker(&[]);
-    let dir = tempfile::tempdir().unwrap();
-    let original = make_file(&dir.path().join("s"), "big.bin", 4 * MIB, 24);
-    let _s = daemon(
-        tracker.addr,
-        &dir.path().join("s"),
-        "s",
-        &[("SHOAL_UPLOAD_LIMIT", "1048576")],
-    );
-    assert!(wait_until(Duration::from_secs(10), || holder_count(
-        tracker.addr,
-        "big.bin"
-    ) == 1));
+    let (tracker, _s, dir, original) =
+        seeded("big.bin", 4 * MIB, 24, &[("SHOAL_UPLOAD_LIMIT", "1048576")]);
     let data = dir.path().join("d");
     let mut first = daemon(tracker.addr, &data, "d", &[("SHOAL_WANT", "big.bin")]);
     assert!(wait_until(Duration::from_secs(20), || first

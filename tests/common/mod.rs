@@ -500,3 +500,22 @@ fn serve_hostile(stream: TcpStream, behaviour: Hostile, size: u64, chunk: u64) {
         }
     }
 }
+
+/// A tracker and one daemon seeding `name` (`len` bytes, content from `seed`) from `dir/s`,
+/// with extra `env` for the seeder; returns once the tracker lists the seeder as its holder.
+pub fn seeded(
+    name: &str,
+    len: usize,
+    seed: u64,
+    env: &[(&str, &str)],
+) -> (Proc, Proc, tempfile::TempDir, PathBuf) {
+    let tracker = tracker(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let original = make_file(&dir.path().join("s"), name, len, seed);
+    let seeder = daemon(tracker.addr, &dir.path().join("s"), "s", env);
+    assert!(wait_until(Duration::from_secs(10), || holder_count(
+        tracker.addr,
+        name
+    ) == 1));
+    (tracker, seeder, dir, original)
+}
