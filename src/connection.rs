@@ -128,6 +128,22 @@ impl Connection {
         }
     }
 
+    /// Resolves when the other side closes its end or the connection fails. Bytes that arrive
+    /// meanwhile (pipelined requests) are kept for [`Connection::read_line`]; once a frame's
+    /// worth is buffered it stops reading and only waits. Cancel-safe.
+    pub async fn closed(&mut self) {
+        loop {
+            if self.buf.len() > self.limits.max_frame {
+                return std::future::pending().await;
+            }
+            self.buf.reserve(4096);
+            match self.stream.get_mut().read_buf(&mut self.buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    }
+
     /// Whether a whole further line is already buffered (so a reply need not be flushed yet).
     pub fn has_buffered_line(&self) -> bool {
         self.buf.contains(&b'\n')

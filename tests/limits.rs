@@ -179,3 +179,58 @@ fn pipelined_requests_are_answered_one_by_one_in_order() {
         }
     }
 }
+
+#[test]
+fn a_request_that_cannot_get_an_upload_slot_is_refused_busy_not_queued_behind_a_stall() {
+    // One slot; a 16 MiB chunk cannot fit in the socket buffers of a requester that never reads
+    // (a peer cut off the network looks the same), so its send stalls with the slot held.
+    let tracker = tracker(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let original = make_file(dir.path(), "big.bin", 16 << 20, 51);
+    let peer = daemon(
+        tracker.addr,
+        dir.path(),
+        "p",
+        &[
+            ("SHOAL_CHUNK_SIZE", "16777216"),
+            ("SHOAL_UPLOAD_SLOTS", "1"),
+            ("SHOAL_CHUNK_TIMEOUT", "3s"),
+            ("SHOAL_LOG", "shoal=debug"),
+        ],
+    );
+    let request = r#"{"v":1,"msg":5,"file":"big.bin","index":0}"#;
+    let mut stalled = Raw::connect(peer.addr);
+    stalled.send(request);
+    assert!(wait_until(Duration::from_secs(5), || {
+        peer.metric("shoal_peer_active_transfers") == 1.0
+    }));
+
+    // Someone queued behind it is told to go elsewhere within a third of the chunk timeout.
+    let mut queued = Raw::connect(peer.addr);
+    let refusal = queued.ask(request);
+    assert_eq!(refusal["error"], "busy", "{refusal}");
+
+    // A requester that gives up while queued is dropped, not served into a closed socket.
+    let mut quitter = Raw::connect(peer.addr);
+    quitter.send(request);
+    quitter.stream.shutdown(std::net::Shutdown::Both).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || peer
+            .log_contains("closed by peer while queued")),
+        "{}",
+        peer.log_text()
+    );
+
+    // The stalled send is cut at the chunk timeout, and the slot serves a live requester.
+    let mut live = Raw::connect(peer.addr);
+    let header = loop {
+        let reply = live.ask(request);
+        if reply["ok"] == true {
+            break reply;
+        }
+        assert_eq!(reply["error"], "busy", "{reply}");
+    };
+    assert_eq!(header["length"], 16 << 20);
+    assert!(live.recv_bytes(16 << 20) == std::fs::read(&original).unwrap());
+    drop(stalled);
+}

@@ -31,6 +31,8 @@ use tracing::Instrument;
 
 /// A holder that failed for a reason other than lying may be tried again after this long.
 const RETRY_HOLDER_AFTER: Duration = Duration::from_secs(10);
+/// A holder whose upload slots were all busy may be asked again after this long.
+const RETRY_BUSY_AFTER: Duration = Duration::from_secs(2);
 /// Refreshes in a row with no usable holder before a download gives up.
 const FRUITLESS_REFRESHES: u32 = 3;
 /// At most this many holders are asked for the same chunk at once (endgame).
@@ -333,6 +335,8 @@ enum Fault {
     Lied(String),
     /// Unreachable, reset, stalled or refused.
     Failed(String),
+    /// Healthy but serving others: its upload slots stayed full.
+    Busy(String),
 }
 
 impl Job {
@@ -509,6 +513,11 @@ impl Job {
                 tracing::warn!(holder = %addr, "dropped holder for this file: {why}");
                 s.recount();
             }
+            Err(Fault::Busy(why)) => {
+                holder.retry_at = Some(Instant::now() + RETRY_BUSY_AFTER);
+                tracing::debug!(holder = %addr, "holder busy, trying others: {why}");
+                s.recount();
+            }
             Err(Fault::Failed(why)) => {
                 holder.retry_at = Some(Instant::now() + RETRY_HOLDER_AFTER);
                 self.peer.metrics.holders_dropped.inc();
@@ -638,6 +647,9 @@ impl Job {
             // Not there, or an origin asks us to fetch it from the peer it just sent it to.
             Err(r) if matches!(r.code, ErrorCode::NotFound | ErrorCode::Elsewhere) => {
                 return Err(Received::NotHeld)
+            }
+            Err(r) if r.code == ErrorCode::Busy => {
+                return Err(Received::Fault(Fault::Busy(r.message)))
             }
             Err(r) => return Err(fault(format!("refused chunk {index}: {r}"))),
         };

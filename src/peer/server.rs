@@ -2,6 +2,10 @@
 //! chunks it holds verified, of files it registered, under the shared upload rate limit.
 //! Requests on one connection are answered in order, one at a time; a client may pipeline
 //! further requests, which wait in the socket buffer (the in-flight bound is that buffer).
+//! A chunk is sent only in one of the upload slots; a request that cannot get one within a
+//! third of the chunk timeout is refused with `busy`, and a whole send is bounded by the chunk
+//! timeout, so a requester that vanished (a network partition) holds a slot for that long at
+//! most instead of queueing everyone behind it.
 
 use super::store::StoredFile;
 use super::Peer;
@@ -14,7 +18,7 @@ use crate::protocol::{
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 /// Longest request line a peer accepts: a chunk request is small (names are <= 255 bytes).
@@ -131,13 +135,43 @@ async fn serve(peer: &Peer, conn: &mut Connection) -> &'static str {
             }
             Err(_) => return "read failed or timed out",
         };
-        match answer(peer, &line, &mut buf).await {
-            Ok((header, file, _slot)) => {
+        let answer = match check(peer, &line) {
+            Ok((req, file)) => {
+                // Wait for an upload slot, but not for ever: a requester waits at most the chunk
+                // timeout for its reply, so after a third of it `busy` sends it elsewhere. A
+                // requester that closes its side meanwhile has given up: its request is dropped.
+                let wait = peer.cfg.chunk_timeout / 3;
+                let slot = tokio::select! {
+                    slot = tokio::time::timeout(wait, peer.upload_slots.acquire()) => slot,
+                    () = conn.closed() => return "closed by peer while queued",
+                };
+                match slot {
+                    Ok(Ok(slot)) => load(req, file, &mut buf).await.map(|a| (a, slot)),
+                    Ok(Err(_)) => return "shutdown",
+                    Err(_) => {
+                        let why = format!(
+                            "all {} upload slots stayed busy for {wait:?}; ask another holder",
+                            peer.cfg.upload_slots
+                        );
+                        Err((Msg::ChunkRequest as u64, Refusal::new(ErrorCode::Busy, why)))
+                    }
+                }
+            }
+            Err(refused) => Err(refused),
+        };
+        match answer {
+            Ok(((header, file), _slot)) => {
                 let active = Active::new(&peer.metrics.active_transfers);
-                let sent = send_chunk(peer, conn, &header, &buf).await;
+                // The requester reads a whole chunk within the chunk timeout; a send that takes
+                // longer is wasted, and its slot is better given to someone who is listening.
+                let sent = tokio::time::timeout(
+                    peer.cfg.chunk_timeout,
+                    send_chunk(peer, conn, &header, &buf),
+                )
+                .await;
                 drop(active);
-                if sent.is_err() {
-                    return "write failed";
+                if !matches!(sent, Ok(Ok(()))) {
+                    return "write failed or stalled";
                 }
                 if file
                     .seeding
@@ -165,7 +199,6 @@ async fn serve(peer: &Peer, conn: &mut Connection) -> &'static str {
     }
 }
 
-/// Checks a request and reads the chunk into `buf`.
 /// Parses and checks a request line up to what needs the store: the message number, the
 /// fields, the secret and the name. The refusal carries the message number to echo.
 pub fn parse_request(line: &[u8], secret: Option<&str>) -> Result<ChunkRequest, (u64, Refusal)> {
@@ -184,12 +217,9 @@ pub fn parse_request(line: &[u8], secret: Option<&str>) -> Result<ChunkRequest, 
     Ok(req)
 }
 
-/// Answers a request line: the chunk's header, with its bytes read into `buf`.
-async fn answer<'a>(
-    peer: &'a Peer,
-    line: &[u8],
-    buf: &mut Vec<u8>,
-) -> Result<(ChunkHeader, Arc<StoredFile>, SemaphorePermit<'a>), (u64, Refusal)> {
+/// Checks a request line against the store: the request, and the file it names, whose chunk
+/// this peer holds verified.
+fn check(peer: &Peer, line: &[u8]) -> Result<(ChunkRequest, Arc<StoredFile>), (u64, Refusal)> {
     let req = parse_request(line, peer.cfg.secret.as_deref())?;
     let n = Msg::ChunkRequest as u64;
     let file = peer.store.get(&req.file).ok_or_else(|| {
@@ -219,12 +249,17 @@ async fn answer<'a>(
             ),
         ));
     }
-    // Wait for an upload slot first: by then the chunk may have gone to someone else.
-    let slot = peer
-        .upload_slots
-        .acquire()
-        .await
-        .map_err(|_| (n, Refusal::new(ErrorCode::Busy, "shutting down")))?;
+    Ok((req, file))
+}
+
+/// With an upload slot held: the chunk's header, with its bytes read into `buf`, unless an
+/// origin in initial seeding sent that chunk to someone else moments ago.
+async fn load(
+    req: ChunkRequest,
+    file: Arc<StoredFile>,
+    buf: &mut Vec<u8>,
+) -> Result<(ChunkHeader, Arc<StoredFile>), (u64, Refusal)> {
+    let n = Msg::ChunkRequest as u64;
     if file
         .seeding
         .as_ref()
@@ -268,7 +303,7 @@ async fn answer<'a>(
         length: buf.len() as u32,
         hash: file.hashes.0[index as usize],
     };
-    Ok((header, file, slot))
+    Ok((header, file))
 }
 
 async fn send_chunk(

@@ -37,11 +37,13 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Spawns `cmd` with JSON logs and waits for the log line `ready_message`.
+    /// Spawns `cmd` with JSON logs (at `info` unless it sets `SHOAL_LOG`) and waits for the
+    /// log line `ready_message`.
     pub fn spawn(mut cmd: Command, ready_message: &str) -> Proc {
-        cmd.env("SHOAL_LOG_FORMAT", "json")
-            .env("SHOAL_LOG", "info")
-            .stderr(Stdio::piped());
+        cmd.env("SHOAL_LOG_FORMAT", "json").stderr(Stdio::piped());
+        if cmd.get_envs().all(|(k, _)| k != "SHOAL_LOG") {
+            cmd.env("SHOAL_LOG", "info");
+        }
         if cmd.get_envs().all(|(k, _)| k != "SHOAL_CONFIG") {
             cmd.env_remove("SHOAL_CONFIG");
         }
