@@ -2,7 +2,7 @@
 //! chunk header. The frame cap is enforced while reading, before a line is buffered in full, so a
 //! sender cannot make the receiver hold more than `max_frame` bytes of one line.
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use std::io;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
@@ -156,25 +156,22 @@ impl Connection {
         let from_buf = self.buf.len().min(len);
         out.extend_from_slice(&self.buf[..from_buf]);
         self.buf.advance(from_buf);
-        let rest = len - from_buf;
-        if rest > 0 {
-            out.resize(len, 0);
-            let stream = self.stream.get_mut();
-            match timeout(
-                self.limits.frame_timeout,
-                stream.read_exact(&mut out[from_buf..]),
-            )
-            .await
-            {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                    return Err(FrameError::Truncated)
+        // Read into the spare capacity: zero-filling a chunk-sized buffer first showed up in
+        // the downloader's profile.
+        let stream = self.stream.get_mut();
+        let fill = async {
+            while out.len() < len {
+                let room = len - out.len();
+                if stream.read_buf(&mut (&mut *out).limit(room)).await? == 0 {
+                    return Err(FrameError::Truncated);
                 }
-                Ok(Err(e)) => return Err(e.into()),
-                Err(_) => return Err(FrameError::Stalled(self.limits.frame_timeout)),
             }
+            Ok(())
+        };
+        match timeout(self.limits.frame_timeout, fill).await {
+            Ok(r) => r,
+            Err(_) => Err(FrameError::Stalled(self.limits.frame_timeout)),
         }
-        Ok(())
     }
 
     /// Queues one frame (a newline is added). Call [`Connection::flush`] to send. Like every

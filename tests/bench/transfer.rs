@@ -194,7 +194,7 @@ pub fn peer_memory(scale: Scale) -> anyhow::Result<Outcome> {
         name: "peer_memory",
         title: "5. Peer memory",
         settings: vec![format!(
-            "a downloader fetching {} MiB from {SEEDERS} seeders over 127.0.0.1, SHOAL_CHUNK_SIZE = 1 MiB, other settings default (16 sources, 4 requests in flight per source); peak = VmHWM",
+            "a downloader fetching {} MiB from {SEEDERS} seeders over 127.0.0.1, SHOAL_CHUNK_SIZE = 1 MiB (the automatic size for 1 GiB), other settings default; peak = VmHWM",
             original.size / MIB
         )],
         table: Table {
