@@ -5,10 +5,11 @@
 use base64::Engine;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Bitfield {
-    // A boxed slice and a u32: the tracker keeps one per (peer, file), so the header counts.
-    bytes: Box<[u8]>,
+/// A set of `len` chunks over bytes it owns (the default) or borrows: the tracker keeps every
+/// holder's set of a file in one slab and works on its rows in place.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bitfield<B = Box<[u8]>> {
+    bytes: B,
     len: u32,
 }
 
@@ -33,15 +34,31 @@ impl Bitfield {
 
     /// Rebuilds a set of `len` chunks from its bytes; refuses a wrong length or set spare bits.
     pub fn from_bytes(bytes: Vec<u8>, len: usize) -> Option<Self> {
+        Bitfield::over(bytes.into_boxed_slice(), len)
+    }
+
+    fn clear_spare_bits(&mut self) {
+        let spare = self.bytes.len() * 8 - self.len();
+        if spare > 0 {
+            if let Some(last) = self.bytes.last_mut() {
+                *last &= !((1u8 << spare) - 1);
+            }
+        }
+    }
+}
+
+impl<B: AsRef<[u8]>> Bitfield<B> {
+    /// The set of `len` chunks stored in `bytes`; refuses a wrong length or set spare bits.
+    pub fn over(bytes: B, len: usize) -> Option<Self> {
         let b = Bitfield {
-            bytes: bytes.into_boxed_slice(),
+            bytes,
             len: u32::try_from(len).ok()?,
         };
-        (b.bytes.len() == len.div_ceil(8) && b.spare_bits_clear()).then_some(b)
+        (b.as_bytes().len() == len.div_ceil(8) && b.spare_bits_clear()).then_some(b)
     }
 
     pub fn as_bytes(&self) -> &[u8] {
-        &self.bytes
+        self.bytes.as_ref()
     }
 
     pub fn len(&self) -> usize {
@@ -53,19 +70,14 @@ impl Bitfield {
     }
 
     pub fn get(&self, i: usize) -> bool {
-        i < self.len() && self.bytes[i / 8] & (0x80 >> (i % 8)) != 0
-    }
-
-    /// Sets bit `i`; returns whether it was newly set.
-    pub fn set(&mut self, i: usize) -> bool {
-        assert!(i < self.len(), "chunk {i} out of range 0..{}", self.len());
-        let was = self.get(i);
-        self.bytes[i / 8] |= 0x80 >> (i % 8);
-        !was
+        i < self.len() && self.as_bytes()[i / 8] & (0x80 >> (i % 8)) != 0
     }
 
     pub fn count(&self) -> usize {
-        self.bytes.iter().map(|b| b.count_ones() as usize).sum()
+        self.as_bytes()
+            .iter()
+            .map(|b| b.count_ones() as usize)
+            .sum()
     }
 
     pub fn is_full(&self) -> bool {
@@ -78,24 +90,17 @@ impl Bitfield {
     }
 
     /// Whether `self` holds any chunk that `other` lacks.
-    pub fn has_any_not_in(&self, other: &Bitfield) -> bool {
+    pub fn has_any_not_in<O: AsRef<[u8]>>(&self, other: &Bitfield<O>) -> bool {
         // Eight bytes at a time: the tracker runs this over every holder of a popular file.
         let word = |b: &[u8]| {
             let mut w = [0u8; 8];
             w[..b.len()].copy_from_slice(b);
             u64::from_ne_bytes(w)
         };
-        self.bytes
+        self.as_bytes()
             .chunks(8)
-            .zip(other.bytes.chunks(8))
+            .zip(other.as_bytes().chunks(8))
             .any(|(a, b)| word(a) & !word(b) != 0)
-    }
-
-    /// Adds every chunk of `other` (same length) to `self`.
-    pub fn union_with(&mut self, other: &Bitfield) {
-        for (a, b) in self.bytes.iter_mut().zip(&other.bytes) {
-            *a |= b;
-        }
     }
 
     /// Human form for the menu: `0-15,17,20-21`.
@@ -122,20 +127,28 @@ impl Bitfield {
     }
 
     fn spare_bits_clear(&self) -> bool {
-        let spare = self.bytes.len() * 8 - self.len();
+        let spare = self.as_bytes().len() * 8 - self.len();
         spare == 0
             || self
-                .bytes
+                .as_bytes()
                 .last()
                 .is_none_or(|b| b & ((1u8 << spare) - 1) == 0)
     }
+}
 
-    fn clear_spare_bits(&mut self) {
-        let spare = self.bytes.len() * 8 - self.len();
-        if spare > 0 {
-            if let Some(last) = self.bytes.last_mut() {
-                *last &= !((1u8 << spare) - 1);
-            }
+impl<B: AsRef<[u8]> + AsMut<[u8]>> Bitfield<B> {
+    /// Sets bit `i`; returns whether it was newly set.
+    pub fn set(&mut self, i: usize) -> bool {
+        assert!(i < self.len(), "chunk {i} out of range 0..{}", self.len());
+        let was = self.get(i);
+        self.bytes.as_mut()[i / 8] |= 0x80 >> (i % 8);
+        !was
+    }
+
+    /// Adds every chunk of `other` (same length) to `self`.
+    pub fn union_with<O: AsRef<[u8]>>(&mut self, other: &Bitfield<O>) {
+        for (a, b) in self.bytes.as_mut().iter_mut().zip(other.as_bytes()) {
+            *a |= b;
         }
     }
 }
@@ -150,9 +163,9 @@ fn bit_count(len: usize) -> u32 {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WireBits(pub Vec<u8>);
 
-impl From<&Bitfield> for WireBits {
-    fn from(b: &Bitfield) -> Self {
-        WireBits(b.bytes.to_vec())
+impl<B: AsRef<[u8]>> From<&Bitfield<B>> for WireBits {
+    fn from(b: &Bitfield<B>) -> Self {
+        WireBits(b.as_bytes().to_vec())
     }
 }
 
@@ -199,6 +212,18 @@ mod tests {
         assert!(Bitfield::from_bytes(vec![0xff], 10).is_none());
         assert!(Bitfield::from_bytes(vec![0xff, 0xff], 10).is_none());
         assert!(Bitfield::from_bytes(vec![], 0).is_some());
+    }
+
+    #[test]
+    fn a_set_over_borrowed_bytes_is_checked_and_edited_in_place() {
+        let mut bytes = [0u8; 4];
+        assert!(Bitfield::over(&bytes[..2], 10).is_some());
+        assert!(Bitfield::over(&bytes[..1], 10).is_none());
+        let mut row = Bitfield::over(&mut bytes[1..3], 10).unwrap();
+        assert!(row.set(9) && !row.set(9));
+        row.union_with(&Bitfield::full(10));
+        assert_eq!(bytes, [0, 0xff, 0xc0, 0]);
+        assert!(Bitfield::over(&[0xff, 0xff][..], 10).is_none());
     }
 
     #[test]
