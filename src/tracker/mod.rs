@@ -1,5 +1,7 @@
-//! The tracker: [`state`] is the index (domain logic, no I/O), [`server`] delivers it over TCP.
+//! The tracker: [`state`] is the index (domain logic, no I/O), [`server`] delivers it over TCP,
+//! and `holders` is the index's slab of each file's holders and the chunks they hold.
 
+mod holders;
 pub mod server;
 pub mod state;
 

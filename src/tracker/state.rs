@@ -4,6 +4,7 @@
 //! One std `Mutex` guards the index. Every operation holds it for microseconds and never across
 //! an `.await` (there is none in this module), which is why a blocking mutex is right here.
 
+use super::holders::Holders;
 use crate::bitfield::{Bitfield, WireBits};
 use crate::chunking::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 use crate::protocol::{
@@ -13,7 +14,7 @@ use crate::protocol::{
 };
 use rand::seq::SliceRandom;
 use rand::Rng;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -40,16 +41,45 @@ pub struct TrackerState {
 
 #[derive(Default)]
 struct Index {
-    /// Keyed by a shared name: each peer's file set holds the same `Arc`, not a copy.
-    files: HashMap<Arc<str>, FileEntry>,
+    /// File name -> id. Peers list the files they hold by id: 4 bytes each instead of a name.
+    file_ids: HashMap<String, u32>,
+    files: HashMap<u32, FileEntry>,
+    /// Ids of files that left the index, given to new files first: ids stay below the number
+    /// of files indexed at once, so they fit a u32.
+    free_file_ids: Vec<u32>,
     peers: HashMap<u64, PeerEntry>,
     next_id: u64,
+}
+
+impl Index {
+    fn file(&self, name: &str) -> Option<(u32, &FileEntry)> {
+        let id = *self.file_ids.get(name)?;
+        Some((id, &self.files[&id]))
+    }
+
+    /// Indexes a file nobody holds yet; returns its id.
+    fn add_file(&mut self, file: FileEntry) -> u32 {
+        // With none free, ids in use are exactly 0..files.len().
+        let id = self.free_file_ids.pop().unwrap_or_else(|| {
+            u32::try_from(self.files.len()).expect("fewer than 2^32 files indexed")
+        });
+        self.file_ids.insert(file.info.name.clone(), id);
+        self.files.insert(id, file);
+        id
+    }
+
+    fn remove_file(&mut self, id: u32) {
+        if let Some(file) = self.files.remove(&id) {
+            self.file_ids.remove(&file.info.name);
+            self.free_file_ids.push(id);
+        }
+    }
 }
 
 struct FileEntry {
     info: FileInfo,
     hashes: Arc<HashList>,
-    holders: HashMap<u64, Bitfield>,
+    holders: Holders,
 }
 
 struct PeerEntry {
@@ -57,7 +87,9 @@ struct PeerEntry {
     addr: SocketAddr,
     token: String,
     expires: Instant,
-    files: HashSet<Arc<str>>,
+    /// Ids of the files this peer holds chunks of, to clean up when it goes. Whether it holds
+    /// a given file is asked of the file's holders, so a list is enough (and smaller than a set).
+    files: Vec<u32>,
 }
 
 /// Counts for the gauges.
@@ -145,7 +177,7 @@ impl TrackerState {
                     addr,
                     token,
                     expires: lease,
-                    files: HashSet::new(),
+                    files: Vec::new(),
                 };
                 ix.peers.insert(id, entry);
                 id
@@ -193,11 +225,12 @@ impl TrackerState {
 
     fn accept_offer(&self, ix: &mut Index, peer_id: u64, offer: FileOffer) -> Result<(), Refusal> {
         let have = self.check_offer(&offer)?;
-        let name = offer.info.name.clone();
-        match ix.files.get(name.as_str()) {
-            Some(existing) if existing.info != offer.info => {
+        let existing = ix.file(&offer.info.name);
+        match existing {
+            Some((_, existing)) if existing.info != offer.info => {
                 let why = format!(
-                    "{name:?} is already shared with different content (size {}, digest {})",
+                    "{:?} is already shared with different content (size {}, digest {})",
+                    offer.info.name,
                     existing.info.size,
                     existing.info.digest.to_hex()
                 );
@@ -216,18 +249,16 @@ impl TrackerState {
             // Valid, but holding nothing: there is nothing to index.
             return Ok(());
         }
-        let name = shared_name(ix, &name);
-        self.ensure_holding(ix, peer_id, &name)?;
-        let file = ix.files.entry(name).or_insert_with(|| FileEntry {
-            info: offer.info,
-            hashes: Arc::new(offer.hashes),
-            holders: HashMap::new(),
+        let id = existing.map(|(id, _)| id);
+        self.check_room(ix, peer_id, id)?;
+        let id = id.unwrap_or_else(|| {
+            ix.add_file(FileEntry {
+                holders: Holders::new(offer.info.chunks() as usize),
+                info: offer.info,
+                hashes: Arc::new(offer.hashes),
+            })
         });
-        let chunks = file.info.chunks() as usize;
-        file.holders
-            .entry(peer_id)
-            .or_insert_with(|| Bitfield::new(chunks))
-            .union_with(&have);
+        hold(ix, peer_id, id).union_with(&have);
         Ok(())
     }
 
@@ -271,18 +302,17 @@ impl TrackerState {
         }
     }
 
-    /// Records that `peer_id` holds entries for `name`, within the per-peer file limit.
-    fn ensure_holding(&self, ix: &mut Index, peer_id: u64, name: &Arc<str>) -> Result<(), Refusal> {
-        let peer = ix.peers.get_mut(&peer_id).expect("caller checked the peer");
-        if !peer.files.contains(name) {
-            if peer.files.len() >= self.limits.max_files_per_peer {
-                let why = format!(
-                    "this peer already holds its limit of {} files",
-                    self.limits.max_files_per_peer
-                );
-                return Err(Refusal::new(ErrorCode::LimitReached, why));
-            }
-            peer.files.insert(name.clone());
+    /// Refuses if holding file `id` (`None`: not indexed yet) would take `peer_id` past the
+    /// per-peer file limit.
+    fn check_room(&self, ix: &Index, peer_id: u64, id: Option<u32>) -> Result<(), Refusal> {
+        let holds = id.is_some_and(|id| ix.files[&id].holders.contains(peer_id));
+        let held = ix.peers[&peer_id].files.len();
+        if !holds && held >= self.limits.max_files_per_peer {
+            let why = format!(
+                "this peer already holds its limit of {} files",
+                self.limits.max_files_per_peer
+            );
+            return Err(Refusal::new(ErrorCode::LimitReached, why));
         }
         Ok(())
     }
@@ -298,7 +328,7 @@ impl TrackerState {
                 info: f.info.clone(),
                 chunks: f.info.chunks(),
                 peers: f.holders.len() as u64,
-                seeders: f.holders.values().filter(|h| h.is_full()).count() as u64,
+                seeders: f.holders.iter().filter(|(_, h)| h.is_full()).count() as u64,
             })
             .collect();
         files.sort_by(|a, b| a.info.name.cmp(&b.info.name));
@@ -313,31 +343,28 @@ impl TrackerState {
             (w as usize).min(self.limits.max_holders)
         });
         let ix = self.lock();
-        let file = ix
-            .files
-            .get(req.file.as_str())
-            .ok_or_else(|| unknown_file(&req.file))?;
-        let mut candidates: Vec<(u64, &Bitfield)> = file
+        let (_, file) = ix.file(&req.file).ok_or_else(|| unknown_file(&req.file))?;
+        let mut candidates: Vec<(u64, usize)> = file
             .holders
-            .iter()
-            .filter(|(id, _)| Some(**id) != req.peer_id)
-            .map(|(id, b)| (*id, b))
+            .rows()
+            .filter(|(id, _)| Some(*id) != req.peer_id)
             .collect();
         let total_peers = candidates.len() as u64;
         let chosen = sample_holders(
             &mut candidates,
             want,
             file.info.chunks() as usize,
+            |(_, slot)| file.holders.row(slot),
             &mut rand::thread_rng(),
         );
         let peers = chosen
             .into_iter()
-            .filter_map(|(id, have)| {
+            .filter_map(|(id, slot)| {
                 let p = ix.peers.get(&id)?;
                 Some(Holder {
                     addr: p.addr.to_string(),
                     name: p.name.clone(),
-                    have: WireBits::from(have),
+                    have: WireBits::from(&file.holders.row(slot)),
                 })
             })
             .collect();
@@ -359,10 +386,7 @@ impl TrackerState {
         let lease = self.lease(now);
         let mut ix = self.lock();
         authorised(&mut ix, req.peer_id, &req.token)?.expires = lease;
-        let file = ix
-            .files
-            .get(req.file.as_str())
-            .ok_or_else(|| unknown_file(&req.file))?;
+        let (id, file) = ix.file(&req.file).ok_or_else(|| unknown_file(&req.file))?;
         let chunks = file.info.chunks();
         if let Some(bad) = req.chunks.iter().find(|&&i| u64::from(i) >= chunks) {
             let why = format!(
@@ -374,13 +398,8 @@ impl TrackerState {
         if req.chunks.is_empty() {
             return Ok(ChunksRecorded { recorded: 0 });
         }
-        let name = shared_name(&ix, &req.file);
-        self.ensure_holding(&mut ix, req.peer_id, &name)?;
-        let file = ix.files.get_mut(&name).expect("checked above");
-        let held = file
-            .holders
-            .entry(req.peer_id)
-            .or_insert_with(|| Bitfield::new(chunks as usize));
+        self.check_room(&ix, req.peer_id, Some(id))?;
+        let mut held = hold(&mut ix, req.peer_id, id);
         let recorded = req.chunks.iter().filter(|&&i| held.set(i as usize)).count() as u64;
         Ok(ChunksRecorded { recorded })
     }
@@ -421,11 +440,15 @@ impl TrackerState {
     }
 }
 
-/// The index's own copy of a file name (a new one if the file is not indexed yet).
-fn shared_name(ix: &Index, name: &str) -> Arc<str> {
-    ix.files
-        .get_key_value(name)
-        .map_or_else(|| Arc::from(name), |(k, _)| k.clone())
+/// The chunks `peer_id` holds of file `id`, to add to; a file new to the peer joins its list
+/// (the caller checked the limit with [`TrackerState::check_room`]).
+fn hold(ix: &mut Index, peer_id: u64, id: u32) -> Bitfield<&mut [u8]> {
+    let holders = &mut ix.files.get_mut(&id).expect("an indexed file").holders;
+    if !holders.contains(peer_id) {
+        let peer = ix.peers.get_mut(&peer_id).expect("caller checked the peer");
+        peer.files.push(id);
+    }
+    holders.row_mut(peer_id)
 }
 
 fn unknown_file(name: &str) -> Refusal {
@@ -453,11 +476,11 @@ fn remove_peer(ix: &mut Index, peer_id: u64) {
     let Some(peer) = ix.peers.remove(&peer_id) else {
         return;
     };
-    for name in peer.files {
-        if let Some(file) = ix.files.get_mut(&*name) {
-            file.holders.remove(&peer_id);
+    for id in peer.files {
+        if let Some(file) = ix.files.get_mut(&id) {
+            file.holders.remove(peer_id);
             if file.holders.is_empty() {
-                ix.files.remove(&*name);
+                ix.remove_file(id);
             }
         }
     }
@@ -502,12 +525,16 @@ fn new_token() -> String {
 /// Picks at most `want` holders. First, in random order, holders that add a chunk the sample
 /// does not cover yet (so the rarest chunks are always reachable); then random others.
 /// Random order spreads load: two askers rarely get the same sample of a popular file.
-pub fn sample_holders<'a, R: Rng>(
-    candidates: &mut [(u64, &'a Bitfield)],
+/// `have` gives a candidate's chunks: the index passes a peer id and a row number, so that
+/// gathering and shuffling thousands of candidates stays cheap and only the rows looked at are
+/// read.
+pub fn sample_holders<'a, T: Copy, R: Rng>(
+    candidates: &mut [T],
     want: usize,
     chunks: usize,
+    have: impl Fn(T) -> Bitfield<&'a [u8]>,
     rng: &mut R,
-) -> Vec<(u64, &'a Bitfield)> {
+) -> Vec<T> {
     candidates.shuffle(rng);
     if candidates.len() <= want {
         return candidates.to_vec();
@@ -520,15 +547,16 @@ pub fn sample_holders<'a, R: Rng>(
     // Stop as soon as the sample is full or covers every chunk: a popular file has thousands
     // of holders and this runs under the index lock.
     while chosen.len() < want && !all_covered {
-        let Some(&(id, have)) = unseen.next() else {
+        let Some(&candidate) = unseen.next() else {
             break;
         };
-        if have.has_any_not_in(&covered) {
-            covered.union_with(have);
+        let bits = have(candidate);
+        if bits.has_any_not_in(&covered) {
+            covered.union_with(&bits);
             all_covered = covered.is_full();
-            chosen.push((id, have));
+            chosen.push(candidate);
         } else {
-            skipped.push((id, have));
+            skipped.push(candidate);
         }
     }
     let missing = want - chosen.len();
@@ -582,6 +610,11 @@ mod tests {
         };
         s.register(req, "10.1.2.3".parse().unwrap(), Instant::now())
             .unwrap()
+    }
+
+    /// The borrowed form the index's slab hands out.
+    fn view(b: &Bitfield) -> Bitfield<&[u8]> {
+        Bitfield::over(b.as_bytes(), b.len()).unwrap()
     }
 
     fn locate(s: &TrackerState, file: &str) -> LocationsReply {
@@ -777,6 +810,94 @@ mod tests {
         assert!(s.register(req, ip, Instant::now()).is_ok());
     }
 
+    fn leave(s: &TrackerState, r: Registered) {
+        s.leave(&PeerAuth {
+            peer_id: r.peer_id,
+            token: r.token,
+        })
+        .unwrap();
+    }
+
+    /// `file` offered with only the chunks whose bits are set in `have`.
+    fn holding(have: u8, file: FileOffer) -> FileOffer {
+        FileOffer {
+            have: Some(WireBits(vec![have])),
+            ..file
+        }
+    }
+
+    #[test]
+    fn a_holder_that_left_passes_no_chunks_to_the_next() {
+        let s = state();
+        let gone = register(&s, "gone", 1, vec![holding(0xc0, offer("a", 1, 4))]);
+        register(&s, "stays", 2, vec![holding(0x10, offer("a", 1, 4))]);
+        leave(&s, gone);
+        register(&s, "next", 3, vec![holding(0x20, offer("a", 1, 4))]);
+        let mut held: Vec<_> = locate(&s, "a")
+            .peers
+            .into_iter()
+            .map(|h| (h.name, h.have))
+            .collect();
+        held.sort_by(|a, b| a.0.cmp(&b.0));
+        let expected = [("next", vec![0x20]), ("stays", vec![0x10])]
+            .map(|(name, have)| (name.to_string(), WireBits(have)));
+        assert_eq!(held, expected);
+    }
+
+    #[test]
+    fn a_file_gone_with_its_last_holder_is_not_mistaken_for_the_next() {
+        let s = state();
+        let first = register(&s, "first", 1, vec![offer("a", 1, 4)]);
+        leave(&s, first);
+        let b = register(&s, "b", 2, vec![offer("b", 2, 2)]);
+        assert_eq!(
+            s.locations(&Locations {
+                file: "a".into(),
+                hashes: false,
+                peer_id: None,
+                want: None,
+                secret: None,
+            })
+            .unwrap_err()
+            .code,
+            ErrorCode::UnknownFile
+        );
+        let again = register(&s, "a", 3, vec![offer("a", 3, 8)]);
+        assert!(again.files[0].accepted, "{:?}", again.files[0]);
+        assert_eq!((locate(&s, "a").chunks, locate(&s, "b").chunks), (8, 2));
+        leave(&s, b);
+        assert_eq!(s.sizes(), Sizes { peers: 1, files: 1 });
+        assert_eq!(locate(&s, "a").peers[0].name, "a");
+    }
+
+    #[test]
+    fn files_already_held_do_not_count_again_against_the_per_peer_limit() {
+        let s = state();
+        let files = ["a", "b", "c"].map(|n| holding(0x80, offer(n, 1, 4)));
+        let r = register(&s, "p", 1, files.to_vec());
+        let req = ChunkRegister {
+            peer_id: r.peer_id,
+            token: r.token.clone(),
+            file: "a".into(),
+            chunks: vec![1],
+        };
+        assert_eq!(s.chunk_register(&req, Instant::now()).unwrap().recorded, 1);
+        let again = Register {
+            name: "p".into(),
+            addr: "10.9.9.9:77".into(),
+            secret: None,
+            peer_id: Some(r.peer_id),
+            token: Some(r.token),
+            files: vec![offer("b", 1, 4), offer("d", 1, 4)],
+        };
+        let reply = s
+            .register(again, "10.1.2.3".parse().unwrap(), Instant::now())
+            .unwrap();
+        let codes: Vec<_> = reply.files.iter().map(|f| f.error).collect();
+        assert_eq!(codes, [None, Some(ErrorCode::LimitReached)]);
+        assert_eq!(locate(&s, "b").peers[0].have, WireBits(vec![0xf0]));
+    }
+
     #[test]
     fn holders_of_no_chunk_are_not_indexed() {
         let s = state();
@@ -824,11 +945,12 @@ mod tests {
         common.set(0);
         let mut rare = Bitfield::new(8);
         rare.set(7);
+        let (common, rare) = (view(&common), view(&rare));
         let mut rng = rand::thread_rng();
         for _ in 0..50 {
-            let mut candidates: Vec<(u64, &Bitfield)> = (0..20).map(|i| (i, &common)).collect();
-            candidates.push((99, &rare));
-            let chosen = sample_holders(&mut candidates, 3, 8, &mut rng);
+            let mut candidates: Vec<_> = (0..20).map(|i| (i, common)).collect();
+            candidates.push((99, rare));
+            let chosen = sample_holders(&mut candidates, 3, 8, |(_, b)| b, &mut rng);
             assert_eq!(chosen.len(), 3);
             assert!(
                 chosen.iter().any(|(id, _)| *id == 99),
