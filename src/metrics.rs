@@ -29,6 +29,12 @@ fn gauge(reg: &Registry, name: &str, help: &str) -> IntGauge {
     g
 }
 
+fn counter_vec(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    reg.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
 fn histogram(reg: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
     let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
         .expect("valid metric");
@@ -52,17 +58,12 @@ pub struct TrackerMetrics {
 impl Default for TrackerMetrics {
     fn default() -> Self {
         let registry = Registry::new();
-        let requests = IntCounterVec::new(
-            Opts::new(
-                "shoal_tracker_requests_total",
-                "Requests handled, by message and outcome (ok, error).",
-            ),
+        let requests = counter_vec(
+            &registry,
+            "shoal_tracker_requests_total",
+            "Requests handled, by message and outcome (ok, error).",
             &["msg", "outcome"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(requests.clone()))
-            .expect("unique metric");
+        );
         let request_duration = HistogramVec::new(
             HistogramOpts::new(
                 "shoal_tracker_request_duration_seconds",
@@ -128,6 +129,7 @@ pub struct PeerMetrics {
     pub files_wanted: IntGauge,
     pub active_transfers: IntGauge,
     pub holders_dropped: IntCounter,
+    pub requests_refused: IntCounterVec,
 }
 
 impl Default for PeerMetrics {
@@ -211,6 +213,12 @@ impl Default for PeerMetrics {
                 &r,
                 "shoal_peer_holders_dropped_total",
                 "Holders dropped by a download (dead, stalled or lying).",
+            ),
+            requests_refused: counter_vec(
+                &r,
+                "shoal_peer_chunk_requests_refused_total",
+                "Chunk requests this peer refused, by error code (busy: upload slots full).",
+                &["reason"],
             ),
             registry: r,
         }

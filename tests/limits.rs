@@ -209,6 +209,10 @@ fn a_request_that_cannot_get_an_upload_slot_is_refused_busy_not_queued_behind_a_
     let mut queued = Raw::connect(peer.addr);
     let refusal = queued.ask(request);
     assert_eq!(refusal["error"], "busy", "{refusal}");
+    assert_eq!(
+        peer.metric("shoal_peer_chunk_requests_refused_total{reason=\"busy\"}"),
+        1.0
+    );
 
     // A requester that gives up while queued is dropped, not served into a closed socket.
     let mut quitter = Raw::connect(peer.addr);

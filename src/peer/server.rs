@@ -183,6 +183,10 @@ async fn serve(peer: &Peer, conn: &mut Connection) -> &'static str {
                 tracing::trace!(file = %header.file, chunk = header.index, "chunk sent");
             }
             Err((n, refusal)) => {
+                peer.metrics
+                    .requests_refused
+                    .with_label_values(&[refusal.code.as_str()])
+                    .inc();
                 tracing::debug!(
                     code = refusal.code.as_str(),
                     "refused chunk request: {}",
