@@ -18,7 +18,7 @@ use crate::protocol::{
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tracing::Instrument;
 
 /// Longest request line a peer accepts: a chunk request is small (names are <= 255 bytes).
@@ -136,31 +136,17 @@ async fn serve(peer: &Peer, conn: &mut Connection) -> &'static str {
             Err(_) => return "read failed or timed out",
         };
         let answer = match check(peer, &line) {
-            Ok((req, file)) => {
-                // Wait for an upload slot, but not for ever: a requester waits at most the chunk
-                // timeout for its reply, so after a third of it `busy` sends it elsewhere. A
-                // requester that closes its side meanwhile has given up: its request is dropped.
-                let wait = peer.cfg.chunk_timeout / 3;
-                let slot = tokio::select! {
-                    slot = tokio::time::timeout(wait, peer.upload_slots.acquire()) => slot,
-                    () = conn.closed() => return "closed by peer while queued",
-                };
-                match slot {
-                    Ok(Ok(slot)) => load(req, file, &mut buf).await.map(|a| (a, slot)),
-                    Ok(Err(_)) => return "shutdown",
-                    Err(_) => {
-                        let why = format!(
-                            "all {} upload slots stayed busy for {wait:?}; ask another holder",
-                            peer.cfg.upload_slots
-                        );
-                        Err((Msg::ChunkRequest as u64, Refusal::new(ErrorCode::Busy, why)))
-                    }
-                }
-            }
+            Ok((req, file)) => match upload_slot(peer, conn).await {
+                Ok(slot) => load(&req, &file, &mut buf)
+                    .await
+                    .map(|header| (header, file, slot)),
+                Err(Queued::Refused(refused)) => Err(refused),
+                Err(Queued::Ended(reason)) => return reason,
+            },
             Err(refused) => Err(refused),
         };
         match answer {
-            Ok(((header, file), _slot)) => {
+            Ok((header, file, _slot)) => {
                 let active = Active::new(&peer.metrics.active_transfers);
                 // The requester reads a whole chunk within the chunk timeout; a send that takes
                 // longer is wasted, and its slot is better given to someone who is listening.
@@ -221,6 +207,40 @@ pub fn parse_request(line: &[u8], secret: Option<&str>) -> Result<ChunkRequest, 
     Ok(req)
 }
 
+/// Why a request got no upload slot.
+enum Queued {
+    /// Refused with this (to send).
+    Refused((u64, Refusal)),
+    /// The connection is done: the requester closed it, or the peer is stopping.
+    Ended(&'static str),
+}
+
+/// Waits for an upload slot, but not for ever: a requester waits at most the chunk timeout for
+/// its reply, so after a third of it `busy` sends it elsewhere. A requester that closes its side
+/// meanwhile has given up, so its request is dropped.
+async fn upload_slot<'a>(
+    peer: &'a Peer,
+    conn: &mut Connection,
+) -> Result<SemaphorePermit<'a>, Queued> {
+    let wait = peer.cfg.chunk_timeout / 3;
+    let slot = tokio::select! {
+        slot = tokio::time::timeout(wait, peer.upload_slots.acquire()) => slot,
+        () = conn.closed() => return Err(Queued::Ended("closed by peer while queued")),
+    };
+    match slot {
+        Ok(Ok(slot)) => Ok(slot),
+        Ok(Err(_)) => Err(Queued::Ended("shutdown")),
+        Err(_) => {
+            let why = format!(
+                "all {} upload slots stayed busy for {wait:?}; ask another holder",
+                peer.cfg.upload_slots
+            );
+            let busy = Refusal::new(ErrorCode::Busy, why);
+            Err(Queued::Refused((Msg::ChunkRequest as u64, busy)))
+        }
+    }
+}
+
 /// Checks a request line against the store: the request, and the file it names, whose chunk
 /// this peer holds verified.
 fn check(peer: &Peer, line: &[u8]) -> Result<(ChunkRequest, Arc<StoredFile>), (u64, Refusal)> {
@@ -259,10 +279,10 @@ fn check(peer: &Peer, line: &[u8]) -> Result<(ChunkRequest, Arc<StoredFile>), (u
 /// With an upload slot held: the chunk's header, with its bytes read into `buf`, unless an
 /// origin in initial seeding sent that chunk to someone else moments ago.
 async fn load(
-    req: ChunkRequest,
-    file: Arc<StoredFile>,
+    req: &ChunkRequest,
+    file: &Arc<StoredFile>,
     buf: &mut Vec<u8>,
-) -> Result<(ChunkHeader, Arc<StoredFile>), (u64, Refusal)> {
+) -> Result<ChunkHeader, (u64, Refusal)> {
     let n = Msg::ChunkRequest as u64;
     if file
         .seeding
@@ -307,7 +327,7 @@ async fn load(
         length: buf.len() as u32,
         hash: file.hashes.0[index as usize],
     };
-    Ok((header, file))
+    Ok(header)
 }
 
 async fn send_chunk(
