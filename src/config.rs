@@ -118,6 +118,9 @@ pub struct PeerConfig {
     /// Chunks sent at once; more requests wait their turn. Few slots finish each chunk sooner,
     /// so its recipient can pass it on sooner.
     pub upload_slots: usize,
+    /// Write downloaded chunks with `O_DIRECT` (past the page cache) where the file system
+    /// allows it.
+    pub direct_writes: bool,
     /// HTTP address for `/metrics`, `/healthz`, `/readyz`; unset = no HTTP endpoint.
     pub metrics_addr: Option<String>,
     /// Shared secret for the tracker and for chunk requests between peers.
@@ -161,6 +164,7 @@ impl Default for PeerConfig {
             chunk_size: None,
             upload_limit: 0,
             upload_slots: 2,
+            direct_writes: true,
             metrics_addr: None,
             secret: None,
             max_connections: 256,

@@ -7,7 +7,7 @@
 //!
 //! Lock order: `Job::sched` is a leaf lock, held only for in-memory bookkeeping.
 
-use super::store::{StoredFile, Written};
+use super::store::{ChunkBuf, StoredFile, Written};
 use super::tracker_client::TrackerError;
 use super::Peer;
 use crate::bitfield::Bitfield;
@@ -495,7 +495,14 @@ impl Job {
 
     async fn worker(self: Arc<Self>, addr: String) {
         let mut queue = VecDeque::new();
-        let outcome = self.fetch_from(&addr, &mut queue).await;
+        let mut landing = None;
+        let mut outcome = self.fetch_from(&addr, &mut queue, &mut landing).await;
+        // A chunk that arrived whole before the connection ended is still worth keeping.
+        if let Some(l) = landing {
+            if let Err(fault) = self.land(l).await {
+                outcome = Err(fault);
+            }
+        }
         let mut s = self.sched();
         for p in queue.drain(..) {
             s.settle(p.index);
@@ -531,8 +538,14 @@ impl Job {
     }
 
     /// Keeps `pipeline_depth` requests in flight to one holder until it has nothing we need,
-    /// even after waiting [`IDLE_GRACE`] for news (a refresh, a released chunk).
-    async fn fetch_from(&self, addr: &str, queue: &mut VecDeque<Pending>) -> Result<(), Fault> {
+    /// even after waiting [`IDLE_GRACE`] for news (a refresh, a released chunk). Each chunk is
+    /// verified and written while the next one arrives (`landing`, at most one at a time).
+    async fn fetch_from(
+        self: &Arc<Self>,
+        addr: &str,
+        queue: &mut VecDeque<Pending>,
+        landing: &mut Option<Landing>,
+    ) -> Result<(), Fault> {
         let cfg = &self.peer.cfg;
         let stream = match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(addr)).await
         {
@@ -551,7 +564,7 @@ impl Job {
             frame_timeout: cfg.chunk_timeout,
         };
         let mut conn = Connection::new(stream, limits);
-        let mut buf = Vec::new();
+        let mut buf = ChunkBuf::default();
         let failed = |e: std::io::Error| Fault::Failed(format!("send failed: {e}"));
         loop {
             while queue.len() < cfg.pipeline_depth {
@@ -575,6 +588,13 @@ impl Job {
                 });
             }
             let Some(&Pending { index, sent, .. }) = queue.front() else {
+                if let Some(l) = landing.take() {
+                    let Some(spare) = self.land(l).await? else {
+                        return Ok(());
+                    };
+                    buf = spare;
+                    continue;
+                }
                 // Nothing to ask this holder now: say so (the coordinator refreshes early),
                 // then give news a moment before closing the connection.
                 self.starving.store(true, Ordering::Relaxed);
@@ -604,25 +624,15 @@ impl Job {
                     Received::Fault(f) => return Err(f),
                 }
             }
-            let data = std::mem::take(&mut buf);
-            let (written, data) = self.verify_and_write(index, data).await;
-            buf = data;
-            // Only now may another worker pick this chunk again (if it failed).
-            self.sched().settle(index);
-            match written {
-                Ok(Some(w)) => self.record(addr, index, sent, buf.len() as u64, w),
-                Ok(None) => {
-                    self.peer.metrics.verify_failures.inc();
-                    return Err(Fault::Lied(format!(
-                        "chunk {index} does not match its hash"
-                    )));
-                }
-                Err(e) => {
-                    self.sched().fatal = Some(e);
-                    self.wake.notify_one();
-                    return Ok(());
-                }
-            }
+            let spare = match landing.take() {
+                Some(l) => match self.land(l).await? {
+                    Some(spare) => spare,
+                    None => return Ok(()),
+                },
+                None => ChunkBuf::default(),
+            };
+            let data = std::mem::replace(&mut buf, spare);
+            *landing = Some(self.verify_and_write(addr, index, sent, data));
         }
     }
 
@@ -631,7 +641,7 @@ impl Job {
         &self,
         conn: &mut Connection,
         index: u32,
-        buf: &mut Vec<u8>,
+        buf: &mut ChunkBuf,
     ) -> Result<(), Received> {
         let fault = |why: String| Received::Fault(Fault::Failed(why));
         let line = match conn.read_line().await {
@@ -661,29 +671,65 @@ impl Job {
             );
             return Err(Received::Fault(Fault::Lied(why)));
         }
-        conn.read_raw(buf, expected as usize)
+        conn.read_raw(buf.reset(expected as usize))
             .await
             .map_err(|e| fault(format!("chunk body: {e}")))
     }
 
-    /// Hashes and writes a chunk off the async threads. `Ok(None)` means the hash did not match.
-    async fn verify_and_write(
-        &self,
+    /// Verifies, writes and books a received chunk on a blocking thread, so that the next
+    /// chunk arrives meanwhile and this one counts as held the moment it is on disk.
+    fn verify_and_write(
+        self: &Arc<Self>,
+        addr: &str,
         index: u32,
-        data: Vec<u8>,
-    ) -> (anyhow::Result<Option<Written>>, Vec<u8>) {
-        let file = self.file.clone();
-        let task = tokio::task::spawn_blocking(move || {
-            if Hash::of(&data) != file.hashes.0[index as usize] {
-                return (Ok(None), data);
-            }
-            let r = file.write_chunk(index, &data).map(Some);
-            (r, data)
-        });
-        match task.await {
-            Ok(r) => r,
-            Err(e) => (Err(anyhow::anyhow!("write task failed: {e}")), Vec::new()),
+        sent: Instant,
+        data: ChunkBuf,
+    ) -> Landing {
+        let (job, addr) = (self.clone(), addr.to_string());
+        tokio::task::spawn_blocking(move || {
+            let written = if Hash::of(&data) == job.file.hashes.0[index as usize] {
+                job.file.write_chunk(index, &data).map(Some)
+            } else {
+                Ok(None)
+            };
+            // Only now may another worker pick this chunk again (if it failed).
+            job.sched().settle(index);
+            let landed = match written {
+                Ok(Some(w)) => {
+                    job.record(&addr, index, sent, data.len() as u64, w);
+                    Landed::Kept
+                }
+                Ok(None) => {
+                    job.peer.metrics.verify_failures.inc();
+                    Landed::Corrupt(index)
+                }
+                Err(e) => job.fail(e),
+            };
+            (landed, data)
+        })
+    }
+
+    /// Waits until a chunk has landed; gives back its buffer for the next chunk, or `None`
+    /// when the download cannot go on (a write failed).
+    async fn land(&self, landing: Landing) -> Result<Option<ChunkBuf>, Fault> {
+        let landed = match landing.await {
+            Ok((Landed::Kept, data)) => return Ok(Some(data)),
+            Ok((landed, _)) => landed,
+            Err(e) => self.fail(anyhow::anyhow!("write task failed: {e}")),
+        };
+        match landed {
+            Landed::Corrupt(index) => Err(Fault::Lied(format!(
+                "chunk {index} does not match its hash"
+            ))),
+            _ => Ok(None),
         }
+    }
+
+    /// Stops the download on an error that no other holder can fix (the disk).
+    fn fail(&self, e: anyhow::Error) -> Landed {
+        self.sched().fatal = Some(e);
+        self.wake.notify_one();
+        Landed::Fatal
     }
 
     /// Books a verified, written chunk. Runs without awaiting, and marks the chunk held in the
@@ -722,6 +768,17 @@ struct Pending {
     index: u32,
     sent: Instant,
     _active: Active,
+}
+
+/// A received chunk being verified, written and booked on a blocking thread.
+type Landing = tokio::task::JoinHandle<(Landed, ChunkBuf)>;
+
+enum Landed {
+    Kept,
+    /// Did not match its hash: the holder lied.
+    Corrupt(u32),
+    /// Could not be written; the download is stopped.
+    Fatal,
 }
 
 enum Received {

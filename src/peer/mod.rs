@@ -78,7 +78,7 @@ impl Peer {
         stop: CancellationToken,
     ) -> anyhow::Result<Arc<Peer>> {
         let name = cfg.name.clone().unwrap_or_else(host_name);
-        let store = Store::new(&cfg.data_dir)?;
+        let store = Store::new(&cfg.data_dir, cfg.direct_writes)?;
         let chunk_size = cfg.chunk_size;
         let store = tokio::task::spawn_blocking(move || -> anyhow::Result<Store> {
             match shares {

@@ -6,6 +6,9 @@
 //! chunks written, updated one byte at a time). On restart the claimed chunks are re-hashed
 //! from disk, so a stale or torn bitmap can cost a refetch but never a corrupt file. A complete
 //! file is fsynced and renamed to `NAME`; the open descriptor keeps serving across the rename.
+//!
+//! Verified chunks go to disk with `O_DIRECT` where the file system allows it (see
+//! [`ChunkBuf`]): straight from the receive buffer, without a copy into the page cache.
 
 use crate::bitfield::Bitfield;
 use crate::chunking::hash_file;
@@ -14,7 +17,8 @@ use anyhow::{anyhow, bail, Context};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::ops::Deref;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -23,11 +27,52 @@ const PART: &str = "shoal-part";
 const META: &str = "shoal-meta";
 const HAVE: &str = "shoal-have";
 
+/// Direct writes need the memory, the file offset and the length aligned to the device's
+/// logical block size; 4096 covers the common ones.
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// One chunk's bytes, starting at a [`DIRECT_ALIGN`] boundary so that a chunk whose offset and
+/// length are aligned too can be written with `O_DIRECT`. A download reuses its buffers, so the
+/// memory is zero-filled only when a buffer grows.
+#[derive(Default)]
+pub struct ChunkBuf {
+    raw: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl ChunkBuf {
+    /// Makes room for `len` bytes and returns them to be filled (the old contents remain).
+    pub fn reset(&mut self, len: usize) -> &mut [u8] {
+        if self.raw.len() < len + DIRECT_ALIGN {
+            self.raw = vec![0; len + DIRECT_ALIGN];
+        }
+        let misalignment = self.raw.as_ptr() as usize % DIRECT_ALIGN;
+        self.start = (DIRECT_ALIGN - misalignment) % DIRECT_ALIGN;
+        self.len = len;
+        &mut self.raw[self.start..self.start + len]
+    }
+}
+
+impl Deref for ChunkBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.raw[self.start..self.start + self.len]
+    }
+}
+
+fn aligned(n: usize) -> bool {
+    n % DIRECT_ALIGN == 0
+}
+
 /// One file this peer holds all or part of.
 pub struct StoredFile {
     pub info: FileInfo,
     pub hashes: Arc<HashList>,
     file: File,
+    /// The same file opened with `O_DIRECT`, for aligned chunks of a download; `None` for
+    /// shared originals, when direct writes are off, or where the file system refuses them.
+    direct: Option<File>,
     /// Held only for in-memory bit flips, never across I/O or an `.await`.
     progress: Mutex<Progress>,
     /// For files this peer shares from its own disk (it is an origin of the file).
@@ -120,14 +165,30 @@ impl StoredFile {
         self.file.read_exact_at(buf, offset)
     }
 
-    /// Writes a chunk that has been verified against its hash (blocking).
+    /// Whether aligned chunks bypass the page cache.
+    pub fn writes_directly(&self) -> bool {
+        self.direct.is_some()
+    }
+
+    /// Writes a chunk that has been verified against its hash (blocking): with `O_DIRECT` when
+    /// the file allows it and the memory, offset and length are aligned, else through the page
+    /// cache.
     pub fn write_chunk(&self, index: u32, data: &[u8]) -> anyhow::Result<Written> {
         if self.has_chunk(index) {
             return Ok(Written::Duplicate);
         }
         let (offset, _) = self.info.chunk_span(index);
-        self.file
-            .write_all_at(data, offset)
+        let file = match &self.direct {
+            Some(direct)
+                if aligned(data.as_ptr() as usize)
+                    && aligned(data.len())
+                    && aligned(offset as usize) =>
+            {
+                direct
+            }
+            _ => &self.file,
+        };
+        file.write_all_at(data, offset)
             .with_context(|| format!("cannot write chunk {index} of {:?}", self.info.name))?;
         let mut p = self.lock();
         if !p.have.set(index as usize) {
@@ -157,15 +218,18 @@ struct Meta {
 /// Every file the peer holds, by name. Only these are ever served.
 pub struct Store {
     dir: PathBuf,
+    direct_writes: bool,
     files: Mutex<HashMap<String, Arc<StoredFile>>>,
 }
 
 impl Store {
-    pub fn new(dir: &Path) -> anyhow::Result<Store> {
+    /// A store in `dir`; `direct_writes` lets downloads bypass the page cache where they can.
+    pub fn new(dir: &Path, direct_writes: bool) -> anyhow::Result<Store> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create data dir {}", dir.display()))?;
         Ok(Store {
             dir: dir.to_path_buf(),
+            direct_writes,
             files: Mutex::new(HashMap::new()),
         })
     }
@@ -215,6 +279,7 @@ impl Store {
             info,
             hashes: Arc::new(hashes),
             file,
+            direct: None,
             progress: Mutex::new(progress),
             seeding: Some(InitialSeeding::new(chunks)),
         });
@@ -361,16 +426,19 @@ impl Store {
     ) -> anyhow::Result<Arc<StoredFile>> {
         let have_path = self.hidden(&info.name, HAVE);
         let have_file = OpenOptions::new().write(true).open(&have_path)?;
+        let part = self.hidden(&info.name, PART);
+        let direct = self.direct_writes.then(|| open_direct(&part)).flatten();
         let progress = Progress {
             have,
             have_file: Some(have_file),
-            path: self.hidden(&info.name, PART),
+            path: part,
         };
         let name = info.name.clone();
         let stored = Arc::new(StoredFile {
             info,
             hashes: Arc::new(hashes),
             file,
+            direct,
             progress: Mutex::new(progress),
             seeding: None,
         });
@@ -407,6 +475,21 @@ impl Store {
     }
 }
 
+/// Opens `path` for writing with `O_DIRECT`; `None` where the file system refuses it (tmpfs).
+fn open_direct(path: &Path) -> Option<File> {
+    match OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+    {
+        Ok(f) => Some(f),
+        Err(e) => {
+            tracing::debug!(path = %path.display(), "writing through the page cache: no O_DIRECT: {e}");
+            None
+        }
+    }
+}
+
 /// `.NAME.KIND` -> `NAME`.
 fn partial_name(file_name: &str, kind: &str) -> Option<String> {
     let inner = file_name
@@ -435,26 +518,35 @@ mod tests {
         let path = sample(src.path(), "f.bin", 20_000);
         let (info, hashes) = hash_file(&path, "f.bin", Some(4096)).unwrap();
         let original = std::fs::read(&path).unwrap();
+        // As a download receives them: aligned in memory, so all but the short last chunk can
+        // go to disk directly.
         let chunk = |i: u32| {
             let (o, l) = info.chunk_span(i);
-            original[o as usize..(o + l as u64) as usize].to_vec()
+            let mut buf = ChunkBuf::default();
+            buf.reset(l as usize)
+                .copy_from_slice(&original[o as usize..(o + l as u64) as usize]);
+            buf
         };
 
-        let store = Store::new(dst.path()).unwrap();
+        let store = Store::new(dst.path(), true).unwrap();
         let f = store.begin_download(&info, &hashes).unwrap();
+        let probe = dst.path().join("probe");
+        std::fs::write(&probe, b"").unwrap();
+        assert_eq!(f.writes_directly(), open_direct(&probe).is_some());
+        std::fs::remove_file(probe).unwrap();
         assert_eq!(f.write_chunk(0, &chunk(0)).unwrap(), Written::Partial);
         assert_eq!(f.write_chunk(3, &chunk(3)).unwrap(), Written::Partial);
         assert_eq!(f.write_chunk(3, &chunk(3)).unwrap(), Written::Duplicate);
         drop((f, store));
 
         // A new run finds the partial, keeps the verified chunks, serves them, finishes.
-        let store = Store::new(dst.path()).unwrap();
+        let store = Store::new(dst.path(), true).unwrap();
         assert!(store.scan(Some(4096)).is_empty());
         let f = store.get("f.bin").unwrap();
         assert_eq!(f.have().ones().collect::<Vec<_>>(), vec![0, 3]);
         let mut buf = Vec::new();
         f.read_chunk(3, &mut buf).unwrap();
-        assert_eq!(buf, chunk(3));
+        assert_eq!(buf, &chunk(3)[..]);
         assert!(!dst.path().join("f.bin").exists());
         for i in [1, 2] {
             assert_eq!(f.write_chunk(i, &chunk(i)).unwrap(), Written::Partial);
@@ -468,7 +560,29 @@ mod tests {
             .collect();
         assert_eq!(left, vec![std::ffi::OsString::from("f.bin")]);
         f.read_chunk(4, &mut buf).unwrap();
-        assert_eq!(buf, chunk(4));
+        assert_eq!(buf, &chunk(4)[..]);
+    }
+
+    #[test]
+    fn chunk_buffers_are_aligned_and_reused() {
+        let mut buf = ChunkBuf::default();
+        buf.reset(3 * DIRECT_ALIGN).fill(7);
+        let (start, len) = (buf.as_ptr(), buf.len());
+        assert_eq!((start as usize % DIRECT_ALIGN, len), (0, 3 * DIRECT_ALIGN));
+        assert!(buf.iter().all(|&b| b == 7));
+        buf.reset(100);
+        assert_eq!((buf.as_ptr(), buf.len()), (start, 100));
+    }
+
+    #[test]
+    fn direct_writes_can_be_turned_off() {
+        let src = tempfile::tempdir().unwrap();
+        let dst = tempfile::tempdir().unwrap();
+        let path = sample(src.path(), "h.bin", 8192);
+        let (info, hashes) = hash_file(&path, "h.bin", Some(4096)).unwrap();
+        let store = Store::new(dst.path(), false).unwrap();
+        let f = store.begin_download(&info, &hashes).unwrap();
+        assert!(!f.writes_directly());
     }
 
     #[test]
@@ -477,13 +591,13 @@ mod tests {
         let dst = tempfile::tempdir().unwrap();
         let path = sample(src.path(), "g.bin", 8192);
         let (info, hashes) = hash_file(&path, "g.bin", Some(4096)).unwrap();
-        let store = Store::new(dst.path()).unwrap();
+        let store = Store::new(dst.path(), true).unwrap();
         let f = store.begin_download(&info, &hashes).unwrap();
         f.write_chunk(1, &std::fs::read(&path).unwrap()[4096..])
             .unwrap();
         drop((f, store));
         std::fs::write(dst.path().join(".g.bin.shoal-have"), [0xc0]).unwrap(); // claims chunk 0 too
-        let store = Store::new(dst.path()).unwrap();
+        let store = Store::new(dst.path(), true).unwrap();
         store.scan(Some(4096));
         assert_eq!(
             store
@@ -502,7 +616,7 @@ mod tests {
         sample(dir.path(), "a.bin", 100);
         sample(dir.path(), ".hidden", 100);
         std::fs::create_dir(dir.path().join("sub")).unwrap();
-        let store = Store::new(dir.path()).unwrap();
+        let store = Store::new(dir.path(), true).unwrap();
         assert!(store.scan(Some(4096)).is_empty());
         let names: Vec<_> = store.all().iter().map(|f| f.info.name.clone()).collect();
         assert_eq!(names, vec!["a.bin"]);
@@ -514,7 +628,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = sample(dir.path(), "a.bin", 100);
         let (info, hashes) = hash_file(&path, "a.bin", Some(4096)).unwrap();
-        let store = Store::new(dir.path()).unwrap();
+        let store = Store::new(dir.path(), true).unwrap();
         let err = store.begin_download(&info, &hashes).err().expect("refused");
         assert!(err.to_string().contains("already exists"), "{err}");
     }
