@@ -576,23 +576,29 @@ mod tests {
 
     #[test]
     fn direct_writes_can_be_turned_off() {
-        let src = tempfile::tempdir().unwrap();
-        let dst = tempfile::tempdir().unwrap();
-        let path = sample(src.path(), "h.bin", 8192);
-        let (info, hashes) = hash_file(&path, "h.bin", Some(4096)).unwrap();
-        let store = Store::new(dst.path(), false).unwrap();
-        let f = store.begin_download(&info, &hashes).unwrap();
+        let (src, dst) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (_, _store, f) = begin(src.path(), dst.path(), "h.bin", false);
         assert!(!f.writes_directly());
+    }
+
+    /// A download of an 8 KiB sample in 4 KiB chunks, begun in `dst`.
+    fn begin(
+        src: &Path,
+        dst: &Path,
+        name: &str,
+        direct: bool,
+    ) -> (PathBuf, Store, Arc<StoredFile>) {
+        let path = sample(src, name, 8192);
+        let (info, hashes) = hash_file(&path, name, Some(4096)).unwrap();
+        let store = Store::new(dst, direct).unwrap();
+        let f = store.begin_download(&info, &hashes).unwrap();
+        (path, store, f)
     }
 
     #[test]
     fn resume_drops_claimed_chunks_that_do_not_verify() {
-        let src = tempfile::tempdir().unwrap();
-        let dst = tempfile::tempdir().unwrap();
-        let path = sample(src.path(), "g.bin", 8192);
-        let (info, hashes) = hash_file(&path, "g.bin", Some(4096)).unwrap();
-        let store = Store::new(dst.path(), true).unwrap();
-        let f = store.begin_download(&info, &hashes).unwrap();
+        let (src, dst) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (path, store, f) = begin(src.path(), dst.path(), "g.bin", true);
         f.write_chunk(1, &std::fs::read(&path).unwrap()[4096..])
             .unwrap();
         drop((f, store));
