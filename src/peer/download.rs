@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
@@ -41,6 +41,12 @@ const MAX_REQUESTS_PER_CHUNK: u8 = 2;
 const ENDGAME_MIN_WAIT: f64 = 0.25;
 /// Early refreshes (when a source runs dry) are at least this far apart.
 const MIN_REFRESH_GAP: Duration = Duration::from_millis(250);
+/// Chunks from one connection being verified and written at once while the next arrives.
+const LANDINGS: usize = 2;
+/// Chunk buffers one download may hold (receiving, or landing), in bytes; at least
+/// [`MIN_BUFFERS`] buffers, so that one connection can keep receiving while chunks land.
+const BUFFER_BUDGET: usize = 32 << 20;
+const MIN_BUFFERS: usize = LANDINGS + 1;
 /// How long a source with nothing to ask waits for news before closing its connection.
 const IDLE_GRACE: Duration = Duration::from_secs(1);
 /// Longest chunk header line accepted from a holder.
@@ -328,6 +334,7 @@ struct Job {
     changed: Notify,
     /// A source had nothing to ask: refresh holders early.
     starving: AtomicBool,
+    buffers: Arc<Buffers>,
 }
 
 enum Fault {
@@ -342,7 +349,9 @@ enum Fault {
 impl Job {
     fn new(peer: Arc<Peer>, file: Arc<StoredFile>, progress: Arc<dyn Progress>) -> Job {
         let sched = Mutex::new(Scheduler::new(file.have()));
+        let buffers = Arc::new(Buffers::new(file.info.chunk_size));
         Job {
+            buffers,
             peer,
             file,
             progress,
@@ -495,10 +504,10 @@ impl Job {
 
     async fn worker(self: Arc<Self>, addr: String) {
         let mut queue = VecDeque::new();
-        let mut landing = None;
-        let mut outcome = self.fetch_from(&addr, &mut queue, &mut landing).await;
+        let mut landings = VecDeque::new();
+        let mut outcome = self.fetch_from(&addr, &mut queue, &mut landings).await;
         // A chunk that arrived whole before the connection ended is still worth keeping.
-        if let Some(l) = landing {
+        for l in landings {
             if let Err(fault) = self.land(l).await {
                 outcome = Err(fault);
             }
@@ -539,12 +548,12 @@ impl Job {
 
     /// Keeps `pipeline_depth` requests in flight to one holder until it has nothing we need,
     /// even after waiting [`IDLE_GRACE`] for news (a refresh, a released chunk). Each chunk is
-    /// verified and written while the next one arrives (`landing`, at most one at a time).
+    /// verified and written while the next ones arrive (`landings`, at most [`LANDINGS`]).
     async fn fetch_from(
         self: &Arc<Self>,
         addr: &str,
         queue: &mut VecDeque<Pending>,
-        landing: &mut Option<Landing>,
+        landings: &mut VecDeque<Landing>,
     ) -> Result<(), Fault> {
         let cfg = &self.peer.cfg;
         let stream = match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(addr)).await
@@ -564,7 +573,6 @@ impl Job {
             frame_timeout: cfg.chunk_timeout,
         };
         let mut conn = Connection::new(stream, limits);
-        let mut buf = ChunkBuf::default();
         let failed = |e: std::io::Error| Fault::Failed(format!("send failed: {e}"));
         loop {
             while queue.len() < cfg.pipeline_depth {
@@ -588,11 +596,10 @@ impl Job {
                 });
             }
             let Some(&Pending { index, sent, .. }) = queue.front() else {
-                if let Some(l) = landing.take() {
-                    let Some(spare) = self.land(l).await? else {
+                if let Some(l) = landings.pop_front() {
+                    if !self.land(l).await? {
                         return Ok(());
-                    };
-                    buf = spare;
+                    }
                     continue;
                 }
                 // Nothing to ask this holder now: say so (the coordinator refreshes early),
@@ -608,41 +615,37 @@ impl Job {
                 return Ok(());
             };
             conn.flush().await.map_err(failed)?;
-            let received = self.receive(&mut conn, index, &mut buf).await;
+            let received = self.receive(&mut conn, index).await;
             queue.pop_front();
-            if let Err(failure) = received {
-                let mut s = self.sched();
-                s.settle(index);
-                match failure {
-                    Received::NotHeld => {
-                        // The tracker's view was stale: forget that this holder has it.
-                        if let Some(h) = s.holders.get_mut(addr) {
-                            h.have = without(&h.have, index);
+            let data = match received {
+                Ok(data) => data,
+                Err(failure) => {
+                    let mut s = self.sched();
+                    s.settle(index);
+                    match failure {
+                        Received::NotHeld => {
+                            // The tracker's view was stale: forget that this holder has it.
+                            if let Some(h) = s.holders.get_mut(addr) {
+                                h.have = without(&h.have, index);
+                            }
+                            continue;
                         }
-                        continue;
+                        Received::Fault(f) => return Err(f),
                     }
-                    Received::Fault(f) => return Err(f),
+                }
+            };
+            landings.push_back(self.verify_and_write(addr, index, sent, data));
+            if landings.len() > LANDINGS {
+                let oldest = landings.pop_front().expect("more than none");
+                if !self.land(oldest).await? {
+                    return Ok(());
                 }
             }
-            let spare = match landing.take() {
-                Some(l) => match self.land(l).await? {
-                    Some(spare) => spare,
-                    None => return Ok(()),
-                },
-                None => ChunkBuf::default(),
-            };
-            let data = std::mem::replace(&mut buf, spare);
-            *landing = Some(self.verify_and_write(addr, index, sent, data));
         }
     }
 
-    /// Reads the reply to the request for `index` into `buf`.
-    async fn receive(
-        &self,
-        conn: &mut Connection,
-        index: u32,
-        buf: &mut ChunkBuf,
-    ) -> Result<(), Received> {
+    /// Reads the reply to the request for `index` into a buffer of the download's.
+    async fn receive(&self, conn: &mut Connection, index: u32) -> Result<Loan, Received> {
         let fault = |why: String| Received::Fault(Fault::Failed(why));
         let line = match conn.read_line().await {
             Ok(Some(line)) => line,
@@ -671,9 +674,11 @@ impl Job {
             );
             return Err(Received::Fault(Fault::Lied(why)));
         }
+        let mut buf = self.buffers.lend().await;
         conn.read_raw(buf.reset(expected as usize))
             .await
-            .map_err(|e| fault(format!("chunk body: {e}")))
+            .map_err(|e| fault(format!("chunk body: {e}")))?;
+        Ok(buf)
     }
 
     /// Verifies, writes and books a received chunk on a blocking thread, so that the next
@@ -683,7 +688,7 @@ impl Job {
         addr: &str,
         index: u32,
         sent: Instant,
-        data: ChunkBuf,
+        data: Loan,
     ) -> Landing {
         let (job, addr) = (self.clone(), addr.to_string());
         tokio::task::spawn_blocking(move || {
@@ -694,7 +699,8 @@ impl Job {
             };
             // Only now may another worker pick this chunk again (if it failed).
             job.sched().settle(index);
-            let landed = match written {
+            // The buffer goes back to the pool when `data` drops, after this.
+            match written {
                 Ok(Some(w)) => {
                     job.record(&addr, index, sent, data.len() as u64, w);
                     Landed::Kept
@@ -704,24 +710,22 @@ impl Job {
                     Landed::Corrupt(index)
                 }
                 Err(e) => job.fail(e),
-            };
-            (landed, data)
+            }
         })
     }
 
-    /// Waits until a chunk has landed; gives back its buffer for the next chunk, or `None`
-    /// when the download cannot go on (a write failed).
-    async fn land(&self, landing: Landing) -> Result<Option<ChunkBuf>, Fault> {
+    /// Waits until a chunk has landed; false when the download cannot go on (a write failed).
+    async fn land(&self, landing: Landing) -> Result<bool, Fault> {
         let landed = match landing.await {
-            Ok((Landed::Kept, data)) => return Ok(Some(data)),
-            Ok((landed, _)) => landed,
+            Ok(landed) => landed,
             Err(e) => self.fail(anyhow::anyhow!("write task failed: {e}")),
         };
         match landed {
+            Landed::Kept => Ok(true),
             Landed::Corrupt(index) => Err(Fault::Lied(format!(
                 "chunk {index} does not match its hash"
             ))),
-            _ => Ok(None),
+            Landed::Fatal => Ok(false),
         }
     }
 
@@ -771,7 +775,66 @@ struct Pending {
 }
 
 /// A received chunk being verified, written and booked on a blocking thread.
-type Landing = tokio::task::JoinHandle<(Landed, ChunkBuf)>;
+type Landing = tokio::task::JoinHandle<Landed>;
+
+/// The chunk buffers of one download: at most about [`BUFFER_BUDGET`] bytes of them exist at
+/// once, however many holders it talks to, and each is reused by later chunks.
+struct Buffers {
+    free: Mutex<Vec<ChunkBuf>>,
+    slots: Arc<Semaphore>,
+}
+
+/// A buffer on loan from [`Buffers`]; it goes back when dropped.
+struct Loan {
+    buf: ChunkBuf,
+    pool: Arc<Buffers>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Buffers {
+    fn new(chunk_size: u32) -> Buffers {
+        let count = (BUFFER_BUDGET / chunk_size as usize).max(MIN_BUFFERS);
+        Buffers {
+            free: Mutex::new(Vec::new()),
+            slots: Arc::new(Semaphore::new(count)),
+        }
+    }
+
+    /// Waits until a buffer may be used.
+    async fn lend(self: &Arc<Self>) -> Loan {
+        let slot = self.slots.clone().acquire_owned().await;
+        let buf = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        Loan {
+            buf: buf.unwrap_or_default(),
+            pool: self.clone(),
+            _slot: slot.expect("the semaphore is never closed"),
+        }
+    }
+}
+
+impl Drop for Loan {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        self.pool
+            .free
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(buf);
+    }
+}
+
+impl std::ops::Deref for Loan {
+    type Target = ChunkBuf;
+    fn deref(&self) -> &ChunkBuf {
+        &self.buf
+    }
+}
+
+impl std::ops::DerefMut for Loan {
+    fn deref_mut(&mut self) -> &mut ChunkBuf {
+        &mut self.buf
+    }
+}
 
 enum Landed {
     Kept,
@@ -798,6 +861,26 @@ fn without(b: &Bitfield, index: u32) -> Bitfield {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[tokio::test]
+    async fn a_download_holds_a_bounded_number_of_chunk_buffers_and_reuses_them() {
+        let pool = Arc::new(Buffers::new(64 << 20));
+        let mut loans = Vec::new();
+        for _ in 0..MIN_BUFFERS {
+            let mut loan = pool.lend().await;
+            loan.reset(4096);
+            loans.push(loan);
+        }
+        assert_eq!(pool.slots.available_permits(), 0, "a fourth could be lent");
+        let returned = loans.pop().expect("lent").as_ptr();
+        assert_eq!(
+            pool.lend().await.as_ptr(),
+            returned,
+            "a new buffer, not the one returned"
+        );
+        let small = Buffers::new(4096);
+        assert_eq!(small.slots.available_permits(), BUFFER_BUDGET / 4096);
+    }
 
     fn bits(v: &[bool]) -> Bitfield {
         let mut b = Bitfield::new(v.len());
