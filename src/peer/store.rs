@@ -178,18 +178,25 @@ impl StoredFile {
             return Ok(Written::Duplicate);
         }
         let (offset, _) = self.info.chunk_span(index);
-        let file = match &self.direct {
+        let buffered = || self.file.write_all_at(data, offset);
+        let written = match &self.direct {
             Some(direct)
                 if aligned(data.as_ptr() as usize)
                     && aligned(data.len())
                     && aligned(offset as usize) =>
             {
+                // A file system may accept O_DIRECT at open and still refuse this write (a
+                // larger logical block size, some overlay set-ups): take the page cache then.
                 direct
+                    .write_all_at(data, offset)
+                    .or_else(|e| match e.raw_os_error() {
+                        Some(libc::EINVAL) => buffered(),
+                        _ => Err(e),
+                    })
             }
-            _ => &self.file,
+            _ => buffered(),
         };
-        file.write_all_at(data, offset)
-            .with_context(|| format!("cannot write chunk {index} of {:?}", self.info.name))?;
+        written.with_context(|| format!("cannot write chunk {index} of {:?}", self.info.name))?;
         let mut p = self.lock();
         if !p.have.set(index as usize) {
             return Ok(Written::Duplicate);
