@@ -12,10 +12,13 @@ use std::fmt;
 /// The protocol version this build speaks. A frame with another `v` gets `unsupported_version`.
 pub const VERSION: u32 = 1;
 
-/// Longest file name, in bytes of UTF-8.
-pub const MAX_NAME_BYTES: usize = 255;
+/// Longest file name (a relative path), in bytes of UTF-8.
+pub const MAX_NAME_BYTES: usize = 1024;
 
-/// The message numbers. 1-4 and 6 go to the tracker; 5 goes to a peer; 7 is the lease renewal.
+/// Longest component of a file name (between two `/`), in bytes of UTF-8.
+pub const MAX_COMPONENT_BYTES: usize = 255;
+
+/// The message numbers. 1-4, 6 and 8 go to the tracker; 5 goes to a peer; 7 is the lease renewal.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Msg {
     Register = 1,
@@ -25,6 +28,7 @@ pub enum Msg {
     ChunkRequest = 5,
     Leave = 6,
     Announce = 7,
+    Withdraw = 8,
 }
 
 impl Msg {
@@ -37,6 +41,7 @@ impl Msg {
             5 => Msg::ChunkRequest,
             6 => Msg::Leave,
             7 => Msg::Announce,
+            8 => Msg::Withdraw,
             _ => return None,
         })
     }
@@ -51,6 +56,7 @@ impl Msg {
             Msg::ChunkRequest => "chunk_request",
             Msg::Leave => "leave",
             Msg::Announce => "announce",
+            Msg::Withdraw => "withdraw",
         }
     }
 }
@@ -67,7 +73,7 @@ pub enum ErrorCode {
     UnknownMsg,
     /// The line exceeded the receiver's maximum frame size; the connection is closed.
     FrameTooLong,
-    /// A file name that is not a single safe path component.
+    /// A file name that is not a safe relative path (see [`validate_name`]).
     InvalidName,
     /// Missing or wrong cluster secret.
     Unauthorized,
@@ -77,7 +83,8 @@ pub enum ErrorCode {
     Forbidden,
     /// No such file in the swarm (tracker) or not shared by this peer (peer).
     UnknownFile,
-    /// Same name already registered with different content.
+    /// No longer sent: the same name with different content is a new version of that name.
+    /// Kept so that a client written to the first revision still decodes every code.
     Conflict,
     /// A chunk index or a bitfield that does not fit the file.
     OutOfRange,
@@ -134,8 +141,9 @@ impl Refusal {
     }
 }
 
-/// A 32-byte BLAKE3 hash; hex on the wire.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+/// A 32-byte BLAKE3 hash; hex on the wire. Ordered by its bytes, which is the order of its
+/// lowercase hex form.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Hash(pub [u8; 32]);
 
 impl Hash {
@@ -245,30 +253,59 @@ impl FileInfo {
     }
 }
 
-/// Checks that `name` is a single safe path component; the reason is a sentence.
+/// Checks that `name` is a safe relative path: `/`-separated components, each non-empty, not
+/// starting with `.` (so no `.`, `..` or hidden names), free of `\` and control characters (NUL
+/// included), and no longer than the limits. The reason for a refusal is a sentence.
 pub fn validate_name(name: &str) -> Result<(), Refusal> {
-    let bad = |why: &str| {
+    let bad = |why: String| {
         Err(Refusal::new(
             ErrorCode::InvalidName,
             format!("name {name:?} {why}"),
         ))
     };
     if name.is_empty() {
-        return bad("is empty");
+        return bad("is empty".into());
     }
     if name.len() > MAX_NAME_BYTES {
-        return bad(&format!("is longer than {MAX_NAME_BYTES} bytes"));
+        return bad(format!("is longer than {MAX_NAME_BYTES} bytes"));
     }
-    if name.starts_with('.') {
-        return bad("starts with '.' (hidden, '.' and '..' names are reserved)");
+    if name.starts_with('/') {
+        return bad("is absolute (starts with '/'); names are relative paths".into());
     }
-    if let Some(c) = name
-        .chars()
-        .find(|&c| c == '/' || c == '\\' || c.is_control())
-    {
-        return bad(&format!("contains {c:?}"));
+    for component in name.split('/') {
+        if let Err(why) = check_component(component) {
+            return bad(why);
+        }
     }
     Ok(())
+}
+
+/// One path component of a name: the reason it is unsafe, if it is.
+fn check_component(component: &str) -> Result<(), String> {
+    if component.is_empty() {
+        return Err("has an empty component (a doubled or trailing '/')".into());
+    }
+    if component.len() > MAX_COMPONENT_BYTES {
+        return Err(format!(
+            "has a component longer than {MAX_COMPONENT_BYTES} bytes"
+        ));
+    }
+    if component.starts_with('.') {
+        return Err(format!(
+            "has a component starting with '.' ({component:?}: hidden, '.' and '..' are refused)"
+        ));
+    }
+    if let Some(c) = component.chars().find(|&c| c == '\\' || c.is_control()) {
+        return Err(format!("contains {c:?}"));
+    }
+    Ok(())
+}
+
+/// The key that orders the versions of one name: the higher `published` stamp is newer, and
+/// between equal stamps the higher digest. Every tracker and peer computes the same total order,
+/// so the newest version survives a tracker restart once the peers have registered again.
+pub fn version_key(published: u64, digest: Hash) -> (u64, Hash) {
+    (published, digest)
 }
 
 /// Whether a presented secret (or token) matches the expected one; no expected secret admits
@@ -438,6 +475,11 @@ pub struct Register {
 pub struct FileOffer {
     #[serde(flatten)]
     pub info: FileInfo,
+    /// The publisher's version stamp, milliseconds since the Unix epoch (a seeder uses the
+    /// file's mtime; a follower keeps the stamp of the version it downloaded). Absent means 0,
+    /// older than any stamped version.
+    #[serde(default)]
+    pub published: u64,
     pub hashes: HashList,
     /// Chunks held; absent means all of them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -472,6 +514,15 @@ pub struct FileList {
     /// The cluster secret, when the tracker has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret: Option<String>,
+    /// List every version of every name (newest first within a name) instead of only the
+    /// newest version of each name.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub versions: bool,
+}
+
+/// Lets a `false` flag stay off the wire, so a request without it reads as before.
+fn is_false(flag: &bool) -> bool {
+    !flag
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -488,12 +539,21 @@ pub struct FileSummary {
     pub peers: u64,
     /// Peers holding every chunk.
     pub seeders: u64,
+    /// The version's stamp (see [`FileOffer::published`]).
+    #[serde(default)]
+    pub published: u64,
+    /// Whether this is the newest version of its name (see [`version_key`]).
+    #[serde(default)]
+    pub latest: bool,
 }
 
 /// 3 file locations: who holds which chunks of `file`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Locations {
     pub file: String,
+    /// The version wanted; absent means the newest version of `file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<Hash>,
     /// Also send the chunk hash list (needed once per download).
     #[serde(default)]
     pub hashes: bool,
@@ -510,7 +570,11 @@ pub struct Locations {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LocationsReply {
+    /// The version answered: its digest is the one asked for, or the newest one's.
     pub file: FileInfo,
+    /// That version's stamp.
+    #[serde(default)]
+    pub published: u64,
     pub chunks: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hashes: Option<HashList>,
@@ -532,6 +596,9 @@ pub struct ChunkRegister {
     pub peer_id: u64,
     pub token: String,
     pub file: String,
+    /// The version the chunks belong to; absent means the newest version of `file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<Hash>,
     pub chunks: Vec<u32>,
 }
 
@@ -546,6 +613,10 @@ pub struct ChunksRecorded {
 pub struct ChunkRequest {
     pub file: String,
     pub index: u32,
+    /// The version wanted; absent means the version this peer offers under `file`. A peer
+    /// holding another version answers `unknown_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<Hash>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret: Option<String>,
 }
@@ -565,7 +636,17 @@ pub struct PeerAuth {
     pub token: String,
 }
 
-/// Reply to 6 and 7.
+/// 8 withdraw: this peer no longer holds this version of `file`. A version no peer holds
+/// leaves the index. The reply is [`Acknowledged`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Withdraw {
+    pub peer_id: u64,
+    pub token: String,
+    pub file: String,
+    pub digest: Hash,
+}
+
+/// Reply to 6, 7 and 8.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Acknowledged {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -599,6 +680,7 @@ mod tests {
     fn every_message_round_trips() {
         let offer = FileOffer {
             info: info(),
+            published: 1_700_000_000_000,
             hashes: HashList(vec![Hash([1; 32]); 3]),
             have: Some(WireBits(vec![0xa0])),
         };
@@ -615,12 +697,14 @@ mod tests {
             Msg::FileList,
             FileList {
                 secret: Some("s".into()),
+                versions: true,
             },
         );
         round_trip(
             Msg::Locations,
             Locations {
                 file: "a".into(),
+                digest: Some(Hash([4; 32])),
                 hashes: true,
                 peer_id: Some(3),
                 want: Some(5),
@@ -633,6 +717,7 @@ mod tests {
                 peer_id: 1,
                 token: "t".into(),
                 file: "a".into(),
+                digest: Some(Hash([4; 32])),
                 chunks: vec![0, 2],
             },
         );
@@ -641,6 +726,7 @@ mod tests {
             ChunkRequest {
                 file: "a".into(),
                 index: 4,
+                digest: Some(Hash([4; 32])),
                 secret: None,
             },
         );
@@ -655,6 +741,7 @@ mod tests {
             Msg::Locations,
             LocationsReply {
                 file: info(),
+                published: 1_700_000_000_000,
                 chunks: 3,
                 hashes: None,
                 total_peers: 1,
@@ -663,6 +750,28 @@ mod tests {
                     name: "p".into(),
                     have: WireBits(vec![0xe0]),
                 }],
+            },
+        );
+        round_trip(
+            Msg::FileList,
+            FileListReply {
+                files: vec![FileSummary {
+                    info: info(),
+                    chunks: 3,
+                    peers: 2,
+                    seeders: 1,
+                    published: 1_700_000_000_000,
+                    latest: true,
+                }],
+            },
+        );
+        round_trip(
+            Msg::Withdraw,
+            Withdraw {
+                peer_id: 9,
+                token: "t".into(),
+                file: "models/a.bin".into(),
+                digest: Hash([4; 32]),
             },
         );
         round_trip(
@@ -746,26 +855,108 @@ mod tests {
         );
     }
 
-    #[test]
-    fn names_must_be_one_safe_component() {
-        for bad in [
-            "",
-            "../x",
-            "/etc/passwd",
-            "a/b",
-            "a\\b",
-            "nul\0",
-            "tab\t",
-            ".hidden",
-            "..",
-            ".",
-        ] {
-            assert!(validate_name(bad).is_err(), "{bad:?} accepted");
+    fn refused_because(name: &str) -> String {
+        match validate_name(name) {
+            Err(r) => {
+                assert_eq!(r.code, ErrorCode::InvalidName, "{name:?}");
+                r.message
+            }
+            Ok(()) => panic!("{name:?} accepted"),
         }
-        assert!(validate_name(&"x".repeat(256)).is_err());
-        for good in ["movie.bin", "a b", "été.txt", "x".repeat(255).as_str()] {
+    }
+
+    #[test]
+    fn names_are_relative_paths_of_safe_components() {
+        for good in [
+            "movie.bin",
+            "a b",
+            "été.txt",
+            "models/llama-3/shard-00001.safetensors",
+            "a/b..c",
+        ] {
             assert!(validate_name(good).is_ok(), "{good:?} refused");
         }
+    }
+
+    #[test]
+    fn names_refuse_empty_and_absolute_paths() {
+        assert!(refused_because("").contains("empty"));
+        assert!(refused_because("/etc/passwd").contains("absolute"));
+    }
+
+    #[test]
+    fn names_refuse_empty_components() {
+        for bad in ["a//b", "a/", "a/b/"] {
+            assert!(refused_because(bad).contains("empty component"), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn names_refuse_dot_components() {
+        for bad in [
+            "..", ".", ".hidden", "../x", "a/../b", "a/./b", "a/.b", "a/..",
+        ] {
+            assert!(
+                refused_because(bad).contains("starting with '.'"),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn names_refuse_backslashes_and_control_characters() {
+        for bad in [
+            "a\\b",
+            "x\\..",
+            "nul\0",
+            "a/nul\0b",
+            "tab\t",
+            "line\nbreak",
+            "del\u{7f}",
+        ] {
+            assert!(refused_because(bad).contains("contains"), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn names_and_components_are_bounded() {
+        let component = "x".repeat(MAX_COMPONENT_BYTES);
+        assert!(validate_name(&component).is_ok());
+        assert!(refused_because(&format!("{component}x")).contains("component longer"));
+        let path = vec![component.as_str(); 4].join("/");
+        assert_eq!(path.len(), MAX_NAME_BYTES - 4 + 3);
+        assert!(validate_name(&path).is_ok());
+        let long = format!("{path}/abcdefg");
+        assert!(long.len() > MAX_NAME_BYTES);
+        assert!(refused_because(&long).contains("longer than 1024"));
+    }
+
+    #[test]
+    fn newer_versions_have_higher_stamps_then_higher_digests() {
+        let old = version_key(1_000, Hash([9; 32]));
+        let new = version_key(2_000, Hash([1; 32]));
+        assert!(new > old, "a later stamp wins over a higher digest");
+        let low = version_key(5, Hash([1; 32]));
+        let high = version_key(5, Hash([2; 32]));
+        assert!(high > low, "equal stamps: the higher digest wins");
+        let a = Hash::from_hex(&format!("0f{}", "0".repeat(62))).unwrap();
+        let b = Hash::from_hex(&format!("a0{}", "0".repeat(62))).unwrap();
+        assert_eq!(a < b, a.to_hex() < b.to_hex(), "digest order is hex order");
+    }
+
+    #[test]
+    fn fields_added_in_revision_two_are_optional_on_the_wire() {
+        let old_list = br#"{"v":1,"msg":2}"#;
+        assert!(!decode_body::<FileList>(old_list).unwrap().versions);
+        let old_locate = br#"{"v":1,"msg":3,"file":"a"}"#;
+        assert_eq!(decode_body::<Locations>(old_locate).unwrap().digest, None);
+        let old_request = br#"{"v":1,"msg":5,"file":"a","index":0}"#;
+        assert_eq!(
+            decode_body::<ChunkRequest>(old_request).unwrap().digest,
+            None
+        );
+        let unflagged = encode_request(Msg::FileList, &FileList::default());
+        assert_eq!(unflagged, br#"{"v":1,"msg":2}"#.to_vec());
     }
 
     #[test]
@@ -818,7 +1009,7 @@ mod tests {
 
         #[test]
         fn chunk_register_round_trips(id in any::<u64>(), chunks in proptest::collection::vec(any::<u32>(), 0..50)) {
-            let body = ChunkRegister { peer_id: id, token: "t".into(), file: "f".into(), chunks };
+            let body = ChunkRegister { peer_id: id, token: "t".into(), file: "f".into(), digest: None, chunks };
             let line = encode_request(Msg::ChunkRegister, &body);
             prop_assert_eq!(decode_body::<ChunkRegister>(&line).unwrap(), body);
         }

@@ -352,6 +352,7 @@ fn reencode_request(msg: Msg, line: &[u8]) -> Result<Vec<u8>, Refusal> {
         Msg::ChunkRegister => encode_request(msg, &decode_body::<ChunkRegister>(line)?),
         Msg::ChunkRequest => encode_request(msg, &decode_body::<ChunkRequest>(line)?),
         Msg::Leave | Msg::Announce => encode_request(msg, &decode_body::<PeerAuth>(line)?),
+        Msg::Withdraw => encode_request(msg, &decode_body::<Withdraw>(line)?),
     })
 }
 
@@ -362,7 +363,9 @@ fn reencode_reply(msg: Msg, line: &[u8]) -> Result<Vec<u8>, Refusal> {
         Msg::Locations => encode_reply(msg, &decode_reply::<LocationsReply>(msg, line)?),
         Msg::ChunkRegister => encode_reply(msg, &decode_reply::<ChunksRecorded>(msg, line)?),
         Msg::ChunkRequest => encode_reply(msg, &decode_reply::<ChunkHeader>(msg, line)?),
-        Msg::Leave | Msg::Announce => encode_reply(msg, &decode_reply::<Acknowledged>(msg, line)?),
+        Msg::Leave | Msg::Announce | Msg::Withdraw => {
+            encode_reply(msg, &decode_reply::<Acknowledged>(msg, line)?)
+        }
     })
 }
 

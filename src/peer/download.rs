@@ -583,6 +583,7 @@ impl Job {
                 let req = ChunkRequest {
                     file: self.name().to_string(),
                     index,
+                    digest: None,
                     secret: cfg.secret.clone(),
                 };
                 conn.write_line(&encode_request(Msg::ChunkRequest, &req))

@@ -239,6 +239,7 @@ impl Peer {
             peer_id: s.peer_id,
             token: s.token,
             file: file.to_string(),
+            digest: None,
             chunks,
         };
         let reply: crate::protocol::ChunksRecorded =
@@ -391,6 +392,7 @@ fn offer(f: &StoredFile) -> Option<FileOffer> {
     let have = (!have.is_full()).then(|| WireBits::from(&have));
     Some(FileOffer {
         info: f.info.clone(),
+        published: 0,
         hashes: (*f.hashes).clone(),
         have,
     })

@@ -64,6 +64,7 @@ impl TrackerClient {
     pub async fn file_list(&self) -> Result<FileListReply, TrackerError> {
         let req = FileList {
             secret: self.secret.clone(),
+            versions: false,
         };
         self.request(Msg::FileList, &req).await
     }
@@ -77,6 +78,7 @@ impl TrackerClient {
     ) -> Result<LocationsReply, TrackerError> {
         let req = Locations {
             file: file.to_string(),
+            digest: None,
             hashes,
             peer_id: exclude,
             want: None,

@@ -161,6 +161,7 @@ impl Tracker {
                 encode_reply(msg, &ack)
             }
             Msg::Announce => encode_reply(msg, &self.state.announce(&decode_body(line)?, now)?),
+            Msg::Withdraw => encode_reply(msg, &self.state.withdraw(&decode_body(line)?, now)?),
             Msg::ChunkRequest => {
                 return Err(Refusal::new(
                     ErrorCode::UnknownMsg,

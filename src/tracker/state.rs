@@ -9,8 +9,8 @@ use crate::bitfield::{Bitfield, WireBits};
 use crate::chunking::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 use crate::protocol::{
     secret_matches, validate_name, Acknowledged, ChunkRegister, ChunksRecorded, ErrorCode,
-    FileInfo, FileList, FileListReply, FileOffer, FileSummary, FileVerdict, HashList, Holder,
-    Locations, LocationsReply, PeerAuth, Refusal, Register, Registered,
+    FileInfo, FileList, FileListReply, FileOffer, FileSummary, FileVerdict, Hash, HashList, Holder,
+    Locations, LocationsReply, PeerAuth, Refusal, Register, Registered, Withdraw,
 };
 use rand::seq::SliceRandom;
 use rand::Rng;
@@ -329,6 +329,8 @@ impl TrackerState {
                 chunks: f.info.chunks(),
                 peers: f.holders.len() as u64,
                 seeders: f.holders.iter().filter(|(_, h)| h.is_full()).count() as u64,
+                published: 0,
+                latest: true,
             })
             .collect();
         files.sort_by(|a, b| a.info.name.cmp(&b.info.name));
@@ -370,6 +372,7 @@ impl TrackerState {
             .collect();
         Ok(LocationsReply {
             file: file.info.clone(),
+            published: 0,
             chunks: file.info.chunks(),
             hashes: req.hashes.then(|| HashList::clone(&file.hashes)),
             total_peers,
@@ -409,6 +412,23 @@ impl TrackerState {
         let mut ix = self.lock();
         authorised(&mut ix, req.peer_id, &req.token)?;
         remove_peer(&mut ix, req.peer_id);
+        Ok(Acknowledged {
+            announce_interval_ms: None,
+        })
+    }
+
+    /// 8 withdraw: the peer no longer holds this version; a version nobody holds leaves.
+    pub fn withdraw(&self, req: &Withdraw, now: Instant) -> Result<Acknowledged, Refusal> {
+        let lease = self.lease(now);
+        let mut ix = self.lock();
+        authorised(&mut ix, req.peer_id, &req.token)?.expires = lease;
+        let id = match ix.file(&req.file) {
+            Some((id, file)) if file.info.digest == req.digest => id,
+            _ => return Err(unknown_version(&req.file, req.digest)),
+        };
+        release(&mut ix, req.peer_id, id);
+        let peer = ix.peers.get_mut(&req.peer_id).expect("authorised above");
+        peer.files.retain(|&held| held != id);
         Ok(Acknowledged {
             announce_interval_ms: None,
         })
@@ -455,6 +475,14 @@ fn unknown_file(name: &str) -> Refusal {
     Refusal::new(ErrorCode::UnknownFile, format!("no peer shares {name:?}"))
 }
 
+fn unknown_version(name: &str, digest: Hash) -> Refusal {
+    let why = format!(
+        "no peer shares version {} of {name:?}: list the versions with message 2 (versions: true)",
+        digest.to_hex()
+    );
+    Refusal::new(ErrorCode::UnknownFile, why)
+}
+
 fn authorised<'a>(
     ix: &'a mut Index,
     peer_id: u64,
@@ -477,11 +505,16 @@ fn remove_peer(ix: &mut Index, peer_id: u64) {
         return;
     };
     for id in peer.files {
-        if let Some(file) = ix.files.get_mut(&id) {
-            file.holders.remove(peer_id);
-            if file.holders.is_empty() {
-                ix.remove_file(id);
-            }
+        release(ix, peer_id, id);
+    }
+}
+
+/// Drops `peer_id` from the holders of file `id`; the file leaves with its last holder.
+fn release(ix: &mut Index, peer_id: u64, id: u32) {
+    if let Some(file) = ix.files.get_mut(&id) {
+        file.holders.remove(peer_id);
+        if file.holders.is_empty() {
+            ix.remove_file(id);
         }
     }
 }
@@ -567,7 +600,6 @@ pub fn sample_holders<'a, T: Copy, R: Rng>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::Hash;
 
     fn state() -> TrackerState {
         let limits = IndexLimits {
@@ -594,6 +626,7 @@ mod tests {
         };
         FileOffer {
             info,
+            published: 0,
             hashes,
             have: None,
         }
@@ -620,6 +653,7 @@ mod tests {
     fn locate(s: &TrackerState, file: &str) -> LocationsReply {
         s.locations(&Locations {
             file: file.into(),
+            digest: None,
             hashes: true,
             peer_id: None,
             want: None,
@@ -681,6 +715,7 @@ mod tests {
             peer_id: leecher.peer_id,
             token: "wrong".into(),
             file: "a".into(),
+            digest: None,
             chunks: vec![1],
         };
         assert_eq!(
@@ -853,6 +888,7 @@ mod tests {
         assert_eq!(
             s.locations(&Locations {
                 file: "a".into(),
+                digest: None,
                 hashes: false,
                 peer_id: None,
                 want: None,
@@ -879,6 +915,7 @@ mod tests {
             peer_id: r.peer_id,
             token: r.token.clone(),
             file: "a".into(),
+            digest: None,
             chunks: vec![1],
         };
         assert_eq!(s.chunk_register(&req, Instant::now()).unwrap().recorded, 1);
@@ -911,6 +948,7 @@ mod tests {
             peer_id: r.peer_id,
             token: r.token,
             file: "a".into(),
+            digest: None,
             chunks: vec![],
         };
         assert_eq!(s.chunk_register(&req, Instant::now()).unwrap().recorded, 0);

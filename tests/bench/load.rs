@@ -54,6 +54,7 @@ impl Catalog {
                 };
                 FileOffer {
                     info,
+                    published: 0,
                     hashes,
                     have: None,
                 }
@@ -469,6 +470,7 @@ impl Client {
                         peer_id: s.peer_id,
                         token: s.token.clone(),
                         file: catalog.name(file).to_string(),
+                        digest: None,
                         chunks: chunks.collect(),
                     };
                     out.push((
@@ -481,6 +483,7 @@ impl Client {
             if j < plan.locations {
                 let req = Locations {
                     file: catalog.name((index + j) % catalog.files.len()).to_string(),
+                    digest: None,
                     hashes: false,
                     peer_id: sessions[0].as_ref().map(|s| s.peer_id),
                     want: plan.locations_want,

@@ -370,6 +370,7 @@ pub fn offer_for(path: &Path, chunk_size: u32) -> Value {
     let (info, hashes) = shoal::chunking::hash_file(path, name, Some(chunk_size)).unwrap();
     serde_json::to_value(shoal::protocol::FileOffer {
         info,
+        published: 0,
         hashes,
         have: None,
     })
