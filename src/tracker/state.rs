@@ -1,5 +1,7 @@
-//! The tracker's index: file -> {metadata, peer -> chunks held} and peer -> {name, address,
-//! token, lease}. Soft state only: it is rebuilt from peer registrations after a restart.
+//! The tracker's index: file version (name, digest) -> {metadata, stamp, peer -> chunks held},
+//! name -> its versions newest first, and peer -> {name, address, token, lease}. Soft state
+//! only: it is rebuilt from peer registrations after a restart, newest version included, because
+//! the order comes from the stamps the peers send (see [`version_key`]).
 //!
 //! One std `Mutex` guards the index. Every operation holds it for microseconds and never across
 //! an `.await` (there is none in this module), which is why a blocking mutex is right here.
@@ -8,7 +10,7 @@ use super::holders::Holders;
 use crate::bitfield::{Bitfield, WireBits};
 use crate::chunking::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 use crate::protocol::{
-    secret_matches, validate_name, Acknowledged, ChunkRegister, ChunksRecorded, ErrorCode,
+    secret_matches, validate_name, version_key, Acknowledged, ChunkRegister, ChunksRecorded, ErrorCode,
     FileInfo, FileList, FileListReply, FileOffer, FileSummary, FileVerdict, Hash, HashList, Holder,
     Locations, LocationsReply, PeerAuth, Refusal, Register, Registered, Withdraw,
 };
@@ -41,8 +43,10 @@ pub struct TrackerState {
 
 #[derive(Default)]
 struct Index {
-    /// File name -> id. Peers list the files they hold by id: 4 bytes each instead of a name.
-    file_ids: HashMap<String, u32>,
+    /// File name -> ids of its versions, newest first. A name has few versions at once, so a
+    /// version is found by its digest with a short scan. Peers list the versions they hold by
+    /// id: 4 bytes each instead of a name and a digest.
+    names: HashMap<String, Vec<u32>>,
     files: HashMap<u32, FileEntry>,
     /// Ids of files that left the index, given to new files first: ids stay below the number
     /// of files indexed at once, so they fit a u32.
@@ -52,34 +56,66 @@ struct Index {
 }
 
 impl Index {
-    fn file(&self, name: &str) -> Option<(u32, &FileEntry)> {
-        let id = *self.file_ids.get(name)?;
+    /// Version `digest` of `name`, or its newest version when `digest` is `None`.
+    fn file(&self, name: &str, digest: Option<Hash>) -> Option<(u32, &FileEntry)> {
+        let versions = self.names.get(name)?;
+        let id = match digest {
+            None => *versions.first()?,
+            Some(d) => *versions.iter().find(|id| self.files[id].info.digest == d)?,
+        };
         Some((id, &self.files[&id]))
     }
 
-    /// Indexes a file nobody holds yet; returns its id.
+    /// Indexes a version nobody holds yet; returns its id.
     fn add_file(&mut self, file: FileEntry) -> u32 {
         // With none free, ids in use are exactly 0..files.len().
         let id = self.free_file_ids.pop().unwrap_or_else(|| {
             u32::try_from(self.files.len()).expect("fewer than 2^32 files indexed")
         });
-        self.file_ids.insert(file.info.name.clone(), id);
+        let name = file.info.name.clone();
         self.files.insert(id, file);
+        self.names.entry(name.clone()).or_default().push(id);
+        self.sort_versions(&name);
         id
     }
 
     fn remove_file(&mut self, id: u32) {
-        if let Some(file) = self.files.remove(&id) {
-            self.file_ids.remove(&file.info.name);
-            self.free_file_ids.push(id);
+        let Some(file) = self.files.remove(&id) else {
+            return;
+        };
+        self.free_file_ids.push(id);
+        let name = &file.info.name;
+        if let Some(versions) = self.names.get_mut(name) {
+            versions.retain(|&v| v != id);
+            if versions.is_empty() {
+                self.names.remove(name);
+            }
         }
+    }
+
+    /// Puts `name`'s versions back in order, newest first, after one was added or restamped.
+    fn sort_versions(&mut self, name: &str) {
+        let Some(versions) = self.names.get_mut(name) else {
+            return;
+        };
+        let files = &self.files;
+        versions.sort_unstable_by_key(|id| std::cmp::Reverse(files[id].version()));
     }
 }
 
 struct FileEntry {
     info: FileInfo,
+    /// The highest stamp any holder offered: a version published again (a rollback) becomes
+    /// the newest, and the result does not depend on the order peers register in.
+    published: u64,
     hashes: Arc<HashList>,
     holders: Holders,
+}
+
+impl FileEntry {
+    fn version(&self) -> (u64, Hash) {
+        version_key(self.published, self.info.digest)
+    }
 }
 
 struct PeerEntry {
@@ -223,22 +259,25 @@ impl TrackerState {
         }
     }
 
+    /// Indexes the offered version (a new digest under a known name is a new version, never a
+    /// conflict) and records the chunks the peer holds of it.
     fn accept_offer(&self, ix: &mut Index, peer_id: u64, offer: FileOffer) -> Result<(), Refusal> {
         let have = self.check_offer(&offer)?;
-        let existing = ix.file(&offer.info.name);
+        let existing = ix.file(&offer.info.name, Some(offer.info.digest));
         match existing {
             Some((_, existing)) if existing.info != offer.info => {
                 let why = format!(
-                    "{:?} is already shared with different content (size {}, digest {})",
+                    "version {} of {:?} is already indexed with size {} and chunk size {}",
+                    offer.info.digest.to_hex(),
                     offer.info.name,
                     existing.info.size,
-                    existing.info.digest.to_hex()
+                    existing.info.chunk_size
                 );
-                return Err(Refusal::new(ErrorCode::Conflict, why));
+                return Err(Refusal::new(ErrorCode::BadRequest, why));
             }
             None if ix.files.len() >= self.limits.max_files => {
                 let why = format!(
-                    "the tracker already indexes its limit of {} files",
+                    "the tracker already indexes its limit of {} file versions",
                     self.limits.max_files
                 );
                 return Err(Refusal::new(ErrorCode::LimitReached, why));
@@ -251,13 +290,18 @@ impl TrackerState {
         }
         let id = existing.map(|(id, _)| id);
         self.check_room(ix, peer_id, id)?;
-        let id = id.unwrap_or_else(|| {
-            ix.add_file(FileEntry {
+        let id = match id {
+            Some(id) => {
+                restamp(ix, id, offer.published);
+                id
+            }
+            None => ix.add_file(FileEntry {
                 holders: Holders::new(offer.info.chunks() as usize),
                 info: offer.info,
+                published: offer.published,
                 hashes: Arc::new(offer.hashes),
-            })
-        });
+            }),
+        };
         hold(ix, peer_id, id).union_with(&have);
         Ok(())
     }
@@ -317,23 +361,19 @@ impl TrackerState {
         Ok(())
     }
 
-    /// 2 file list.
+    /// 2 file list: by name, the newest version of each, or every version newest first.
     pub fn file_list(&self, req: &FileList) -> Result<FileListReply, Refusal> {
         self.admit(req.secret.as_deref(), "file list")?;
         let ix = self.lock();
-        let mut files: Vec<FileSummary> = ix
-            .files
-            .values()
-            .map(|f| FileSummary {
-                info: f.info.clone(),
-                chunks: f.info.chunks(),
-                peers: f.holders.len() as u64,
-                seeders: f.holders.iter().filter(|(_, h)| h.is_full()).count() as u64,
-                published: 0,
-                latest: true,
-            })
-            .collect();
-        files.sort_by(|a, b| a.info.name.cmp(&b.info.name));
+        let mut names: Vec<(&String, &Vec<u32>)> = ix.names.iter().collect();
+        names.sort_unstable_by_key(|(name, _)| name.as_str());
+        let shown = if req.versions { usize::MAX } else { 1 };
+        let mut files = Vec::with_capacity(names.len());
+        for (_, versions) in names {
+            for (rank, id) in versions.iter().take(shown).enumerate() {
+                files.push(summary(&ix.files[id], rank == 0));
+            }
+        }
         Ok(FileListReply { files })
     }
 
@@ -345,7 +385,9 @@ impl TrackerState {
             (w as usize).min(self.limits.max_holders)
         });
         let ix = self.lock();
-        let (_, file) = ix.file(&req.file).ok_or_else(|| unknown_file(&req.file))?;
+        let (_, file) = ix
+            .file(&req.file, req.digest)
+            .ok_or_else(|| unknown_file(&req.file, req.digest))?;
         let mut candidates: Vec<(u64, usize)> = file
             .holders
             .rows()
@@ -372,7 +414,7 @@ impl TrackerState {
             .collect();
         Ok(LocationsReply {
             file: file.info.clone(),
-            published: 0,
+            published: file.published,
             chunks: file.info.chunks(),
             hashes: req.hashes.then(|| HashList::clone(&file.hashes)),
             total_peers,
@@ -389,7 +431,9 @@ impl TrackerState {
         let lease = self.lease(now);
         let mut ix = self.lock();
         authorised(&mut ix, req.peer_id, &req.token)?.expires = lease;
-        let (id, file) = ix.file(&req.file).ok_or_else(|| unknown_file(&req.file))?;
+        let (id, file) = ix
+            .file(&req.file, req.digest)
+            .ok_or_else(|| unknown_file(&req.file, req.digest))?;
         let chunks = file.info.chunks();
         if let Some(bad) = req.chunks.iter().find(|&&i| u64::from(i) >= chunks) {
             let why = format!(
@@ -418,17 +462,18 @@ impl TrackerState {
     }
 
     /// 8 withdraw: the peer no longer holds this version; a version nobody holds leaves.
+    /// Withdrawing a version the peer is not listed for changes nothing and is acknowledged,
+    /// so a repeated withdraw is harmless.
     pub fn withdraw(&self, req: &Withdraw, now: Instant) -> Result<Acknowledged, Refusal> {
+        validate_name(&req.file)?;
         let lease = self.lease(now);
         let mut ix = self.lock();
         authorised(&mut ix, req.peer_id, &req.token)?.expires = lease;
-        let id = match ix.file(&req.file) {
-            Some((id, file)) if file.info.digest == req.digest => id,
-            _ => return Err(unknown_version(&req.file, req.digest)),
-        };
-        release(&mut ix, req.peer_id, id);
-        let peer = ix.peers.get_mut(&req.peer_id).expect("authorised above");
-        peer.files.retain(|&held| held != id);
+        if let Some((id, _)) = ix.file(&req.file, Some(req.digest)) {
+            release(&mut ix, req.peer_id, id);
+            let peer = ix.peers.get_mut(&req.peer_id).expect("authorised above");
+            peer.files.retain(|&held| held != id);
+        }
         Ok(Acknowledged {
             announce_interval_ms: None,
         })
@@ -471,15 +516,36 @@ fn hold(ix: &mut Index, peer_id: u64, id: u32) -> Bitfield<&mut [u8]> {
     holders.row_mut(peer_id)
 }
 
-fn unknown_file(name: &str) -> Refusal {
-    Refusal::new(ErrorCode::UnknownFile, format!("no peer shares {name:?}"))
+/// Raises version `id`'s stamp to `published` if that is higher, keeping its name's order.
+fn restamp(ix: &mut Index, id: u32, published: u64) {
+    let file = ix.files.get_mut(&id).expect("an indexed file");
+    if published > file.published {
+        file.published = published;
+        let name = file.info.name.clone();
+        ix.sort_versions(&name);
+    }
 }
 
-fn unknown_version(name: &str, digest: Hash) -> Refusal {
-    let why = format!(
-        "no peer shares version {} of {name:?}: list the versions with message 2 (versions: true)",
-        digest.to_hex()
-    );
+/// One line of the file list.
+fn summary(f: &FileEntry, latest: bool) -> FileSummary {
+    FileSummary {
+        info: f.info.clone(),
+        chunks: f.info.chunks(),
+        peers: f.holders.len() as u64,
+        seeders: f.holders.iter().filter(|(_, h)| h.is_full()).count() as u64,
+        published: f.published,
+        latest,
+    }
+}
+
+fn unknown_file(name: &str, digest: Option<Hash>) -> Refusal {
+    let why = match digest {
+        None => format!("no peer shares {name:?}"),
+        Some(d) => format!(
+            "no peer shares version {} of {name:?} (message 2 with \"versions\":true lists the versions)",
+            d.to_hex()
+        ),
+    };
     Refusal::new(ErrorCode::UnknownFile, why)
 }
 
@@ -675,13 +741,212 @@ mod tests {
         assert_eq!(loc.hashes.unwrap().0.len(), 4);
     }
 
+    /// `file` with the publisher's stamp `published`.
+    fn stamped(published: u64, file: FileOffer) -> FileOffer {
+        FileOffer { published, ..file }
+    }
+
+    fn locate_version(s: &TrackerState, file: &str, digest: Hash) -> Result<LocationsReply, Refusal> {
+        s.locations(&Locations {
+            file: file.into(),
+            digest: Some(digest),
+            hashes: false,
+            peer_id: None,
+            want: None,
+            secret: None,
+        })
+    }
+
+    /// (digest, published, latest) of each entry of the file list.
+    fn listed(s: &TrackerState, versions: bool) -> Vec<(String, Hash, u64, bool)> {
+        let req = FileList {
+            secret: None,
+            versions,
+        };
+        let reply = s.file_list(&req).unwrap();
+        reply
+            .files
+            .into_iter()
+            .map(|f| (f.info.name, f.info.digest, f.published, f.latest))
+            .collect()
+    }
+
     #[test]
-    fn same_name_different_content_is_a_conflict() {
+    fn same_name_different_content_is_a_new_version_and_the_later_stamp_is_newest() {
         let s = state();
-        register(&s, "one", 1, vec![offer("a", 1, 4)]);
-        let r = register(&s, "two", 2, vec![offer("a", 9, 4), offer("b", 1, 2)]);
-        assert_eq!(r.files[0].error, Some(ErrorCode::Conflict));
-        assert!(r.files[1].accepted);
+        let (old, new) = (stamped(1_000, offer("a", 1, 4)), stamped(2_000, offer("a", 9, 4)));
+        register(&s, "one", 1, vec![new.clone()]);
+        let r = register(&s, "two", 2, vec![old.clone(), offer("b", 1, 2)]);
+        assert!(r.files.iter().all(|f| f.accepted), "{:?}", r.files);
+        let newest = locate(&s, "a");
+        assert_eq!((newest.file.digest, newest.published), (new.info.digest, 2_000));
+        assert_eq!(newest.peers[0].name, "one");
+        let older = locate_version(&s, "a", old.info.digest).unwrap();
+        assert_eq!((older.published, older.peers[0].name.as_str()), (1_000, "two"));
+        assert_eq!(s.sizes().files, 3, "each version counts as a file");
+    }
+
+    #[test]
+    fn equal_stamps_are_ordered_by_the_higher_digest() {
+        let s = state();
+        let (x, y) = (stamped(5, offer("a", 1, 4)), stamped(5, offer("a", 2, 4)));
+        let higher = x.info.digest.max(y.info.digest);
+        register(&s, "x", 1, vec![x]);
+        register(&s, "y", 2, vec![y]);
+        assert_eq!(locate(&s, "a").file.digest, higher);
+    }
+
+    #[test]
+    fn the_file_list_shows_the_newest_version_or_every_version_newest_first() {
+        let s = state();
+        let versions = [(3_000, 3), (1_000, 1), (2_000, 2)].map(|(t, c)| stamped(t, offer("a", c, 4)));
+        let digest = |i: usize| versions[i].info.digest;
+        register(&s, "p", 1, versions.to_vec());
+        register(&s, "q", 2, vec![offer("b", 7, 1)]);
+        let b = offer("b", 7, 1).info.digest;
+        assert_eq!(
+            listed(&s, false),
+            [("a".into(), digest(0), 3_000, true), ("b".into(), b, 0, true)]
+        );
+        assert_eq!(
+            listed(&s, true),
+            [
+                ("a".into(), digest(0), 3_000, true),
+                ("a".into(), digest(2), 2_000, false),
+                ("a".into(), digest(1), 1_000, false),
+                ("b".into(), b, 0, true),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_restarted_tracker_rebuilds_the_same_newest_from_re_registrations() {
+        let offers = [
+            stamped(2_000, offer("a", 1, 4)),
+            stamped(9_000, offer("a", 2, 4)),
+            stamped(9_000, offer("a", 3, 4)),
+            stamped(4_000, offer("a", 4, 4)),
+        ];
+        let newest = |order: &[usize]| {
+            let s = state();
+            for (port, &i) in order.iter().enumerate() {
+                register(&s, "p", port as u16 + 1, vec![offers[i].clone()]);
+            }
+            locate(&s, "a").file.digest
+        };
+        let before = newest(&[0, 1, 2, 3]);
+        for order in [[3, 2, 1, 0], [1, 3, 0, 2], [2, 0, 3, 1]] {
+            assert_eq!(newest(&order), before, "registered in order {order:?}");
+        }
+    }
+
+    #[test]
+    fn a_version_offered_again_with_a_later_stamp_becomes_newest() {
+        let s = state();
+        let (old, new) = (stamped(1_000, offer("a", 1, 4)), stamped(2_000, offer("a", 2, 4)));
+        register(&s, "p", 1, vec![old.clone(), new]);
+        register(&s, "q", 2, vec![stamped(3_000, old.clone())]);
+        let newest = locate(&s, "a");
+        assert_eq!((newest.file.digest, newest.published), (old.info.digest, 3_000));
+        register(&s, "r", 3, vec![stamped(500, old.clone())]);
+        assert_eq!(locate(&s, "a").published, 3_000, "a stamp never goes down");
+    }
+
+    #[test]
+    fn withdraw_removes_the_holder_and_a_version_nobody_holds_leaves() {
+        let s = state();
+        let (old, new) = (stamped(1_000, offer("a", 1, 4)), stamped(2_000, offer("a", 2, 4)));
+        let p = register(&s, "p", 1, vec![old.clone(), new.clone()]);
+        register(&s, "q", 2, vec![new.clone()]);
+        let withdraw = |file: &FileOffer, token: &str| {
+            s.withdraw(
+                &Withdraw {
+                    peer_id: p.peer_id,
+                    token: token.into(),
+                    file: file.info.name.clone(),
+                    digest: file.info.digest,
+                },
+                Instant::now(),
+            )
+        };
+        assert_eq!(withdraw(&new, "wrong").unwrap_err().code, ErrorCode::Forbidden);
+        withdraw(&new, &p.token).unwrap();
+        assert_eq!(locate(&s, "a").peers.len(), 1, "q still holds the newest");
+        assert_eq!(locate(&s, "a").peers[0].name, "q");
+        withdraw(&old, &p.token).unwrap();
+        let gone = locate_version(&s, "a", old.info.digest).unwrap_err();
+        assert_eq!(gone.code, ErrorCode::UnknownFile);
+        assert!(gone.message.contains(&old.info.digest.to_hex()), "{}", gone.message);
+        assert_eq!(listed(&s, true).len(), 1);
+        withdraw(&old, &p.token).expect("a repeated withdraw is harmless");
+        assert_eq!(s.sizes(), Sizes { peers: 2, files: 1 });
+    }
+
+    #[test]
+    fn chunks_register_against_the_version_named_by_digest() {
+        let s = state();
+        let (old, new) = (stamped(1_000, offer("a", 1, 4)), stamped(2_000, offer("a", 2, 4)));
+        register(&s, "seed", 1, vec![old.clone(), new.clone()]);
+        let leecher = register(&s, "leech", 2, vec![]);
+        let mut req = ChunkRegister {
+            peer_id: leecher.peer_id,
+            token: leecher.token,
+            file: "a".into(),
+            digest: Some(old.info.digest),
+            chunks: vec![0],
+        };
+        assert_eq!(s.chunk_register(&req, Instant::now()).unwrap().recorded, 1);
+        assert_eq!(locate_version(&s, "a", old.info.digest).unwrap().total_peers, 2);
+        assert_eq!(locate(&s, "a").total_peers, 1);
+        req.digest = Some(Hash([0xee; 32]));
+        let unknown = s.chunk_register(&req, Instant::now()).unwrap_err();
+        assert_eq!(unknown.code, ErrorCode::UnknownFile);
+        req.digest = None;
+        s.chunk_register(&req, Instant::now()).unwrap();
+        assert_eq!(locate(&s, "a").total_peers, 2, "no digest means the newest");
+    }
+
+    #[test]
+    fn hostile_names_are_refused_everywhere() {
+        let s = state();
+        let r = register(&s, "p", 1, vec![]);
+        for name in ["../x", "/etc/passwd", "a//b", "a/.b", "a\\b", "a/../../b"] {
+            let reg = register(&s, "q", 2, vec![offer(name, 1, 1)]);
+            assert_eq!(reg.files[0].error, Some(ErrorCode::InvalidName), "{name:?}");
+            let mut req = Locations {
+                file: name.into(),
+                digest: None,
+                hashes: false,
+                peer_id: None,
+                want: None,
+                secret: None,
+            };
+            assert_eq!(s.locations(&req).unwrap_err().code, ErrorCode::InvalidName);
+            req.digest = Some(Hash([1; 32]));
+            assert_eq!(s.locations(&req).unwrap_err().code, ErrorCode::InvalidName);
+            let withdraw = Withdraw {
+                peer_id: r.peer_id,
+                token: r.token.clone(),
+                file: name.into(),
+                digest: Hash([1; 32]),
+            };
+            let refused = s.withdraw(&withdraw, Instant::now()).unwrap_err();
+            assert_eq!(refused.code, ErrorCode::InvalidName, "{name:?}");
+        }
+        let nested = register(&s, "q", 3, vec![offer("models/llama/shard-1.bin", 1, 1)]);
+        assert!(nested.files[0].accepted, "{:?}", nested.files[0]);
+        assert_eq!(s.sizes().files, 1);
+    }
+
+    #[test]
+    fn one_digest_offered_with_another_size_is_refused() {
+        let s = state();
+        let honest = offer("a", 1, 4);
+        register(&s, "p", 1, vec![honest.clone()]);
+        let mut liar = honest;
+        liar.info.size -= 1;
+        let r = register(&s, "q", 2, vec![liar]);
+        assert_eq!(r.files[0].error, Some(ErrorCode::BadRequest));
         assert_eq!(locate(&s, "a").total_peers, 1);
     }
 
