@@ -148,18 +148,25 @@ fn unsafe_names_are_refused_per_file() {
 }
 
 #[test]
-fn same_name_with_different_content_is_a_conflict() {
-    let (tracker, _s, dir, _) = seeded();
+fn same_name_with_different_content_is_a_separate_version() {
+    let (tracker, _s, dir, first) = seeded();
     make_file(&dir.path().join("other"), "a.bin", 150_000, 99);
-    let other = daemon(tracker.addr, &dir.path().join("other"), "other", &[]);
-    assert!(wait_until(Duration::from_secs(10), || other
-        .log_contains("tracker refused file")));
-    assert!(other.log_contains("different content"));
-    assert_eq!(
-        holder_count(tracker.addr, "a.bin"),
-        1,
-        "the second copy must not be mixed in"
-    );
+    let _other = daemon(tracker.addr, &dir.path().join("other"), "other", &[]);
+    let versions = || {
+        let reply = Raw::connect(tracker.addr).ask(r#"{"v":1,"msg":2,"versions":true}"#);
+        reply["files"].as_array().cloned().unwrap_or_default()
+    };
+    assert!(wait_until(Duration::from_secs(10), || versions().len() == 2));
+    for version in versions() {
+        let digest = version["digest"].as_str().unwrap();
+        let loc = Raw::connect(tracker.addr).ask(&format!(
+            r#"{{"v":1,"msg":3,"file":"a.bin","digest":"{digest}"}}"#
+        ));
+        assert_eq!(loc["total_peers"], 1, "the copies must not be mixed: {loc}");
+    }
+    assert!(versions()
+        .iter()
+        .any(|v| v["digest"] == first["file"]["digest"]));
 }
 
 #[test]

@@ -244,6 +244,7 @@ fn the_limits_table_gives_the_real_defaults() {
             shoal::peer::server::MAX_REQUEST_BYTES as u64,
         ),
         ("File name length", MAX_NAME_BYTES as u64),
+        ("File name component length", MAX_COMPONENT_BYTES as u64),
         (
             "Smallest chunk size",
             u64::from(shoal::chunking::MIN_CHUNK_SIZE),

@@ -10,9 +10,9 @@ use super::holders::Holders;
 use crate::bitfield::{Bitfield, WireBits};
 use crate::chunking::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 use crate::protocol::{
-    secret_matches, validate_name, version_key, Acknowledged, ChunkRegister, ChunksRecorded, ErrorCode,
-    FileInfo, FileList, FileListReply, FileOffer, FileSummary, FileVerdict, Hash, HashList, Holder,
-    Locations, LocationsReply, PeerAuth, Refusal, Register, Registered, Withdraw,
+    secret_matches, validate_name, version_key, Acknowledged, ChunkRegister, ChunksRecorded,
+    ErrorCode, FileInfo, FileList, FileListReply, FileOffer, FileSummary, FileVerdict, Hash,
+    HashList, Holder, Locations, LocationsReply, PeerAuth, Refusal, Register, Registered, Withdraw,
 };
 use rand::seq::SliceRandom;
 use rand::Rng;
@@ -746,7 +746,11 @@ mod tests {
         FileOffer { published, ..file }
     }
 
-    fn locate_version(s: &TrackerState, file: &str, digest: Hash) -> Result<LocationsReply, Refusal> {
+    fn locate_version(
+        s: &TrackerState,
+        file: &str,
+        digest: Hash,
+    ) -> Result<LocationsReply, Refusal> {
         s.locations(&Locations {
             file: file.into(),
             digest: Some(digest),
@@ -774,15 +778,24 @@ mod tests {
     #[test]
     fn same_name_different_content_is_a_new_version_and_the_later_stamp_is_newest() {
         let s = state();
-        let (old, new) = (stamped(1_000, offer("a", 1, 4)), stamped(2_000, offer("a", 9, 4)));
+        let (old, new) = (
+            stamped(1_000, offer("a", 1, 4)),
+            stamped(2_000, offer("a", 9, 4)),
+        );
         register(&s, "one", 1, vec![new.clone()]);
         let r = register(&s, "two", 2, vec![old.clone(), offer("b", 1, 2)]);
         assert!(r.files.iter().all(|f| f.accepted), "{:?}", r.files);
         let newest = locate(&s, "a");
-        assert_eq!((newest.file.digest, newest.published), (new.info.digest, 2_000));
+        assert_eq!(
+            (newest.file.digest, newest.published),
+            (new.info.digest, 2_000)
+        );
         assert_eq!(newest.peers[0].name, "one");
         let older = locate_version(&s, "a", old.info.digest).unwrap();
-        assert_eq!((older.published, older.peers[0].name.as_str()), (1_000, "two"));
+        assert_eq!(
+            (older.published, older.peers[0].name.as_str()),
+            (1_000, "two")
+        );
         assert_eq!(s.sizes().files, 3, "each version counts as a file");
     }
 
@@ -799,14 +812,18 @@ mod tests {
     #[test]
     fn the_file_list_shows_the_newest_version_or_every_version_newest_first() {
         let s = state();
-        let versions = [(3_000, 3), (1_000, 1), (2_000, 2)].map(|(t, c)| stamped(t, offer("a", c, 4)));
+        let versions =
+            [(3_000, 3), (1_000, 1), (2_000, 2)].map(|(t, c)| stamped(t, offer("a", c, 4)));
         let digest = |i: usize| versions[i].info.digest;
         register(&s, "p", 1, versions.to_vec());
         register(&s, "q", 2, vec![offer("b", 7, 1)]);
         let b = offer("b", 7, 1).info.digest;
         assert_eq!(
             listed(&s, false),
-            [("a".into(), digest(0), 3_000, true), ("b".into(), b, 0, true)]
+            [
+                ("a".into(), digest(0), 3_000, true),
+                ("b".into(), b, 0, true)
+            ]
         );
         assert_eq!(
             listed(&s, true),
@@ -843,11 +860,17 @@ mod tests {
     #[test]
     fn a_version_offered_again_with_a_later_stamp_becomes_newest() {
         let s = state();
-        let (old, new) = (stamped(1_000, offer("a", 1, 4)), stamped(2_000, offer("a", 2, 4)));
+        let (old, new) = (
+            stamped(1_000, offer("a", 1, 4)),
+            stamped(2_000, offer("a", 2, 4)),
+        );
         register(&s, "p", 1, vec![old.clone(), new]);
         register(&s, "q", 2, vec![stamped(3_000, old.clone())]);
         let newest = locate(&s, "a");
-        assert_eq!((newest.file.digest, newest.published), (old.info.digest, 3_000));
+        assert_eq!(
+            (newest.file.digest, newest.published),
+            (old.info.digest, 3_000)
+        );
         register(&s, "r", 3, vec![stamped(500, old.clone())]);
         assert_eq!(locate(&s, "a").published, 3_000, "a stamp never goes down");
     }
@@ -855,7 +878,10 @@ mod tests {
     #[test]
     fn withdraw_removes_the_holder_and_a_version_nobody_holds_leaves() {
         let s = state();
-        let (old, new) = (stamped(1_000, offer("a", 1, 4)), stamped(2_000, offer("a", 2, 4)));
+        let (old, new) = (
+            stamped(1_000, offer("a", 1, 4)),
+            stamped(2_000, offer("a", 2, 4)),
+        );
         let p = register(&s, "p", 1, vec![old.clone(), new.clone()]);
         register(&s, "q", 2, vec![new.clone()]);
         let withdraw = |file: &FileOffer, token: &str| {
@@ -869,14 +895,21 @@ mod tests {
                 Instant::now(),
             )
         };
-        assert_eq!(withdraw(&new, "wrong").unwrap_err().code, ErrorCode::Forbidden);
+        assert_eq!(
+            withdraw(&new, "wrong").unwrap_err().code,
+            ErrorCode::Forbidden
+        );
         withdraw(&new, &p.token).unwrap();
         assert_eq!(locate(&s, "a").peers.len(), 1, "q still holds the newest");
         assert_eq!(locate(&s, "a").peers[0].name, "q");
         withdraw(&old, &p.token).unwrap();
         let gone = locate_version(&s, "a", old.info.digest).unwrap_err();
         assert_eq!(gone.code, ErrorCode::UnknownFile);
-        assert!(gone.message.contains(&old.info.digest.to_hex()), "{}", gone.message);
+        assert!(
+            gone.message.contains(&old.info.digest.to_hex()),
+            "{}",
+            gone.message
+        );
         assert_eq!(listed(&s, true).len(), 1);
         withdraw(&old, &p.token).expect("a repeated withdraw is harmless");
         assert_eq!(s.sizes(), Sizes { peers: 2, files: 1 });
@@ -885,7 +918,10 @@ mod tests {
     #[test]
     fn chunks_register_against_the_version_named_by_digest() {
         let s = state();
-        let (old, new) = (stamped(1_000, offer("a", 1, 4)), stamped(2_000, offer("a", 2, 4)));
+        let (old, new) = (
+            stamped(1_000, offer("a", 1, 4)),
+            stamped(2_000, offer("a", 2, 4)),
+        );
         register(&s, "seed", 1, vec![old.clone(), new.clone()]);
         let leecher = register(&s, "leech", 2, vec![]);
         let mut req = ChunkRegister {
@@ -896,7 +932,12 @@ mod tests {
             chunks: vec![0],
         };
         assert_eq!(s.chunk_register(&req, Instant::now()).unwrap().recorded, 1);
-        assert_eq!(locate_version(&s, "a", old.info.digest).unwrap().total_peers, 2);
+        assert_eq!(
+            locate_version(&s, "a", old.info.digest)
+                .unwrap()
+                .total_peers,
+            2
+        );
         assert_eq!(locate(&s, "a").total_peers, 1);
         req.digest = Some(Hash([0xee; 32]));
         let unknown = s.chunk_register(&req, Instant::now()).unwrap_err();
