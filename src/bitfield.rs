@@ -105,6 +105,22 @@ impl<B: AsRef<[u8]>> Bitfield<B> {
 
     /// Human form for the menu: `0-15,17,20-21`.
     pub fn to_ranges(&self) -> String {
+        let runs: Vec<String> = self
+            .runs()
+            .into_iter()
+            .map(|(start, end)| {
+                if start == end {
+                    format!("{start}")
+                } else {
+                    format!("{start}-{end}")
+                }
+            })
+            .collect();
+        runs.join(",")
+    }
+
+    /// The set chunks as inclusive runs `(first, last)`, in order.
+    pub fn runs(&self) -> Vec<(usize, usize)> {
         let mut out = Vec::new();
         let mut i = 0;
         while i < self.len() {
@@ -116,14 +132,10 @@ impl<B: AsRef<[u8]>> Bitfield<B> {
             while i + 1 < self.len() && self.get(i + 1) {
                 i += 1;
             }
-            out.push(if start == i {
-                format!("{start}")
-            } else {
-                format!("{start}-{i}")
-            });
+            out.push((start, i));
             i += 1;
         }
-        out.join(",")
+        out
     }
 
     fn spare_bits_clear(&self) -> bool {

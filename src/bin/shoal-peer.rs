@@ -4,7 +4,8 @@
 
 use clap::{Args, Parser, Subcommand};
 use shoal::config::{self, PeerConfig};
-use shoal::peer::cli;
+use shoal::peer::cli::{self, Output};
+use shoal::protocol::Hash;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -85,14 +86,33 @@ struct Flags {
 enum Command {
     /// Run as a daemon: share the data dir, fetch SHOAL_WANT, keep seeding until SIGTERM.
     Run,
-    /// List the swarm's files.
-    Files,
-    /// Show who holds which chunks of a file.
-    Locate { file: String },
+    /// List the swarm's files: the newest version of each name.
+    Files {
+        /// Print a JSON array (name, size, chunk_size, digest, chunks, peers, seeders,
+        /// published, latest) instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// List every version of every name, newest first within a name.
+        #[arg(long)]
+        all_versions: bool,
+    },
+    /// Show who holds which chunks of a file (its newest version unless --digest).
+    Locate {
+        file: String,
+        /// The version to locate (64 hex digits, from `files --all-versions`).
+        #[arg(long, value_parser = cli::parse_digest)]
+        digest: Option<Hash>,
+        /// Print a JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Download files into the data dir (serving chunks meanwhile), then leave.
     Get {
         #[arg(required = true)]
         files: Vec<String>,
+        /// Fetch this version of the one file named (exit 4 when no peer holds it).
+        #[arg(long, value_parser = cli::parse_digest)]
+        digest: Option<Hash>,
     },
     /// Exit 0 if this host's peer answers /healthz on SHOAL_METRICS_ADDR (container HEALTHCHECK).
     Health,
@@ -138,6 +158,14 @@ fn parse() -> (Option<Command>, Vec<PathBuf>, Vec<(&'static str, String)>) {
     (None, seed.files, flags)
 }
 
+fn output(json: bool) -> Output {
+    if json {
+        Output::Json
+    } else {
+        Output::Text
+    }
+}
+
 fn main() -> ExitCode {
     let (command, files, flags) = parse();
     let loaded = config::load::<PeerConfig>(&flags).and_then(|cfg| cfg.validate().map(|_| cfg));
@@ -169,9 +197,15 @@ fn main() -> ExitCode {
         let stop = shoal::shutdown::on_signals();
         let result = match command {
             Some(Command::Run) => cli::daemon(cfg, stop).await,
-            Some(Command::Files) => return cli::files(cfg).await,
-            Some(Command::Locate { file }) => return cli::locate_cmd(cfg, &file).await,
-            Some(Command::Get { files }) => return cli::get(cfg, files, stop).await,
+            Some(Command::Files { json, all_versions }) => {
+                return cli::files(cfg, output(json), all_versions).await
+            }
+            Some(Command::Locate { file, digest, json }) => {
+                return cli::locate_cmd(cfg, &file, digest, output(json)).await
+            }
+            Some(Command::Get { files, digest }) => {
+                return cli::get(cfg, files, digest, stop).await
+            }
             Some(Command::Health) => unreachable!("handled above"),
             None => cli::menu(cfg, files, stop).await,
         };

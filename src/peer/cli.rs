@@ -6,7 +6,8 @@ use super::tracker_client::{TrackerClient, TrackerError};
 use super::{Peer, Shares};
 use crate::bitfield::Bitfield;
 use crate::config::{PeerConfig, Want};
-use crate::protocol::{FileInfo, FileListReply, LocationsReply};
+use crate::protocol::{FileInfo, FileListReply, Hash, LocationsReply};
+use serde::Serialize;
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -60,14 +61,19 @@ pub async fn menu(
                 };
                 menu_register(&peer, PathBuf::from(path)).await;
             }
-            "2" => print_result(peer.tracker.file_list().await.map(|l| format_file_list(&l))),
+            "2" => print_result(
+                peer.tracker
+                    .file_list()
+                    .await
+                    .map(|l| format_file_list(&l, false)),
+            ),
             "3" => {
                 let Some(name) = ask(&mut lines, &stop, "file name").await else {
                     break;
                 };
                 print_result(
                     peer.tracker
-                        .locations(&name, false, None)
+                        .locations(&name, None, false, None)
                         .await
                         .map(|l| format_locations(&l)),
                 );
@@ -82,7 +88,7 @@ pub async fn menu(
                 let Some(name) = ask(&mut lines, &stop, "file name").await else {
                     break;
                 };
-                match download(&peer, &name, progress_for(&name)).await {
+                match download(&peer, &name, None, progress_for(&name)).await {
                     Ok(path) => println!("downloaded {name} to {}", path.display()),
                     Err(e) => println!("download failed: {e}"),
                 }
@@ -169,19 +175,26 @@ async fn menu_chunk_register(peer: &Peer, name: &str) {
     }
 }
 
-pub fn format_file_list(list: &FileListReply) -> String {
+/// The file list as a table; with `versions`, each row also gives the version's digest and
+/// whether it is the newest of its name (the five first columns stay as scripts know them).
+pub fn format_file_list(list: &FileListReply, versions: bool) -> String {
     if list.files.is_empty() {
         return "no files in the swarm\n".into();
     }
     let mut out = format!(
-        "{:<32} {:>14} {:>8} {:>6} {:>8}\n",
+        "{:<32} {:>14} {:>8} {:>6} {:>8}",
         "NAME", "SIZE", "CHUNKS", "PEERS", "SEEDERS"
     );
+    out += if versions { "  DIGEST LATEST\n" } else { "\n" };
     for f in &list.files {
         out += &format!(
-            "{:<32} {:>14} {:>8} {:>6} {:>8}\n",
+            "{:<32} {:>14} {:>8} {:>6} {:>8}",
             f.info.name, f.info.size, f.chunks, f.peers, f.seeders
         );
+        if versions {
+            out += &format!("  {} {}", f.info.digest.to_hex(), f.latest);
+        }
+        out += "\n";
     }
     out
 }
@@ -219,34 +232,121 @@ fn tracker_exit(e: &TrackerError) -> ExitCode {
     }
 }
 
-/// `shoal-peer files`
-pub async fn files(cfg: PeerConfig) -> ExitCode {
-    match TrackerClient::new(&cfg).file_list().await {
+/// Parses a `--digest` value: a file digest as 64 hex digits.
+pub fn parse_digest(text: &str) -> Result<Hash, String> {
+    Hash::from_hex(text).ok_or_else(|| {
+        format!("{text:?} is not a digest: expected 64 hex digits, as `files --json` shows")
+    })
+}
+
+/// How the one-shot commands print: a table for people or JSON for scripts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+/// Prints `value` as one line of JSON on stdout.
+fn print_json<T: Serialize>(value: &T) {
+    println!("{}", serde_json::to_string(value).expect("serialisable"));
+}
+
+/// `shoal-peer files [--json] [--all-versions]`: the JSON form is the message 2 entries
+/// (`name`, `size`, `chunk_size`, `digest`, `chunks`, `peers`, `seeders`, `published`,
+/// `latest`).
+pub async fn files(cfg: PeerConfig, output: Output, all_versions: bool) -> ExitCode {
+    match TrackerClient::new(&cfg).list_files(all_versions).await {
+        Ok(l) if output == Output::Json => {
+            print_json(&l.files);
+            ExitCode::SUCCESS
+        }
         Ok(l) => {
-            print!("{}", format_file_list(&l));
+            print!("{}", format_file_list(&l, all_versions));
             ExitCode::SUCCESS
         }
         Err(e) => tracker_exit(&e),
     }
 }
 
-/// `shoal-peer locate NAME`
-pub async fn locate_cmd(cfg: PeerConfig, name: &str) -> ExitCode {
-    match TrackerClient::new(&cfg).locations(name, false, None).await {
+/// `shoal-peer locate --json`: one version and, per holder, its chunks as inclusive ranges.
+#[derive(Serialize)]
+struct LocationsJson<'a> {
+    #[serde(flatten)]
+    file: &'a FileInfo,
+    chunks: u64,
+    published: u64,
+    total_peers: u64,
+    peers: Vec<HolderJson<'a>>,
+}
+
+#[derive(Serialize)]
+struct HolderJson<'a> {
+    addr: &'a str,
+    name: &'a str,
+    /// `[first, last]` pairs: `[[0,15],[20,20]]`.
+    chunks: Vec<(usize, usize)>,
+}
+
+fn locations_json(loc: &LocationsReply) -> LocationsJson<'_> {
+    let peers = loc
+        .peers
+        .iter()
+        .map(|h| HolderJson {
+            addr: &h.addr,
+            name: &h.name,
+            chunks: Bitfield::from_bytes(h.have.0.clone(), loc.chunks as usize)
+                .map(|b| b.runs())
+                .unwrap_or_default(),
+        })
+        .collect();
+    LocationsJson {
+        file: &loc.file,
+        chunks: loc.chunks,
+        published: loc.published,
+        total_peers: loc.total_peers,
+        peers,
+    }
+}
+
+/// `shoal-peer locate NAME [--digest D] [--json]`
+pub async fn locate_cmd(
+    cfg: PeerConfig,
+    name: &str,
+    digest: Option<Hash>,
+    output: Output,
+) -> ExitCode {
+    match TrackerClient::new(&cfg)
+        .locations(name, digest, false, None)
+        .await
+    {
+        Ok(l) if output == Output::Json => {
+            print_json(&locations_json(&l));
+            ExitCode::SUCCESS
+        }
         Ok(l) => {
             print!("{}", format_locations(&l));
             ExitCode::SUCCESS
         }
         Err(e) if e.code() == Some(crate::protocol::ErrorCode::UnknownFile) => {
-            eprintln!("shoal-peer: no peer shares {name:?}");
+            eprintln!("shoal-peer: {e}");
             ExitCode::from(exit::NOT_FOUND)
         }
         Err(e) => tracker_exit(&e),
     }
 }
 
-/// `shoal-peer get NAME...`: joins the swarm (serving while it downloads), fetches, leaves.
-pub async fn get(cfg: PeerConfig, names: Vec<String>, stop: CancellationToken) -> ExitCode {
+/// `shoal-peer get NAME... [--digest D]`: joins the swarm (serving while it downloads),
+/// fetches, leaves. A digest pins the version and so goes with exactly one name.
+pub async fn get(
+    cfg: PeerConfig,
+    names: Vec<String>,
+    digest: Option<Hash>,
+    stop: CancellationToken,
+) -> ExitCode {
+    if digest.is_some() && names.len() != 1 {
+        eprintln!("shoal-peer: --digest pins the version of one file: give exactly one name");
+        return ExitCode::from(exit::USAGE);
+    }
     let peer = match Peer::start(cfg, Shares::Paths(Vec::new()), stop).await {
         Ok(p) => p,
         Err(e) => {
@@ -256,16 +356,26 @@ pub async fn get(cfg: PeerConfig, names: Vec<String>, stop: CancellationToken) -
     };
     let mut code = ExitCode::SUCCESS;
     for name in names {
-        match download(&peer, &name, progress_for(&name)).await {
+        match download(&peer, &name, digest, progress_for(&name)).await {
             Ok(path) => println!("{}", path.display()),
-            Err(e) => {
-                eprintln!("shoal-peer: {e}");
-                code = ExitCode::from(code_for(&e));
-            }
+            Err(e) => code = ExitCode::from(report_failure(&name, digest, &e)),
         }
     }
     peer.shutdown().await;
     code
+}
+
+/// Says why a download of `name` failed, naming the pinned version when that is what the swarm
+/// lacks; returns the exit code.
+fn report_failure(name: &str, digest: Option<Hash>, e: &DownloadError) -> u8 {
+    match (e, digest) {
+        (DownloadError::NoSuchFile(_), Some(d)) => eprintln!(
+            "shoal-peer: no peer shares version {} of {name:?}; `shoal-peer files --all-versions` lists the versions",
+            d.to_hex()
+        ),
+        _ => eprintln!("shoal-peer: {e}"),
+    }
+    code_for(e)
 }
 
 /// `shoal-peer health` / `shoal-tracker health`: probes `/healthz` on the metrics address.
@@ -326,7 +436,7 @@ pub async fn daemon(cfg: PeerConfig, stop: CancellationToken) -> anyhow::Result<
             let n = name.clone();
             let finished = finished.clone();
             let task = tokio::spawn(async move {
-                match download(&p, &n, Arc::new(LogProgress::default())).await {
+                match download(&p, &n, None, Arc::new(LogProgress::default())).await {
                     Ok(_) | Err(DownloadError::Stopped(_)) => {}
                     Err(e) => tracing::warn!(file = %n, "download failed, will retry: {e}"),
                 }

@@ -86,15 +86,17 @@ impl Progress for Silent {
     fn end(&self) {}
 }
 
-/// Downloads `name` into the data dir (resuming any partial copy) and returns its final path.
+/// Downloads version `digest` of `name` (absent: the newest) into the data dir, resuming any
+/// partial copy, and returns its final path.
 pub async fn download(
     peer: &Arc<Peer>,
     name: &str,
+    digest: Option<Hash>,
     progress: Arc<dyn Progress>,
 ) -> Result<PathBuf, DownloadError> {
     let span = tracing::info_span!("download", file = %name);
     let started = Instant::now();
-    let result = run(peer, name, progress).instrument(span).await;
+    let result = run(peer, name, digest, progress).instrument(span).await;
     match &result {
         Ok(_) => {
             peer.metrics.downloads_completed.inc();
@@ -112,12 +114,14 @@ pub async fn download(
 async fn run(
     peer: &Arc<Peer>,
     name: &str,
+    digest: Option<Hash>,
     progress: Arc<dyn Progress>,
 ) -> Result<PathBuf, DownloadError> {
-    if let Some(f) = peer.store.get(name).filter(|f| f.is_complete()) {
+    let wanted = |f: &StoredFile| f.is_complete() && digest.is_none_or(|d| f.info.digest == d);
+    if let Some(f) = peer.store.get(name).filter(|f| wanted(f)) {
         return Ok(f.path());
     }
-    let first = locate(peer, name, true).await?;
+    let first = locate(peer, name, digest, true).await?;
     let hashes = first.hashes.clone().unwrap_or_default();
     let store_info = first.file.clone();
     let file = {
@@ -159,8 +163,17 @@ async fn run(
     Ok(path)
 }
 
-async fn locate(peer: &Peer, name: &str, hashes: bool) -> Result<LocationsReply, DownloadError> {
-    match peer.tracker.locations(name, hashes, peer.peer_id()).await {
+async fn locate(
+    peer: &Peer,
+    name: &str,
+    digest: Option<Hash>,
+    hashes: bool,
+) -> Result<LocationsReply, DownloadError> {
+    match peer
+        .tracker
+        .locations(name, digest, hashes, peer.peer_id())
+        .await
+    {
         Err(e) if e.code() == Some(ErrorCode::UnknownFile) => {
             Err(DownloadError::NoSuchFile(name.to_string()))
         }
@@ -434,7 +447,8 @@ impl Job {
                 _ = tokio::time::sleep_until(next_refresh) => {
                     last_refresh = tokio::time::Instant::now();
                     next_refresh = last_refresh + cfg.refresh_interval;
-                    match locate(&self.peer, self.name(), false).await {
+                    let digest = Some(self.file.info.digest);
+                    match locate(&self.peer, self.name(), digest, false).await {
                         Ok(loc) => self.update_holders(&loc),
                         Err(e) => tracing::debug!("refresh failed: {e}"),
                     }
@@ -582,8 +596,8 @@ impl Job {
                 };
                 let req = ChunkRequest {
                     file: self.name().to_string(),
+                    digest: Some(self.file.info.digest),
                     index,
-                    digest: None,
                     secret: cfg.secret.clone(),
                 };
                 conn.write_line(&encode_request(Msg::ChunkRequest, &req))

@@ -4,8 +4,8 @@
 use crate::config::PeerConfig;
 use crate::connection::{Connection, Limits};
 use crate::protocol::{
-    decode_reply, encode_request, ErrorCode, FileList, FileListReply, Locations, LocationsReply,
-    Msg, Refusal,
+    decode_reply, encode_request, ErrorCode, FileList, FileListReply, Hash, Locations,
+    LocationsReply, Msg, Refusal,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -60,25 +60,32 @@ impl TrackerClient {
         }
     }
 
-    /// 2 file list.
+    /// 2 file list: the newest version of each name.
     pub async fn file_list(&self) -> Result<FileListReply, TrackerError> {
+        self.list_files(false).await
+    }
+
+    /// 2 file list; with `versions`, every version of every name, newest first within a name.
+    pub async fn list_files(&self, versions: bool) -> Result<FileListReply, TrackerError> {
         let req = FileList {
             secret: self.secret.clone(),
-            versions: false,
+            versions,
         };
         self.request(Msg::FileList, &req).await
     }
 
-    /// 3 file locations, leaving `exclude` (this peer) out.
+    /// 3 file locations of version `digest` of `file` (absent: the newest), leaving `exclude`
+    /// (this peer) out.
     pub async fn locations(
         &self,
         file: &str,
+        digest: Option<Hash>,
         hashes: bool,
         exclude: Option<u64>,
     ) -> Result<LocationsReply, TrackerError> {
         let req = Locations {
             file: file.to_string(),
-            digest: None,
+            digest,
             hashes,
             peer_id: exclude,
             want: None,
