@@ -923,7 +923,7 @@ mod tests {
         let component = "x".repeat(MAX_COMPONENT_BYTES);
         assert!(validate_name(&component).is_ok());
         assert!(refused_because(&format!("{component}x")).contains("component longer"));
-        let path = vec![component.as_str(); 4].join("/");
+        let path = [component.as_str(); 4].join("/");
         assert_eq!(path.len(), MAX_NAME_BYTES - 4 + 3);
         assert!(validate_name(&path).is_ok());
         let long = format!("{path}/abcdefg");

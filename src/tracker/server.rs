@@ -161,7 +161,12 @@ impl Tracker {
                 encode_reply(msg, &ack)
             }
             Msg::Announce => encode_reply(msg, &self.state.announce(&decode_body(line)?, now)?),
-            Msg::Withdraw => encode_reply(msg, &self.state.withdraw(&decode_body(line)?, now)?),
+            Msg::Withdraw => {
+                let req: protocol::Withdraw = decode_body(line)?;
+                let ack = self.state.withdraw(&req, now)?;
+                tracing::info!(peer_id = req.peer_id, file = %req.file, digest = ?req.digest, "version withdrawn");
+                encode_reply(msg, &ack)
+            }
             Msg::ChunkRequest => {
                 return Err(Refusal::new(
                     ErrorCode::UnknownMsg,

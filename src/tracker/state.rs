@@ -746,6 +746,14 @@ mod tests {
         FileOffer { published, ..file }
     }
 
+    /// Two versions of "a": contents `old` stamped 1000 and `new` stamped 2000.
+    fn two_versions(old: u8, new: u8) -> (FileOffer, FileOffer) {
+        (
+            stamped(1_000, offer("a", old, 4)),
+            stamped(2_000, offer("a", new, 4)),
+        )
+    }
+
     fn locate_version(
         s: &TrackerState,
         file: &str,
@@ -778,10 +786,7 @@ mod tests {
     #[test]
     fn same_name_different_content_is_a_new_version_and_the_later_stamp_is_newest() {
         let s = state();
-        let (old, new) = (
-            stamped(1_000, offer("a", 1, 4)),
-            stamped(2_000, offer("a", 9, 4)),
-        );
+        let (old, new) = two_versions(1, 9);
         register(&s, "one", 1, vec![new.clone()]);
         let r = register(&s, "two", 2, vec![old.clone(), offer("b", 1, 2)]);
         assert!(r.files.iter().all(|f| f.accepted), "{:?}", r.files);
@@ -860,10 +865,7 @@ mod tests {
     #[test]
     fn a_version_offered_again_with_a_later_stamp_becomes_newest() {
         let s = state();
-        let (old, new) = (
-            stamped(1_000, offer("a", 1, 4)),
-            stamped(2_000, offer("a", 2, 4)),
-        );
+        let (old, new) = two_versions(1, 2);
         register(&s, "p", 1, vec![old.clone(), new]);
         register(&s, "q", 2, vec![stamped(3_000, old.clone())]);
         let newest = locate(&s, "a");
@@ -878,10 +880,7 @@ mod tests {
     #[test]
     fn withdraw_removes_the_holder_and_a_version_nobody_holds_leaves() {
         let s = state();
-        let (old, new) = (
-            stamped(1_000, offer("a", 1, 4)),
-            stamped(2_000, offer("a", 2, 4)),
-        );
+        let (old, new) = two_versions(1, 2);
         let p = register(&s, "p", 1, vec![old.clone(), new.clone()]);
         register(&s, "q", 2, vec![new.clone()]);
         let withdraw = |file: &FileOffer, token: &str| {
@@ -918,10 +917,7 @@ mod tests {
     #[test]
     fn chunks_register_against_the_version_named_by_digest() {
         let s = state();
-        let (old, new) = (
-            stamped(1_000, offer("a", 1, 4)),
-            stamped(2_000, offer("a", 2, 4)),
-        );
+        let (old, new) = two_versions(1, 2);
         register(&s, "seed", 1, vec![old.clone(), new.clone()]);
         let leecher = register(&s, "leech", 2, vec![]);
         let mut req = ChunkRegister {
