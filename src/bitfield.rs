@@ -245,6 +245,7 @@ mod tests {
             b.set(i);
         }
         assert_eq!(b.to_ranges(), "0-3,5,7-8,23");
+        assert_eq!(b.runs(), [(0, 3), (5, 5), (7, 8), (23, 23)]);
     }
 
     proptest! {

@@ -1004,6 +1004,7 @@ mod tests {
         fn decoders_never_panic(line in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = decode_envelope(&line);
             let _ = decode_body::<Register>(&line);
+            let _ = decode_body::<Withdraw>(&line);
             let _ = decode_reply::<LocationsReply>(Msg::Locations, &line);
         }
 
