@@ -470,7 +470,8 @@ impl Client {
                         peer_id: s.peer_id,
                         token: s.token.clone(),
                         file: catalog.name(file).to_string(),
-                        digest: None,
+                        // As Shoal peers do: the version the chunks belong to.
+                        digest: Some(catalog.files[file].info.digest),
                         chunks: chunks.collect(),
                     };
                     out.push((
