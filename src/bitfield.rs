@@ -157,6 +157,14 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Bitfield<B> {
         !was
     }
 
+    /// Clears bit `i`; returns whether it was set.
+    pub fn clear(&mut self, i: usize) -> bool {
+        assert!(i < self.len(), "chunk {i} out of range 0..{}", self.len());
+        let was = self.get(i);
+        self.bytes.as_mut()[i / 8] &= !(0x80 >> (i % 8));
+        was
+    }
+
     /// Adds every chunk of `other` (same length) to `self`.
     pub fn union_with<O: AsRef<[u8]>>(&mut self, other: &Bitfield<O>) {
         for (a, b) in self.bytes.as_mut().iter_mut().zip(other.as_bytes()) {
@@ -209,6 +217,8 @@ mod tests {
         b.set(9);
         assert_eq!(b.as_bytes(), &[0x80, 0x40]);
         assert_eq!(b.to_ranges(), "0,9");
+        assert!(b.clear(0) && !b.clear(0));
+        assert_eq!(b.as_bytes(), &[0, 0x40]);
     }
 
     #[test]

@@ -130,6 +130,7 @@ pub struct PeerMetrics {
     pub active_transfers: IntGauge,
     pub holders_dropped: IntCounter,
     pub requests_refused: IntCounterVec,
+    pub holders_banned: IntCounterVec,
 }
 
 impl Default for PeerMetrics {
@@ -218,6 +219,12 @@ impl Default for PeerMetrics {
                 &r,
                 "shoal_peer_chunk_requests_refused_total",
                 "Chunk requests this peer refused, by error code (busy: upload slots full).",
+                &["reason"],
+            ),
+            holders_banned: counter_vec(
+                &r,
+                "shoal_peer_holders_banned_total",
+                "Holders banned from a file for serving bad data, by reason (corrupt_chunk, wrong_header).",
                 &["reason"],
             ),
             registry: r,

@@ -7,7 +7,7 @@
 //!
 //! Lock order: `Job::sched` is a leaf lock, held only for in-memory bookkeeping.
 
-use super::store::{ChunkBuf, StoredFile, Written};
+use super::store::{ChunkBuf, Finished, StoredFile, Written};
 use super::tracker_client::TrackerError;
 use super::Peer;
 use crate::bitfield::Bitfield;
@@ -51,6 +51,13 @@ const MIN_BUFFERS: usize = LANDINGS + 1;
 const IDLE_GRACE: Duration = Duration::from_secs(1);
 /// Longest chunk header line accepted from a holder.
 const MAX_HEADER_BYTES: usize = 4096;
+/// Rounds of download and final check before giving up: damage that comes back every time is
+/// something a refetch cannot fix.
+const FINAL_CHECKS: u32 = 3;
+/// How long a holder that served bad data stays banned from that file, across attempts.
+pub const BAN_FOR: Duration = Duration::from_secs(600);
+/// Bans remembered at once; past this, the one that would end first is dropped.
+pub const MAX_BANS: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DownloadError {
@@ -117,50 +124,61 @@ async fn run(
     digest: Option<Hash>,
     progress: Arc<dyn Progress>,
 ) -> Result<PathBuf, DownloadError> {
-    let wanted = |f: &StoredFile| f.is_complete() && digest.is_none_or(|d| f.info.digest == d);
+    let wanted = |f: &StoredFile| f.is_final() && digest.is_none_or(|d| f.info.digest == d);
     if let Some(f) = peer.store.get(name).filter(|f| wanted(f)) {
         return Ok(f.path());
     }
     let first = locate(peer, name, digest, true).await?;
-    let hashes = first.hashes.clone().unwrap_or_default();
-    let store_info = first.file.clone();
-    let file = {
-        let peer = peer.clone();
-        tokio::task::spawn_blocking(move || peer.store.begin_download(&store_info, &hashes))
-            .await
-            .map_err(|e| DownloadError::Local(e.into()))?
-            .map_err(DownloadError::Local)?
-    };
-    let held = file.have().count() as u64;
-    tracing::info!(
-        size = file.info.size,
-        chunks = file.info.chunks(),
-        held,
-        holders = first.peers.len(),
-        "download started"
-    );
-    progress.begin(&file.info, held);
-    let job = Arc::new(Job::new(peer.clone(), file.clone(), progress.clone()));
-    job.update_holders(&first);
-    let outcome = job.clone().coordinate().await;
-    progress.end();
-    outcome?;
-    let path = {
-        let peer = peer.clone();
-        let file = file.clone();
-        tokio::task::spawn_blocking(move || peer.store.finish(&file))
-            .await
-            .map_err(|e| DownloadError::Local(e.into()))?
-            .map_err(DownloadError::Local)?
-    };
-    let sources = job
-        .sched()
-        .holders
-        .iter()
-        .filter(|(_, h)| h.delivered > 0)
-        .count();
-    tracing::info!(path = %path.display(), sources, "download complete");
-    Ok(path)
+    for _ in 0..FINAL_CHECKS {
+        let file = begin(peer, &first).await?;
+        let held = file.have().count() as u64;
+        tracing::info!(
+            size = file.info.size,
+            chunks = file.info.chunks(),
+            held,
+            holders = first.peers.len(),
+            "download started"
+        );
+        progress.begin(&file.info, held);
+        let job = Arc::new(Job::new(peer.clone(), file.clone(), progress.clone()));
+        job.update_holders(&first);
+        let outcome = job.clone().coordinate().await;
+        progress.end();
+        outcome?;
+        let finished = {
+            let peer = peer.clone();
+            tokio::task::spawn_blocking(move || peer.store.finish(&file))
+                .await
+                .map_err(|e| DownloadError::Local(e.into()))?
+                .map_err(DownloadError::Local)?
+        };
+        match finished {
+            Finished::InPlace(path) => {
+                let sources = job.sources();
+                tracing::info!(path = %path.display(), sources, "download complete");
+                return Ok(path);
+            }
+            Finished::Damaged(why) => {
+                tracing::warn!("final check failed, fetching the damage again: {why}");
+            }
+        }
+    }
+    Err(DownloadError::Local(anyhow::anyhow!(
+        "{name:?} failed its final check {FINAL_CHECKS} times in a row: something keeps changing \
+         its partial file in {}; stop whatever writes there",
+        peer.store.dir().display()
+    )))
+}
+
+/// Opens the partial download (blocking work, so on a blocking thread).
+async fn begin(peer: &Arc<Peer>, loc: &LocationsReply) -> Result<Arc<StoredFile>, DownloadError> {
+    let hashes = loc.hashes.clone().unwrap_or_default();
+    let info = loc.file.clone();
+    let peer = peer.clone();
+    tokio::task::spawn_blocking(move || peer.store.begin_download(&info, &hashes))
+        .await
+        .map_err(|e| DownloadError::Local(e.into()))?
+        .map_err(DownloadError::Local)
 }
 
 async fn locate(
@@ -181,10 +199,42 @@ async fn locate(
     }
 }
 
+/// Holders that served bad data, remembered per file version across download attempts: a
+/// daemon retries a failed download, and asking the same liar on every retry wastes each one.
+/// Bounded in time ([`BAN_FOR`]) and number ([`MAX_BANS`]).
+#[derive(Default)]
+pub struct Bans {
+    /// (file digest, holder address) -> when the ban ends. Held briefly, never across an await.
+    until: Mutex<HashMap<(Hash, String), Instant>>,
+}
+
+impl Bans {
+    fn lock(&self) -> MutexGuard<'_, HashMap<(Hash, String), Instant>> {
+        self.until.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn ban(&self, file: Hash, addr: &str, now: Instant) {
+        let mut bans = self.lock();
+        bans.retain(|_, end| *end > now);
+        if bans.len() >= MAX_BANS {
+            let first_to_end = bans.iter().min_by_key(|(_, end)| **end);
+            if let Some(key) = first_to_end.map(|(key, _)| key.clone()) {
+                bans.remove(&key);
+            }
+        }
+        bans.insert((file, addr.to_string()), now + BAN_FOR);
+    }
+
+    fn is_banned(&self, file: Hash, addr: &str, now: Instant) -> bool {
+        let key = (file, addr.to_string());
+        self.lock().get(&key).is_some_and(|end| *end > now)
+    }
+}
+
 struct HolderState {
     have: Bitfield,
     running: bool,
-    /// Lied: never again for this download.
+    /// Lied, in this download or one before (see [`Bans`]): not asked again.
     banned: bool,
     /// Dead or slow: not before this instant.
     retry_at: Option<Instant>,
@@ -351,8 +401,9 @@ struct Job {
 }
 
 enum Fault {
-    /// Served bytes that do not match the hash, or a header that does not match the request.
-    Lied(String),
+    /// Served bytes that do not match the hash (`reason` `corrupt_chunk`), or a header that
+    /// does not match the request (`wrong_header`); `reason` labels the ban metric.
+    Lied { reason: &'static str, why: String },
     /// Unreachable, reset, stalled or refused.
     Failed(String),
     /// Healthy but serving others: its upload slots stayed full.
@@ -385,6 +436,7 @@ impl Job {
 
     fn update_holders(&self, loc: &LocationsReply) {
         let chunks = self.file.info.chunks() as usize;
+        let now = Instant::now();
         let mut s = self.sched();
         for h in &loc.peers {
             let Some(have) = Bitfield::from_bytes(h.have.0.clone(), chunks) else {
@@ -393,10 +445,14 @@ impl Job {
             match s.holders.get_mut(&h.addr) {
                 Some(known) => known.have = have,
                 None => {
+                    let banned = self
+                        .peer
+                        .bans
+                        .is_banned(self.file.info.digest, &h.addr, now);
                     let state = HolderState {
                         have,
                         running: false,
-                        banned: false,
+                        banned,
                         retry_at: None,
                         delivered: 0,
                     };
@@ -497,6 +553,12 @@ impl Job {
         chosen
     }
 
+    /// Holders that delivered at least one chunk.
+    fn sources(&self) -> usize {
+        let s = self.sched();
+        s.holders.values().filter(|h| h.delivered > 0).count()
+    }
+
     fn no_holders(&self) -> DownloadError {
         let s = self.sched();
         let missing: Vec<String> = (0..s.have.len())
@@ -537,10 +599,15 @@ impl Job {
         holder.running = false;
         match outcome {
             Ok(()) => {}
-            Err(Fault::Lied(why)) => {
+            Err(Fault::Lied { reason, why }) => {
                 holder.banned = true;
-                self.peer.metrics.holders_dropped.inc();
-                tracing::warn!(holder = %addr, "dropped holder for this file: {why}");
+                let m = &self.peer.metrics;
+                m.holders_dropped.inc();
+                m.holders_banned.with_label_values(&[reason]).inc();
+                self.peer
+                    .bans
+                    .ban(self.file.info.digest, &addr, Instant::now());
+                tracing::warn!(holder = %addr, reason, "banned holder from this file for {BAN_FOR:?}: {why}");
                 s.recount();
             }
             Err(Fault::Busy(why)) => {
@@ -641,7 +708,7 @@ impl Job {
                         Received::NotHeld => {
                             // The tracker's view was stale: forget that this holder has it.
                             if let Some(h) = s.holders.get_mut(addr) {
-                                h.have = without(&h.have, index);
+                                h.have.clear(index as usize);
                             }
                             continue;
                         }
@@ -687,7 +754,8 @@ impl Job {
                 "answered {}#{} ({} bytes) to a request for chunk {index}",
                 header.file, header.index, header.length
             );
-            return Err(Received::Fault(Fault::Lied(why)));
+            let reason = "wrong_header";
+            return Err(Received::Fault(Fault::Lied { reason, why }));
         }
         let mut buf = self.buffers.lend().await;
         conn.read_raw(buf.reset(expected as usize))
@@ -737,9 +805,10 @@ impl Job {
         };
         match landed {
             Landed::Kept => Ok(true),
-            Landed::Corrupt(index) => Err(Fault::Lied(format!(
-                "chunk {index} does not match its hash"
-            ))),
+            Landed::Corrupt(index) => Err(Fault::Lied {
+                reason: "corrupt_chunk",
+                why: format!("chunk {index} does not match its hash"),
+            }),
             Landed::Fatal => Ok(false),
         }
     }
@@ -864,14 +933,6 @@ enum Received {
     Fault(Fault),
 }
 
-fn without(b: &Bitfield, index: u32) -> Bitfield {
-    let mut out = Bitfield::new(b.len());
-    for i in b.ones().filter(|&i| i != index as usize) {
-        out.set(i);
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -895,6 +956,26 @@ mod tests {
         );
         let small = Buffers::new(4096);
         assert_eq!(small.slots.available_permits(), BUFFER_BUDGET / 4096);
+    }
+
+    #[test]
+    fn bans_outlive_an_attempt_but_end_and_stay_bounded() {
+        let bans = Bans::default();
+        let (file, t0) = (Hash([1; 32]), Instant::now());
+        bans.ban(file, "a:1", t0);
+        assert!(bans.is_banned(file, "a:1", t0 + BAN_FOR / 2));
+        assert!(!bans.is_banned(Hash([2; 32]), "a:1", t0), "another version");
+        assert!(!bans.is_banned(file, "a:1", t0 + BAN_FOR), "bans end");
+        for i in 0..MAX_BANS + 10 {
+            let at = t0 + Duration::from_millis(i as u64);
+            bans.ban(file, &format!("h{i}"), at);
+        }
+        assert_eq!(bans.lock().len(), MAX_BANS);
+        assert!(
+            !bans.is_banned(file, "h0", t0),
+            "the first to end went first"
+        );
+        assert!(bans.is_banned(file, &format!("h{}", MAX_BANS + 9), t0));
     }
 
     fn bits(v: &[bool]) -> Bitfield {

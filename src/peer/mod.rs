@@ -47,6 +47,8 @@ pub struct Peer {
     pub store: Store,
     pub tracker: TrackerClient,
     pub metrics: PeerMetrics,
+    /// Holders that served bad data, kept across download attempts.
+    pub bans: download::Bans,
     pub ready: Ready,
     pub upload: RateLimiter,
     /// Chunks sent at once; further requests wait their turn (first come, first served).
@@ -106,6 +108,7 @@ impl Peer {
             store,
             tracker,
             metrics: PeerMetrics::default(),
+            bans: download::Bans::default(),
             ready: Ready::default(),
             upload: RateLimiter::new(cfg.upload_limit),
             upload_slots: tokio::sync::Semaphore::new(cfg.upload_slots),

@@ -2,23 +2,26 @@
 //!
 //! A download of `NAME` into the data dir lives in three hidden files until it is complete:
 //! `.NAME.shoal-part` (the data, preallocated, chunks written at their offsets),
-//! `.NAME.shoal-meta` (file info and chunk hashes, JSON) and `.NAME.shoal-have` (the bitfield of
-//! chunks written, updated one byte at a time). On restart the claimed chunks are re-hashed
-//! from disk, so a stale or torn bitmap can cost a refetch but never a corrupt file. A complete
-//! file is fsynced and renamed to `NAME`; the open descriptor keeps serving across the rename.
+//! `.NAME.shoal-meta` (file info and chunk hashes, JSON, written durably: temporary file, fsync,
+//! rename, fsync of the directory) and `.NAME.shoal-have` (the bitfield of chunks written,
+//! updated one byte at a time: only a hint). Resume trusts nothing it has not checked, and
+//! a complete file is hashed in full once more before it is fsynced and renamed to `NAME`, so
+//! damage to the hidden files can cost a refetch but never a corrupt file. The open
+//! descriptor keeps serving across the rename.
 //!
 //! Verified chunks go to disk with `O_DIRECT` where the file system allows it (see
 //! [`ChunkBuf`]): straight from the receive buffer, without a copy into the page cache.
 
 use crate::bitfield::Bitfield;
-use crate::chunking::hash_file;
+use crate::chunking::{check_chunk_size, hash_file};
 use crate::protocol::{validate_name, FileInfo, Hash, HashList};
 use anyhow::{anyhow, bail, Context};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
+use std::io::{ErrorKind, Write};
 use std::ops::Deref;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -150,8 +153,29 @@ impl StoredFile {
         self.lock().have.is_full()
     }
 
+    /// Whether the file is complete and under its final name (shared, or downloaded and
+    /// finished).
+    pub fn is_final(&self) -> bool {
+        let p = self.lock();
+        p.have_file.is_none() && p.have.is_full()
+    }
+
     pub fn path(&self) -> PathBuf {
         self.lock().path.clone()
+    }
+
+    /// Marks `chunks` as missing again (they failed a check), in memory and in the bitmap.
+    fn forget(&self, chunks: &[usize]) -> anyhow::Result<()> {
+        let mut p = self.lock();
+        for &i in chunks {
+            p.have.clear(i);
+        }
+        if let Some(have_file) = &p.have_file {
+            have_file
+                .write_all_at(p.have.as_bytes(), 0)
+                .with_context(|| format!("cannot record damage to {:?}", self.info.name))?;
+        }
+        Ok(())
     }
 
     fn lock(&self) -> MutexGuard<'_, Progress> {
@@ -220,6 +244,16 @@ struct Meta {
     #[serde(flatten)]
     info: FileInfo,
     hashes: HashList,
+}
+
+/// What became of a complete download handed to [`Store::finish`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Finished {
+    /// Verified in full, durable, and under its final name.
+    InPlace(PathBuf),
+    /// The final check found damage (the reason says which): the damaged chunks are missing
+    /// again, or the partial download must be reopened. Download it again; nothing was renamed.
+    Damaged(String),
 }
 
 /// Every file the peer holds, by name. Only these are ever served.
@@ -294,8 +328,9 @@ impl Store {
         Ok(stored)
     }
 
-    /// Shares every visible regular file in the data dir and resumes every partial download.
-    /// Returns the names that could not be loaded, with the reason.
+    /// Shares every visible regular file in the data dir and resumes every partial download
+    /// (finishing those found complete). Returns the names that could not be loaded, with the
+    /// reason.
     pub fn scan(&self, chunk_size: Option<u32>) -> Vec<(String, anyhow::Error)> {
         let mut failures = Vec::new();
         let entries = match std::fs::read_dir(&self.dir) {
@@ -308,7 +343,8 @@ impl Store {
             let result = if !is_file {
                 continue;
             } else if let Some(name) = partial_name(&file_name, META) {
-                self.resume(&name).map(|_| ())
+                self.resume(&name, None)
+                    .and_then(|f| f.map_or(Ok(()), |f| self.finish_if_complete(&f)))
             } else if file_name.starts_with('.') {
                 continue;
             } else {
@@ -321,11 +357,22 @@ impl Store {
         failures
     }
 
+    /// A partial download that was complete when the last run stopped gets its name now.
+    fn finish_if_complete(&self, stored: &Arc<StoredFile>) -> anyhow::Result<()> {
+        if stored.is_complete() {
+            if let Finished::Damaged(why) = self.finish(stored)? {
+                tracing::warn!(file = %stored.info.name, "not finished: {why}");
+            }
+        }
+        Ok(())
+    }
+
     fn hidden(&self, name: &str, kind: &str) -> PathBuf {
         self.dir.join(format!(".{name}.{kind}"))
     }
 
-    /// Opens (or creates) the partial download of `info`, keeping its verified chunks.
+    /// Opens (or creates) the partial download of `info`, keeping the chunks on disk that
+    /// verify. A partial download of another version of the file is replaced.
     pub fn begin_download(
         &self,
         info: &FileInfo,
@@ -339,13 +386,17 @@ impl Store {
             );
         }
         if let Some(existing) = self.get(&info.name) {
-            if existing.info != *info {
+            if existing.info == *info {
+                return Ok(existing);
+            }
+            if existing.is_final() {
                 bail!(
                     "{:?} is already held here with different content",
                     info.name
                 );
             }
-            return Ok(existing);
+            // Resuming below finds the other version's metadata and starts over.
+            self.forget_entry(&existing);
         }
         let target = self.dir.join(&info.name);
         if target.exists() {
@@ -354,13 +405,11 @@ impl Store {
                 target.display()
             );
         }
-        if self.hidden(&info.name, META).exists() {
-            let resumed = self.resume(&info.name)?;
-            if resumed.info == *info {
+        let leftovers = [META, PART].map(|kind| self.hidden(&info.name, kind).exists());
+        if leftovers.contains(&true) {
+            if let Some(resumed) = self.resume(&info.name, Some(info))? {
                 return Ok(resumed);
             }
-            self.map().remove(&info.name);
-            tracing::warn!(file = %info.name, "partial download is of different content; starting over");
         }
         self.create_partial(info, hashes)
     }
@@ -382,46 +431,90 @@ impl Store {
             .with_context(|| format!("cannot size {} to {} bytes", part.display(), info.size))?;
         let chunks = info.chunks() as usize;
         let have = Bitfield::new(chunks);
-        let have_path = self.hidden(&info.name, HAVE);
-        std::fs::write(&have_path, have.as_bytes())
-            .with_context(|| format!("cannot write {}", have_path.display()))?;
+        write_durably(&self.hidden(&info.name, HAVE), have.as_bytes())?;
         let meta = Meta {
             info: info.clone(),
             hashes: hashes.clone(),
         };
-        let meta_path = self.hidden(&info.name, META);
-        std::fs::write(&meta_path, serde_json::to_vec(&meta)?)
-            .with_context(|| format!("cannot write {}", meta_path.display()))?;
+        // Written last: metadata on disk means the data file and the bitmap exist.
+        write_durably(&self.hidden(&info.name, META), &serde_json::to_vec(&meta)?)?;
         self.insert_partial(info.clone(), hashes.clone(), file, have)
     }
 
-    /// Loads a partial download left by an earlier run, re-hashing the chunks it claims.
-    fn resume(&self, name: &str) -> anyhow::Result<Arc<StoredFile>> {
+    /// Loads the partial download of `name` left by an earlier run, trusting nothing on disk it
+    /// has not checked: the data file is cut or extended to the file's size and every chunk the
+    /// bitmap claims (every chunk, if the bitmap is unreadable) is hashed again. Metadata that is
+    /// missing, empty, unparsable, about another file or (given `expected`) another version,
+    /// or a data file that is gone, starts the file over: `None`.
+    fn resume(
+        &self,
+        name: &str,
+        expected: Option<&FileInfo>,
+    ) -> anyhow::Result<Option<Arc<StoredFile>>> {
         let meta_path = self.hidden(name, META);
-        let meta: Meta = serde_json::from_slice(&std::fs::read(&meta_path)?)
-            .with_context(|| format!("{} is not valid", meta_path.display()))?;
-        if meta.info.name != name || meta.hashes.digest() != meta.info.digest {
-            bail!("{} does not describe {name:?}", meta_path.display());
-        }
+        let meta = match read_meta(&meta_path, name, expected) {
+            Ok(meta) => meta,
+            Err(why) => return self.start_over(name, &meta_path, &why).map(|()| None),
+        };
         let part = self.hidden(name, PART);
-        let file = OpenOptions::new().read(true).write(true).open(&part)?;
-        let chunks = meta.info.chunks() as usize;
-        let claimed = std::fs::read(self.hidden(name, HAVE))
-            .ok()
-            .and_then(|b| Bitfield::from_bytes(b, chunks));
-        let claimed = claimed.unwrap_or_else(|| Bitfield::new(chunks));
-        let mut have = Bitfield::new(chunks);
-        let mut buf = Vec::new();
-        for i in claimed.ones() {
-            let (offset, len) = meta.info.chunk_span(i as u32);
-            buf.resize(len as usize, 0);
-            if file.read_exact_at(&mut buf, offset).is_ok() && Hash::of(&buf) == meta.hashes.0[i] {
-                have.set(i);
+        let file = match OpenOptions::new().read(true).write(true).open(&part) {
+            Ok(f) => f,
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                return self
+                    .start_over(name, &part, "its data file is missing")
+                    .map(|()| None)
             }
+            Err(e) => return Err(e).with_context(|| format!("cannot open {}", part.display())),
+        };
+        fit_length(&file, &part, meta.info.size)?;
+        let chunks = meta.info.chunks() as usize;
+        // The bitmap is only a hint, written in place: if it is unreadable, check every chunk.
+        let mut have = std::fs::read(self.hidden(name, HAVE))
+            .ok()
+            .and_then(|b| Bitfield::from_bytes(b, chunks))
+            .unwrap_or_else(|| Bitfield::full(chunks));
+        for i in failing_chunks(&file, &meta.info, &meta.hashes, have.clone().ones()) {
+            have.clear(i);
         }
-        std::fs::write(self.hidden(name, HAVE), have.as_bytes())?;
+        write_durably(&self.hidden(name, HAVE), have.as_bytes())?;
         tracing::info!(file = %name, verified = have.count(), chunks, "resuming partial download");
         self.insert_partial(meta.info, meta.hashes, file, have)
+            .map(Some)
+    }
+
+    /// Gives up on a partial download that cannot be trusted: one warning naming `path` and
+    /// why, and its hidden files removed, so that the next attempt begins afresh instead of
+    /// failing the same way for ever.
+    fn start_over(&self, name: &str, path: &Path, why: &str) -> anyhow::Result<()> {
+        tracing::warn!(path = %path.display(), "partial download of {name:?} cannot be resumed: {why}; starting this file over");
+        self.remove_hidden(name, &[PART, HAVE, META])
+    }
+
+    /// Removes the hidden files of `name` of these kinds, with any temporary copies.
+    fn remove_hidden(&self, name: &str, kinds: &[&str]) -> anyhow::Result<()> {
+        for kind in kinds {
+            let path = self.hidden(name, kind);
+            for p in [tmp_path(&path), path] {
+                match std::fs::remove_file(&p) {
+                    Err(e) if e.kind() != ErrorKind::NotFound => {
+                        return Err(e).with_context(|| format!("cannot remove {}", p.display()))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops `stored` from the store (if it is still the entry for its name).
+    fn forget_entry(&self, stored: &Arc<StoredFile>) {
+        let mut map = self.map();
+        if map
+            .get(&stored.info.name)
+            .is_some_and(|f| Arc::ptr_eq(f, stored))
+        {
+            map.remove(&stored.info.name);
+        }
     }
 
     fn insert_partial(
@@ -432,7 +525,10 @@ impl Store {
         have: Bitfield,
     ) -> anyhow::Result<Arc<StoredFile>> {
         let have_path = self.hidden(&info.name, HAVE);
-        let have_file = OpenOptions::new().write(true).open(&have_path)?;
+        let have_file = OpenOptions::new()
+            .write(true)
+            .open(&have_path)
+            .with_context(|| format!("cannot open {}", have_path.display()))?;
         let part = self.hidden(&info.name, PART);
         let direct = self.direct_writes.then(|| open_direct(&part)).flatten();
         let progress = Progress {
@@ -453,33 +549,147 @@ impl Store {
         Ok(stored)
     }
 
-    /// Makes a complete download durable and visible under its name (blocking).
-    pub fn finish(&self, stored: &StoredFile) -> anyhow::Result<PathBuf> {
+    /// Checks a complete download once more and, if every chunk still matches its hash, makes
+    /// it durable and visible under its name (blocking). Whatever changed the partial file
+    /// since its chunks were written (another program, a restore, a human) is caught here:
+    /// the file is read and hashed in full, so a corrupt file never gets the final name.
+    pub fn finish(&self, stored: &Arc<StoredFile>) -> anyhow::Result<Finished> {
         let name = &stored.info.name;
+        if stored.is_final() {
+            return Ok(Finished::InPlace(stored.path()));
+        }
         if !stored.is_complete() {
             bail!("{name:?} is not complete");
+        }
+        let part = self.hidden(name, PART);
+        if !same_file(&part, &stored.file) {
+            self.forget_entry(stored);
+            let why = format!("{} was removed or replaced meanwhile", part.display());
+            return Ok(Finished::Damaged(why));
+        }
+        fit_length(&stored.file, &part, stored.info.size)?;
+        let all = 0..stored.info.chunks() as usize;
+        let damaged = failing_chunks(&stored.file, &stored.info, &stored.hashes, all);
+        if !damaged.is_empty() {
+            stored.forget(&damaged)?;
+            let why = format!(
+                "{} of its chunks in {} no longer match their hashes",
+                damaged.len(),
+                part.display()
+            );
+            return Ok(Finished::Damaged(why));
         }
         stored
             .file
             .sync_all()
-            .with_context(|| format!("cannot sync {name:?}"))?;
+            .with_context(|| format!("cannot sync {}", part.display()))?;
         let target = self.dir.join(name);
         let mut p = stored.lock();
         if p.have_file.is_none() {
-            return Ok(p.path.clone());
+            return Ok(Finished::InPlace(p.path.clone()));
         }
         std::fs::rename(&p.path, &target)
             .with_context(|| format!("cannot move {name:?} into place"))?;
         p.path = target.clone();
         p.have_file = None;
         drop(p);
-        let _ = std::fs::remove_file(self.hidden(name, META));
-        let _ = std::fs::remove_file(self.hidden(name, HAVE));
-        if let Ok(dir) = File::open(&self.dir) {
-            let _ = dir.sync_all();
+        if let Err(e) = self.remove_hidden(name, &[META, HAVE]) {
+            tracing::warn!(file = %name, "finished, but: {e:#}");
         }
-        Ok(target)
+        sync_dir(&self.dir).with_context(|| format!("cannot sync {}", self.dir.display()))?;
+        Ok(Finished::InPlace(target))
     }
+}
+
+/// The metadata at `path` if it describes `name` (and is `expected`, when given); else why not,
+/// as a phrase for the log.
+fn read_meta(path: &Path, name: &str, expected: Option<&FileInfo>) -> Result<Meta, String> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) if b.is_empty() => return Err("its metadata file is empty".into()),
+        Ok(b) => b,
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            return Err("its metadata file is missing".into())
+        }
+        Err(e) => return Err(format!("its metadata cannot be read ({e})")),
+    };
+    let meta: Meta =
+        serde_json::from_slice(&bytes).map_err(|e| format!("its metadata is not valid ({e})"))?;
+    let consistent = meta.info.name == name
+        && check_chunk_size(meta.info.chunk_size).is_ok()
+        && meta.hashes.0.len() as u64 == meta.info.chunks()
+        && meta.hashes.digest() == meta.info.digest;
+    if !consistent {
+        return Err("its metadata does not describe this file".into());
+    }
+    if expected.is_some_and(|e| *e != meta.info) {
+        return Err("it is of another version of the file".into());
+    }
+    Ok(meta)
+}
+
+/// Cuts or extends a partial data file to the file's size: bytes past the size belong to no
+/// chunk, and a short file only misses chunks, which hashing finds.
+fn fit_length(file: &File, path: &Path, size: u64) -> anyhow::Result<()> {
+    let len = file
+        .metadata()
+        .with_context(|| format!("cannot stat {}", path.display()))?
+        .len();
+    if len != size {
+        tracing::warn!(path = %path.display(), len, size, "partial data file has the wrong length; setting it to the file's size");
+        file.set_len(size)
+            .with_context(|| format!("cannot size {} to {size} bytes", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The chunks among `chunks` whose bytes in `file` cannot be read or do not match their hash.
+fn failing_chunks(
+    file: &File,
+    info: &FileInfo,
+    hashes: &HashList,
+    chunks: impl Iterator<Item = usize>,
+) -> Vec<usize> {
+    let mut buf = Vec::new();
+    chunks
+        .filter(|&i| {
+            let (offset, len) = info.chunk_span(i as u32);
+            buf.resize(len as usize, 0);
+            file.read_exact_at(&mut buf, offset).is_err() || Hash::of(&buf) != hashes.0[i]
+        })
+        .collect()
+}
+
+/// Whether `path` still names the file open as `file` (it was not deleted or replaced).
+fn same_file(path: &Path, file: &File) -> bool {
+    match (std::fs::metadata(path), file.metadata()) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// Replaces `path` with `bytes` so that a crash at any moment leaves the old contents or the
+/// new ones in full, never a mix or an empty file: a temporary file is written and synced,
+/// renamed over `path`, and the directory synced so that the rename itself is durable.
+fn write_durably(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = tmp_path(path);
+    let write = || -> std::io::Result<()> {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        sync_dir(path.parent().unwrap_or(Path::new(".")))
+    };
+    write().with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".tmp");
+    PathBuf::from(s)
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
 }
 
 /// Opens `path` for writing with `O_DIRECT`; `None` where the file system refuses it (tmpfs).
@@ -559,7 +769,8 @@ mod tests {
             assert_eq!(f.write_chunk(i, &chunk(i)).unwrap(), Written::Partial);
         }
         assert_eq!(f.write_chunk(4, &chunk(4)).unwrap(), Written::LastChunk);
-        let done = store.finish(&f).unwrap();
+        let done = dst.path().join("f.bin");
+        assert_eq!(store.finish(&f).unwrap(), Finished::InPlace(done.clone()));
         assert_eq!(std::fs::read(done).unwrap(), original);
         let left: Vec<_> = std::fs::read_dir(dst.path())
             .unwrap()
@@ -621,6 +832,160 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec![1]
         );
+    }
+
+    /// The hidden files of a download of `name` in `dir`, by kind.
+    fn hidden(dir: &Path, name: &str, kind: &str) -> PathBuf {
+        dir.join(format!(".{name}.{kind}"))
+    }
+
+    /// The files in `dir`, sorted.
+    fn listing(dir: &Path) -> Vec<String> {
+        let mut names: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Begins a download of an 8 KiB sample, writes chunk 1, and damages the result with
+    /// `damage(dst)` as a crash or a human might; returns what a new run makes of it.
+    fn resume_after(damage: impl Fn(&Path)) -> (Vec<usize>, Vec<String>) {
+        let (src, dst) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (path, store, f) = begin(src.path(), dst.path(), "r.bin", true);
+        let original = std::fs::read(&path).unwrap();
+        f.write_chunk(1, &original[4096..]).unwrap();
+        let info = f.info.clone();
+        let hashes = (*f.hashes).clone();
+        drop((f, store));
+        damage(dst.path());
+        let store = Store::new(dst.path(), true).unwrap();
+        assert!(store.scan(Some(4096)).is_empty(), "damage is no failure");
+        let f = store.begin_download(&info, &hashes).unwrap();
+        let have = f.have().ones().collect();
+        f.write_chunk(0, &original[..4096]).unwrap();
+        f.write_chunk(1, &original[4096..]).unwrap();
+        assert_eq!(
+            store.finish(&f).unwrap(),
+            Finished::InPlace(dst.path().join("r.bin"))
+        );
+        assert_eq!(std::fs::read(dst.path().join("r.bin")).unwrap(), original);
+        (have, listing(dst.path()))
+    }
+
+    #[test]
+    fn untrustworthy_metadata_starts_the_file_over_instead_of_failing_for_ever() {
+        let meta = |dir: &Path| hidden(dir, "r.bin", META);
+        let other_version = |dir: &Path| {
+            let mut m: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(meta(dir)).unwrap()).unwrap();
+            m["size"] = serde_json::json!(8191);
+            std::fs::write(meta(dir), serde_json::to_vec(&m).unwrap()).unwrap();
+        };
+        let damages: [(&str, &dyn Fn(&Path)); 5] = [
+            ("missing", &|d| std::fs::remove_file(meta(d)).unwrap()),
+            ("empty", &|d| std::fs::write(meta(d), b"").unwrap()),
+            ("garbled", &|d| {
+                std::fs::write(meta(d), b"{\"name\":").unwrap()
+            }),
+            ("another version", &other_version),
+            ("data file gone", &|d| {
+                std::fs::remove_file(hidden(d, "r.bin", PART)).unwrap()
+            }),
+        ];
+        for (what, damage) in damages {
+            let (have, left) = resume_after(damage);
+            assert_eq!(have, Vec::<usize>::new(), "{what}: started over");
+            assert_eq!(left, vec!["r.bin"], "{what}: nothing hidden left behind");
+        }
+    }
+
+    #[test]
+    fn a_partial_file_of_the_wrong_length_is_cut_or_extended_and_its_chunks_rechecked() {
+        let grow = |dir: &Path| {
+            let part = hidden(dir, "r.bin", PART);
+            let f = OpenOptions::new().write(true).open(part).unwrap();
+            f.set_len(8192 + 5000).unwrap();
+        };
+        assert_eq!(resume_after(grow), (vec![1], vec!["r.bin".into()]));
+        let shrink = |dir: &Path| {
+            let part = hidden(dir, "r.bin", PART);
+            let f = OpenOptions::new().write(true).open(part).unwrap();
+            f.set_len(6000).unwrap();
+        };
+        assert_eq!(resume_after(shrink).0, Vec::<usize>::new());
+    }
+
+    #[test]
+    fn an_unreadable_bitmap_means_every_chunk_is_checked_not_lost() {
+        let garble = |dir: &Path| std::fs::write(hidden(dir, "r.bin", HAVE), b"junk").unwrap();
+        assert_eq!(resume_after(garble).0, vec![1]);
+        let remove = |dir: &Path| std::fs::remove_file(hidden(dir, "r.bin", HAVE)).unwrap();
+        assert_eq!(resume_after(remove).0, vec![1]);
+    }
+
+    #[test]
+    fn metadata_is_replaced_whole_through_a_synced_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(".m.shoal-meta");
+        std::fs::write(&path, b"old").unwrap();
+        write_durably(&path, b"new contents").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"new contents");
+        assert_eq!(listing(dir.path()), vec![".m.shoal-meta"]);
+    }
+
+    #[test]
+    fn a_complete_file_damaged_before_its_rename_is_fetched_again_never_named() {
+        let (src, dst) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (path, store, f) = begin(src.path(), dst.path(), "d.bin", false);
+        let original = std::fs::read(&path).unwrap();
+        f.write_chunk(0, &original[..4096]).unwrap();
+        f.write_chunk(1, &original[4096..]).unwrap();
+        let part = hidden(dst.path(), "d.bin", PART);
+        let writer = OpenOptions::new().write(true).open(&part).unwrap();
+        writer.write_all_at(b"garbage", 5000).unwrap();
+        writer.set_len(9000).unwrap();
+        let Finished::Damaged(why) = store.finish(&f).unwrap() else {
+            panic!("a damaged file was finished");
+        };
+        assert!(why.contains("1 of its chunks"), "{why}");
+        assert!(!dst.path().join("d.bin").exists());
+        assert_eq!(f.have().ones().collect::<Vec<_>>(), vec![0]);
+        f.write_chunk(1, &original[4096..]).unwrap();
+        let done = dst.path().join("d.bin");
+        assert_eq!(store.finish(&f).unwrap(), Finished::InPlace(done.clone()));
+        assert_eq!(std::fs::read(done).unwrap(), original, "cut to size too");
+    }
+
+    #[test]
+    fn a_partial_file_replaced_during_the_download_is_reopened_not_named() {
+        let (src, dst) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (path, store, f) = begin(src.path(), dst.path(), "e.bin", false);
+        let original = std::fs::read(&path).unwrap();
+        f.write_chunk(0, &original[..4096]).unwrap();
+        f.write_chunk(1, &original[4096..]).unwrap();
+        let part = hidden(dst.path(), "e.bin", PART);
+        std::fs::remove_file(&part).unwrap();
+        std::fs::write(&part, vec![0u8; 8192]).unwrap();
+        assert!(matches!(store.finish(&f).unwrap(), Finished::Damaged(_)));
+        assert!(store.get("e.bin").is_none(), "the stale entry is dropped");
+        let f = store.begin_download(&f.info, &f.hashes).unwrap();
+        assert_eq!(f.have().count(), 0, "zeros do not verify");
+    }
+
+    #[test]
+    fn a_partial_found_complete_at_start_gets_its_name() {
+        let (src, dst) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (path, store, f) = begin(src.path(), dst.path(), "c.bin", true);
+        let original = std::fs::read(&path).unwrap();
+        f.write_chunk(0, &original[..4096]).unwrap();
+        f.write_chunk(1, &original[4096..]).unwrap();
+        drop((f, store));
+        let store = Store::new(dst.path(), true).unwrap();
+        assert!(store.scan(None).is_empty());
+        assert!(store.get("c.bin").unwrap().is_final());
+        assert_eq!(std::fs::read(dst.path().join("c.bin")).unwrap(), original);
     }
 
     #[test]
