@@ -405,8 +405,10 @@ impl Store {
                 target.display()
             );
         }
-        let leftovers = [META, PART].map(|kind| self.hidden(&info.name, kind).exists());
-        if leftovers.contains(&true) {
+        // A data file without metadata is a leftover too (and gets a log line); anything else
+        // in its place makes creating it fail with a clear error.
+        let leftover = |kind| self.hidden(&info.name, kind).is_file();
+        if leftover(META) || leftover(PART) {
             if let Some(resumed) = self.resume(&info.name, Some(info))? {
                 return Ok(resumed);
             }
