@@ -438,6 +438,10 @@ pub async fn daemon(cfg: PeerConfig, stop: CancellationToken) -> anyhow::Result<
             let task = tokio::spawn(async move {
                 match download(&p, &n, None, Arc::new(LogProgress::default())).await {
                     Ok(_) | Err(DownloadError::Stopped(_)) => {}
+                    // The tracker client logs an outage once; one line per retry is noise.
+                    Err(DownloadError::Tracker(e)) if e.code().is_none() => {
+                        tracing::debug!(file = %n, "download waits for the tracker: {e}")
+                    }
                     Err(e) => tracing::warn!(file = %n, "download failed, will retry: {e}"),
                 }
                 finished.notify_one();

@@ -137,8 +137,11 @@ impl Peer {
         }
         tracing::info!(addr = %listen_addr, metrics = ?metrics_addr, peer = %peer.name, files = peer.store.all().len(), "peer listening");
         peer.tasks.spawn(server::run(peer.clone(), listener));
-        if let Err(e) = peer.sync().await {
-            tracing::warn!("not registered yet (will retry): {e}");
+        match peer.sync().await {
+            // Unreachable: the tracker client has said so, once.
+            Err(e) if e.code().is_none() => tracing::debug!("not registered yet: {e}"),
+            Err(e) => tracing::warn!("not registered yet (will retry): {e}"),
+            Ok(_) => {}
         }
         peer.tasks.spawn(peer.clone().maintain(report_rx));
         Ok(peer)
@@ -210,8 +213,7 @@ impl Peer {
             for v in reply.files.iter().filter(|v| !v.accepted) {
                 tracing::warn!(file = %v.name, code = ?v.error, "tracker refused file: {}", v.message.as_deref().unwrap_or(""));
             }
-            self.announce_ms
-                .store(reply.announce_interval_ms.max(100), Ordering::Relaxed);
+            self.set_announce_interval(reply.announce_interval_ms);
             self.set_session(Some(Session {
                 peer_id: reply.peer_id,
                 token: reply.token.clone(),
@@ -223,6 +225,13 @@ impl Peer {
             tracing::info!(peer_id = r.peer_id, addr = %r.addr, files = replies.iter().map(|r| r.files.len()).sum::<usize>(), "registered with tracker {}", self.tracker.addr());
         }
         Ok(replies)
+    }
+
+    /// Adopts the tracker's announce interval, which also caps the backoff while it is away.
+    fn set_announce_interval(&self, ms: u64) {
+        let ms = ms.max(100);
+        self.announce_ms.store(ms, Ordering::Relaxed);
+        self.tracker.cap_backoff(Duration::from_millis(ms));
     }
 
     /// Queues "I now hold chunk `index` of `file`" for the tracker (sent in batches).
@@ -278,6 +287,9 @@ impl Peer {
         }
     }
 
+    /// Sends the queued chunk reports, one request per file. While the tracker is away they
+    /// are not sent one by one: the re-registration when it is back carries every chunk held,
+    /// in a few large batches.
     async fn flush_reports(
         &self,
         first: (String, u32),
@@ -288,11 +300,32 @@ impl Peer {
         while let Ok((file, index)) = reports.try_recv() {
             by_file.entry(file).or_default().push(index);
         }
-        for (file, chunks) in by_file {
-            if let Err(e) = self.register_chunks(&file, chunks).await {
-                tracing::warn!(file = %file, "chunk registration failed (will re-register): {e}");
-                self.needs_sync.store(true, Ordering::SeqCst);
+        while let Some((file, chunks)) = by_file.pop_first() {
+            if self.tracker.is_down() {
+                by_file.insert(file, chunks);
+                break;
             }
+            match self.register_chunks(&file, chunks.clone()).await {
+                Ok(_) => {}
+                Err(e) if forgotten(&e) => {
+                    tracing::debug!("chunk registration refused ({e}); registering again");
+                    self.set_session(None);
+                    by_file.insert(file, chunks);
+                    break;
+                }
+                // Unreachable: the tracker client has said so, once.
+                Err(e) if e.code().is_none() => {
+                    tracing::debug!(file = %file, "chunk registration failed: {e}");
+                    by_file.insert(file, chunks);
+                    break;
+                }
+                Err(e) => tracing::warn!(file = %file, "chunk registration refused: {e}"),
+            }
+        }
+        if !by_file.is_empty() {
+            let held: usize = by_file.values().map(Vec::len).sum();
+            self.tracker.note_held_back(held as u64);
+            self.needs_sync.store(true, Ordering::SeqCst);
         }
     }
 
@@ -318,7 +351,7 @@ impl Peer {
         {
             Ok(ack) => {
                 if let Some(ms) = ack.announce_interval_ms {
-                    self.announce_ms.store(ms.max(100), Ordering::Relaxed);
+                    self.set_announce_interval(ms);
                 }
             }
             Err(e) if forgotten(&e) => {
@@ -329,7 +362,9 @@ impl Peer {
             // Unreachable or busy: keep the identity and try again next interval.
             Err(e) => {
                 self.ready.set(false);
-                tracing::warn!("announce failed: {e}");
+                if e.code().is_some() {
+                    tracing::warn!("announce refused: {e}");
+                }
             }
         }
     }
