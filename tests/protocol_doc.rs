@@ -293,13 +293,14 @@ fn the_limits_table_gives_the_real_defaults() {
 fn the_example_session_is_what_a_real_tracker_answers() {
     // Everything before "### Refusals in other situations" happens on one tracker with default
     // settings. Its requests go through the tracker's own request handler (no sockets). The chunk
-    // transfer goes to a peer and is skipped. Tokens are random, so the doc's tokens stand for
-    // the real ones; a registration comes from the ip its reply gives out.
+    // transfer goes to a peer and is skipped. Tokens and peer ids are random, so the doc's stand
+    // for the real ones; a registration comes from the ip its reply gives out.
     let doc = Doc::load();
     let tracker = shoal::tracker::Tracker::from_config(&shoal::config::TrackerConfig::default());
     let session =
         doc.line_of("## Example exchanges")..doc.line_of("### Refusals in other situations");
     let mut tokens: Vec<(String, String)> = Vec::new();
+    let mut ids: Vec<(u64, u64)> = Vec::new();
     let mut request = String::new();
     let mut replayed = 0;
     for ex in doc.examples.iter().filter(|ex| session.contains(&ex.line)) {
@@ -308,6 +309,14 @@ fn the_example_session_is_what_a_real_tracker_answers() {
                 request = ex.text.clone();
                 for (in_doc, real) in &tokens {
                     request = request.replace(in_doc.as_str(), real);
+                }
+                // A malformed request is refused before its id is read, with a column number
+                // in the message: it keeps the doc's id.
+                for (in_doc, real) in ids.iter().filter(|_| ex.kind == Kind::Request) {
+                    for end in [",", "}"] {
+                        let doc_field = format!("\"peer_id\":{in_doc}{end}");
+                        request = request.replace(&doc_field, &format!("\"peer_id\":{real}{end}"));
+                    }
                 }
             }
             Kind::Reply => {
@@ -319,12 +328,26 @@ fn the_example_session_is_what_a_real_tracker_answers() {
                 let from: std::net::SocketAddr = from.parse().unwrap();
                 let reply = tracker.handle(request.as_bytes(), from.ip());
                 let mut reply: Value = serde_json::from_slice(&reply).unwrap();
+
                 if let (Some(in_doc), Some(real)) =
                     (expected["token"].as_str(), reply["token"].as_str())
                 {
                     tokens.push((in_doc.to_string(), real.to_string()));
                     reply["token"] = Value::from(in_doc);
                 }
+                if let (Some(in_doc), Some(real)) =
+                    (expected["peer_id"].as_u64(), reply["peer_id"].as_u64())
+                {
+                    if !ids.contains(&(in_doc, real)) {
+                        ids.push((in_doc, real));
+                    }
+                }
+                // Real ids are 16 digits long: no other number in a reply looks like one.
+                let mut text = reply.to_string();
+                for (in_doc, real) in &ids {
+                    text = text.replace(&real.to_string(), &in_doc.to_string());
+                }
+                let reply: Value = serde_json::from_str(&text).unwrap();
                 assert_eq!(
                     reply,
                     expected,

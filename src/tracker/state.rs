@@ -53,6 +53,9 @@ struct Index {
     free_file_ids: Vec<u32>,
     peers: HashMap<u64, PeerEntry>,
     next_id: u64,
+    /// Starts every token this run of the tracker issues, so that a token from an earlier run
+    /// is told apart from a wrong one (`unknown_peer`, not `forbidden`).
+    run_tag: String,
 }
 
 impl Index {
@@ -139,7 +142,8 @@ impl TrackerState {
     pub fn new(limits: IndexLimits, announce_interval: Duration, secret: Option<String>) -> Self {
         TrackerState {
             index: Mutex::new(Index {
-                next_id: 1,
+                next_id: first_peer_id(),
+                run_tag: random_hex(4),
                 ..Index::default()
             }),
             limits,
@@ -207,7 +211,8 @@ impl TrackerState {
                 }
                 let id = ix.next_id;
                 ix.next_id += 1;
-                let token = new_token();
+                // 32 hex digits in all, 96 of their bits random.
+                let token = format!("{}{}", ix.run_tag, random_hex(12));
                 let entry = PeerEntry {
                     name: req.name.clone(),
                     addr,
@@ -554,9 +559,13 @@ fn authorised<'a>(
     peer_id: u64,
     token: &str,
 ) -> Result<&'a mut PeerEntry, Refusal> {
-    let peer = ix.peers.get_mut(&peer_id).ok_or_else(|| {
+    let unknown = || {
         Refusal::new(ErrorCode::UnknownPeer, format!("peer {peer_id} is not registered (left, expired, or the tracker restarted): register again"))
-    })?;
+    };
+    if !token.starts_with(&ix.run_tag) {
+        return Err(unknown());
+    }
+    let peer = ix.peers.get_mut(&peer_id).ok_or_else(unknown)?;
     if !secret_matches(Some(&peer.token), Some(token)) {
         return Err(Refusal::new(
             ErrorCode::Forbidden,
@@ -616,9 +625,28 @@ fn advertised_addr(claimed: &str, source: IpAddr) -> Result<SocketAddr, Refusal>
     Ok(addr)
 }
 
-fn new_token() -> String {
-    let bytes: [u8; 16] = rand::thread_rng().gen();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+fn random_hex(bytes: usize) -> String {
+    let mut rng = rand::thread_rng();
+    (0..bytes)
+        .map(|_| format!("{:02x}", rng.gen::<u8>()))
+        .collect()
+}
+
+/// Where this run's peer ids start: the start time in seconds times 2^20, plus a random offset
+/// below 2^19. A restarted tracker (it has no disk) thus never hands out an id an earlier run
+/// gave, unless that run issued over half a million ids per second it was up; a peer still
+/// holding such an id is answered `unknown_peer` and registers again. Ids stay below 2^53, so
+/// clients that read JSON numbers as doubles keep them exact.
+fn first_peer_id() -> u64 {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    id_base(secs, rand::thread_rng().gen_range(1..1 << 19))
+}
+
+fn id_base(secs: u64, offset: u64) -> u64 {
+    ((secs & ((1 << 32) - 1)) << 20) + offset
 }
 
 /// Picks at most `want` holders. First, in random order, holders that add a chunk the sample
@@ -1009,13 +1037,40 @@ mod tests {
     }
 
     #[test]
+    fn a_token_from_an_earlier_run_is_unknown_not_forbidden_even_where_its_id_exists() {
+        let (before, after) = (state(), state());
+        let old = register(&before, "p", 1, vec![]);
+        let new = register(&after, "q", 2, vec![]);
+        let stale = PeerAuth {
+            peer_id: new.peer_id,
+            token: old.token,
+        };
+        let refusal = after.announce(&stale, Instant::now()).unwrap_err();
+        assert_eq!(refusal.code, ErrorCode::UnknownPeer);
+    }
+
+    #[test]
+    fn peer_ids_of_a_later_run_start_past_every_id_of_an_earlier_one() {
+        let earlier = id_base(1_800_000_000, (1 << 19) - 1);
+        let later = id_base(1_800_000_001, 1);
+        assert!(
+            earlier + (1 << 19) < later,
+            "half a million ids per second fit"
+        );
+        assert!(
+            id_base(u64::MAX, 1 << 19) + (1 << 20) < 1 << 53,
+            "exact as doubles"
+        );
+    }
+
+    #[test]
     fn chunk_register_needs_the_right_token_and_range() {
         let s = state();
-        register(&s, "seed", 1, vec![offer("a", 1, 4)]);
+        let seed = register(&s, "seed", 1, vec![offer("a", 1, 4)]);
         let leecher = register(&s, "leech", 2, vec![]);
         let mut req = ChunkRegister {
             peer_id: leecher.peer_id,
-            token: "wrong".into(),
+            token: seed.token,
             file: "a".into(),
             digest: None,
             chunks: vec![1],
