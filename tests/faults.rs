@@ -87,6 +87,11 @@ fn lying_holder_is_detected_by_hash_and_dropped() {
         "a banned liar must not be asked again"
     );
     assert!(d.log_contains("does not match its hash"));
+    assert_eq!(
+        d.metric(r#"shoal_peer_holders_banned_total{reason="corrupt_chunk"}"#),
+        1.0,
+        "the ban and its reason are visible"
+    );
 }
 
 #[test]
