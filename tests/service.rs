@@ -56,8 +56,7 @@ fn tracker_restarted_empty_relists_every_file_and_downloads_go_on() {
     assert_eq!(restarted.metric("shoal_tracker_registrations_total"), 3.0);
     assert_eq!(restarted.metric("shoal_tracker_peers"), 3.0);
     // One line each way for the outage, not one per chunk the downloader reported meanwhile.
-    assert!(wait_until(Duration::from_secs(5), || d
-        .log_contains("tracker is back")));
+    assert!(wait_until(Duration::from_secs(5), || d.log_contains("tracker is back")));
     let log = d.log_text();
     let warnings: Vec<_> = log
         .lines()

@@ -851,6 +851,9 @@ mod tests {
         names
     }
 
+    /// Something done to the hidden files of a download in a data dir.
+    type Damage = dyn Fn(&Path);
+
     /// Begins a download of an 8 KiB sample, writes chunk 1, and damages the result with
     /// `damage(dst)` as a crash or a human might; returns what a new run makes of it.
     fn resume_after(damage: impl Fn(&Path)) -> (Vec<usize>, Vec<String>) {
@@ -878,14 +881,16 @@ mod tests {
 
     #[test]
     fn untrustworthy_metadata_starts_the_file_over_instead_of_failing_for_ever() {
-        let meta = |dir: &Path| hidden(dir, "r.bin", META);
+        fn meta(dir: &Path) -> PathBuf {
+            hidden(dir, "r.bin", META)
+        }
         let other_version = |dir: &Path| {
             let mut m: serde_json::Value =
                 serde_json::from_slice(&std::fs::read(meta(dir)).unwrap()).unwrap();
             m["size"] = serde_json::json!(8191);
             std::fs::write(meta(dir), serde_json::to_vec(&m).unwrap()).unwrap();
         };
-        let damages: [(&str, &dyn Fn(&Path)); 5] = [
+        let damages: [(&str, &Damage); 5] = [
             ("missing", &|d| std::fs::remove_file(meta(d)).unwrap()),
             ("empty", &|d| std::fs::write(meta(d), b"").unwrap()),
             ("garbled", &|d| {
@@ -937,13 +942,19 @@ mod tests {
         assert_eq!(listing(dir.path()), vec![".m.shoal-meta"]);
     }
 
-    #[test]
-    fn a_complete_file_damaged_before_its_rename_is_fetched_again_never_named() {
-        let (src, dst) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let (path, store, f) = begin(src.path(), dst.path(), "d.bin", false);
+    /// A download like [`begin`]'s with both chunks written, not finished yet; with the bytes.
+    fn complete(src: &Path, dst: &Path, name: &str) -> (Vec<u8>, Store, Arc<StoredFile>) {
+        let (path, store, f) = begin(src, dst, name, false);
         let original = std::fs::read(&path).unwrap();
         f.write_chunk(0, &original[..4096]).unwrap();
         f.write_chunk(1, &original[4096..]).unwrap();
+        (original, store, f)
+    }
+
+    #[test]
+    fn a_complete_file_damaged_before_its_rename_is_fetched_again_never_named() {
+        let (src, dst) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (original, store, f) = complete(src.path(), dst.path(), "d.bin");
         let part = hidden(dst.path(), "d.bin", PART);
         let writer = OpenOptions::new().write(true).open(&part).unwrap();
         writer.write_all_at(b"garbage", 5000).unwrap();
@@ -963,10 +974,7 @@ mod tests {
     #[test]
     fn a_partial_file_replaced_during_the_download_is_reopened_not_named() {
         let (src, dst) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let (path, store, f) = begin(src.path(), dst.path(), "e.bin", false);
-        let original = std::fs::read(&path).unwrap();
-        f.write_chunk(0, &original[..4096]).unwrap();
-        f.write_chunk(1, &original[4096..]).unwrap();
+        let (_, store, f) = complete(src.path(), dst.path(), "e.bin");
         let part = hidden(dst.path(), "e.bin", PART);
         std::fs::remove_file(&part).unwrap();
         std::fs::write(&part, vec![0u8; 8192]).unwrap();
@@ -979,10 +987,7 @@ mod tests {
     #[test]
     fn a_partial_found_complete_at_start_gets_its_name() {
         let (src, dst) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let (path, store, f) = begin(src.path(), dst.path(), "c.bin", true);
-        let original = std::fs::read(&path).unwrap();
-        f.write_chunk(0, &original[..4096]).unwrap();
-        f.write_chunk(1, &original[4096..]).unwrap();
+        let (original, store, f) = complete(src.path(), dst.path(), "c.bin");
         drop((f, store));
         let store = Store::new(dst.path(), true).unwrap();
         assert!(store.scan(None).is_empty());

@@ -52,6 +52,8 @@ struct Outage {
     /// callers (see [`TrackerClient::note_held_back`]).
     held_back: u64,
     next_attempt: Instant,
+    /// Why the last attempt failed.
+    reason: String,
 }
 
 pub struct TrackerClient {
@@ -134,7 +136,8 @@ impl TrackerClient {
         }
         o.held_back += 1;
         let why = format!(
-            "down for {:.1}s; next attempt in {:.1}s",
+            "{} (down for {:.1}s; next attempt in {:.1}s)",
+            o.reason,
             now.duration_since(o.since).as_secs_f64(),
             o.next_attempt.duration_since(now).as_secs_f64()
         );
@@ -161,9 +164,11 @@ impl TrackerClient {
                 failures: 0,
                 held_back: 0,
                 next_attempt: now,
+                reason: String::new(),
             }
         });
         o.failures += 1;
+        o.reason = reason.to_string();
         o.next_attempt = now + backoff(o.failures, cap, jitter);
         tracing::debug!(tracker = %self.addr, failures = o.failures, "tracker still unreachable: {reason}");
     }
