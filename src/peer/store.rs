@@ -586,6 +586,13 @@ impl Store {
             .sync_all()
             .with_context(|| format!("cannot sync {}", part.display()))?;
         let target = self.dir.join(name);
+        if target.exists() {
+            bail!(
+                "{} appeared while {name:?} was downloading; the download stays hidden until it \
+                 is moved away",
+                target.display()
+            );
+        }
         let mut p = stored.lock();
         if p.have_file.is_none() {
             return Ok(Finished::InPlace(p.path.clone()));
@@ -993,6 +1000,19 @@ mod tests {
         assert!(store.scan(None).is_empty());
         assert!(store.get("c.bin").unwrap().is_final());
         assert_eq!(std::fs::read(dst.path().join("c.bin")).unwrap(), original);
+    }
+
+    #[test]
+    fn a_file_that_appeared_under_the_final_name_is_never_replaced() {
+        let (src, dst) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (_, store, f) = complete(src.path(), dst.path(), "f.bin");
+        std::fs::write(dst.path().join("f.bin"), b"someone else's").unwrap();
+        let err = store.finish(&f).unwrap_err().to_string();
+        assert!(err.contains("appeared while"), "{err}");
+        assert_eq!(
+            std::fs::read(dst.path().join("f.bin")).unwrap(),
+            b"someone else's"
+        );
     }
 
     #[test]
