@@ -245,3 +245,49 @@ fn unwritable_download_target_fails_clearly_and_the_peer_keeps_serving() {
         "it keeps serving its own files"
     );
 }
+
+#[test]
+fn a_lying_holder_stays_banned_across_download_attempts() {
+    // A long lease keeps the liar listed for the whole test without announcing.
+    let tracker = tracker(&[("SHOAL_ANNOUNCE_INTERVAL", "30s")]);
+    let dir = tempfile::tempdir().unwrap();
+    let original = make_file(&dir.path().join("s"), "data.bin", MIB, 13);
+    let mut seeder = daemon(tracker.addr, &dir.path().join("s"), "s", &[]);
+    assert!(wait_until(Duration::from_secs(10), || holder_count(
+        tracker.addr,
+        "data.bin"
+    ) == 1));
+    let loc = locations(tracker.addr, "data.bin");
+    let liar = fake_holder(Hostile::Lies, &loc);
+    register_fake_holder(tracker.addr, &liar.addr.to_string(), &loc);
+    seeder.kill9();
+
+    // With the seeder dead and the liar banned, attempts fail one after another.
+    let d = daemon(
+        tracker.addr,
+        &dir.path().join("d"),
+        "d",
+        &[("SHOAL_WANT", "data.bin")],
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || d
+            .metric("shoal_peer_downloads_failed_total")
+            >= 3.0),
+        "{}",
+        d.log_text()
+    );
+    let _back = daemon(tracker.addr, &dir.path().join("s"), "s", &[]);
+    assert!(
+        wait_until(Duration::from_secs(60), || same_bytes(
+            &original,
+            &dir.path().join("d/data.bin")
+        )),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(
+        *liar.connections.lock().unwrap(),
+        1,
+        "the liar was asked again by a later attempt"
+    );
+}
