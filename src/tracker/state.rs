@@ -562,7 +562,7 @@ fn authorised<'a>(
     let unknown = || {
         Refusal::new(ErrorCode::UnknownPeer, format!("peer {peer_id} is not registered (left, expired, or the tracker restarted): register again"))
     };
-    if !token.starts_with(&ix.run_tag) {
+    if from_another_run(token, &ix.run_tag) {
         return Err(unknown());
     }
     let peer = ix.peers.get_mut(&peer_id).ok_or_else(unknown)?;
@@ -623,6 +623,12 @@ fn advertised_addr(claimed: &str, source: IpAddr) -> Result<SocketAddr, Refusal>
         addr.set_ip(source);
     }
     Ok(addr)
+}
+
+/// Whether `token` looks like one a tracker issues (32 hex digits) but not of this run: the
+/// peer holds a session this tracker cannot know of, not someone else's token.
+fn from_another_run(token: &str, run_tag: &str) -> bool {
+    token.len() == 32 && token.bytes().all(|b| b.is_ascii_hexdigit()) && !token.starts_with(run_tag)
 }
 
 fn random_hex(bytes: usize) -> String {
