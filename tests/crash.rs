@@ -184,14 +184,7 @@ fn daemon_restarted_after(seed: u64, damage: impl Fn(&Path)) -> (String, std::pa
     damage(&data);
 
     let second = daemon(tracker.addr, &data, "d", &[("SHOAL_WANT", NAME)]);
-    assert!(
-        wait_until(Duration::from_secs(60), || same_bytes(
-            &original,
-            &data.join(NAME)
-        )),
-        "{}",
-        second.log_text()
-    );
+    assert_lands(&original, &data.join(NAME), &second);
     (second.log_text(), data)
 }
 

@@ -7,6 +7,11 @@ use std::time::Duration;
 
 const MIB: usize = 1 << 20;
 
+/// A daemon in `dir/d` that wants `data.bin`.
+fn fetching_data_bin(tracker: std::net::SocketAddr, dir: &std::path::Path) -> Proc {
+    daemon(tracker, &dir.join("d"), "d", &[("SHOAL_WANT", "data.bin")])
+}
+
 #[test]
 fn holder_killed_mid_transfer_is_replaced() {
     let tracker = tracker(&[]);
@@ -57,21 +62,9 @@ fn lying_holder_is_detected_by_hash_and_dropped() {
     let liar = fake_holder(Hostile::Lies, &loc);
     register_fake_holder(tracker.addr, &liar.addr.to_string(), &loc);
 
-    let d = daemon(
-        tracker.addr,
-        &dir.path().join("d"),
-        "d",
-        &[("SHOAL_WANT", "data.bin")],
-    );
+    let d = fetching_data_bin(tracker.addr, dir.path());
 
-    assert!(
-        wait_until(Duration::from_secs(60), || same_bytes(
-            &original,
-            &dir.path().join("d/data.bin")
-        )),
-        "{}",
-        d.log_text()
-    );
+    assert_lands(&original, &dir.path().join("d/data.bin"), &d);
     assert!(
         d.metric("shoal_peer_chunk_verify_failures_total") >= 1.0,
         "the lie was never seen"
@@ -109,14 +102,7 @@ fn stalled_holder_is_dropped_after_the_chunk_timeout() {
         &[("SHOAL_WANT", "data.bin"), ("SHOAL_CHUNK_TIMEOUT", "1s")],
     );
 
-    assert!(
-        wait_until(Duration::from_secs(60), || same_bytes(
-            &original,
-            &dir.path().join("d/data.bin")
-        )),
-        "{}",
-        d.log_text()
-    );
+    assert_lands(&original, &dir.path().join("d/data.bin"), &d);
     assert!(d.log_contains("stalled"), "{}", d.log_text());
     assert!(*staller.connections.lock().unwrap() >= 1);
 }
@@ -131,12 +117,7 @@ fn unreachable_advertised_address_is_skipped() {
         .unwrap();
     register_fake_holder(tracker.addr, &closed.to_string(), &loc);
 
-    let d = daemon(
-        tracker.addr,
-        &dir.path().join("d"),
-        "d",
-        &[("SHOAL_WANT", "data.bin")],
-    );
+    let d = fetching_data_bin(tracker.addr, dir.path());
 
     assert!(
         wait_until(Duration::from_secs(30), || same_bytes(
@@ -263,12 +244,7 @@ fn a_lying_holder_stays_banned_across_download_attempts() {
     seeder.kill9();
 
     // With the seeder dead and the liar banned, attempts fail one after another.
-    let d = daemon(
-        tracker.addr,
-        &dir.path().join("d"),
-        "d",
-        &[("SHOAL_WANT", "data.bin")],
-    );
+    let d = fetching_data_bin(tracker.addr, dir.path());
     assert!(
         wait_until(Duration::from_secs(30), || d
             .metric("shoal_peer_downloads_failed_total")
@@ -277,14 +253,7 @@ fn a_lying_holder_stays_banned_across_download_attempts() {
         d.log_text()
     );
     let _back = daemon(tracker.addr, &dir.path().join("s"), "s", &[]);
-    assert!(
-        wait_until(Duration::from_secs(60), || same_bytes(
-            &original,
-            &dir.path().join("d/data.bin")
-        )),
-        "{}",
-        d.log_text()
-    );
+    assert_lands(&original, &dir.path().join("d/data.bin"), &d);
     assert_eq!(
         *liar.connections.lock().unwrap(),
         1,

@@ -275,6 +275,16 @@ pub fn same_bytes(original: &Path, path: &Path) -> bool {
     }
 }
 
+/// Waits (up to 60 s) until `path` holds exactly the bytes of `original`; fails showing the log
+/// of `downloader`.
+pub fn assert_lands(original: &Path, path: &Path, downloader: &Proc) {
+    assert!(
+        wait_until(Duration::from_secs(60), || same_bytes(original, path)),
+        "{}",
+        downloader.log_text()
+    );
+}
+
 /// A raw line-protocol client for hostile and protocol-level tests.
 pub struct Raw {
     reader: BufReader<TcpStream>,
