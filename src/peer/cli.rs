@@ -425,7 +425,8 @@ pub async fn daemon(cfg: PeerConfig, stop: CancellationToken) -> anyhow::Result<
         let now = tokio::time::Instant::now();
         let mut pending = 0;
         for name in wanted {
-            if peer.store.get(&name).is_some_and(|f| f.is_complete()) {
+            // Complete is not enough: a file whose final check or rename failed is still due.
+            if peer.store.get(&name).is_some_and(|f| f.is_final()) {
                 continue;
             }
             pending += 1;
