@@ -123,8 +123,8 @@ cmd_status() {
         fi
         shared=$(metric shoal_peer_files_shared <<<"$text")
         wanted=$(metric shoal_peer_files_wanted <<<"$text")
-        down=$(metric shoal_peer_bytes_downloaded_total <<<"$text")
-        up=$(metric shoal_peer_bytes_uploaded_total <<<"$text")
+        down=$(metric shoal_peer_downloaded_bytes_total <<<"$text")
+        up=$(metric shoal_peer_uploaded_bytes_total <<<"$text")
         # shellcheck disable=SC2059
         printf "$format" "$name" "$state" "$shared" "$wanted" "$(mib "$down")" "$(mib "$up")" "$ready" ""
         if [[ "$service" == peer && "${files:-0}" -gt 0 && "$shared" == "$files" && "$wanted" == 0 ]]; then

@@ -1,14 +1,18 @@
 //! Prometheus metric handles for both binaries, and the small HTTP server that exposes
 //! `/metrics`, `/healthz` (the process is alive) and `/readyz` (it is doing its job).
-//! Labels only ever take small fixed value sets: never file names or peer ids.
+//! Labels only ever take small fixed value sets: never file names or peer ids, and every value
+//! an alert may look for is exported at zero from the start (a rule cannot see a missing series
+//! rise). Both registries also carry `process_*` and `shoal_build_info`.
 
+use crate::protocol::{ErrorCode, Msg};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
+use hyper::Method;
 use hyper::{body::Incoming, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,6 +39,26 @@ fn counter_vec(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCo
     c
 }
 
+/// A registry holding what every Shoal process exports: the process collector (CPU, memory,
+/// open file descriptors, start time) and `shoal_build_info`.
+fn process_registry() -> Registry {
+    let reg = Registry::new();
+    let process = prometheus::process_collector::ProcessCollector::for_self();
+    reg.register(Box::new(process)).expect("unique metric");
+    let info = IntGaugeVec::new(
+        Opts::new(
+            "shoal_build_info",
+            "Always 1; the labels say which version and source revision this binary was built from.",
+        ),
+        &["version", "revision"],
+    )
+    .expect("valid metric");
+    info.with_label_values(&[env!("CARGO_PKG_VERSION"), env!("SHOAL_REVISION")])
+        .set(1);
+    reg.register(Box::new(info)).expect("unique metric");
+    reg
+}
+
 fn histogram(reg: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
     let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
         .expect("valid metric");
@@ -57,13 +81,19 @@ pub struct TrackerMetrics {
 
 impl Default for TrackerMetrics {
     fn default() -> Self {
-        let registry = Registry::new();
+        let registry = process_registry();
         let requests = counter_vec(
             &registry,
             "shoal_tracker_requests_total",
             "Requests handled, by message and outcome (ok, error).",
             &["msg", "outcome"],
         );
+        let msgs = (1..).map_while(Msg::from_number).map(Msg::label);
+        for msg in msgs.chain(["invalid"]) {
+            for outcome in ["ok", "error"] {
+                requests.with_label_values(&[msg, outcome]);
+            }
+        }
         let request_duration = HistogramVec::new(
             HistogramOpts::new(
                 "shoal_tracker_request_duration_seconds",
@@ -135,7 +165,7 @@ pub struct PeerMetrics {
 
 impl Default for PeerMetrics {
     fn default() -> Self {
-        let r = Registry::new();
+        let r = process_registry();
         let secs = vec![
             0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
         ];
@@ -145,27 +175,27 @@ impl Default for PeerMetrics {
         PeerMetrics {
             chunks_downloaded: counter(
                 &r,
-                "shoal_peer_chunks_downloaded_total",
+                "shoal_peer_downloaded_chunks_total",
                 "Chunks downloaded and verified.",
             ),
             chunks_uploaded: counter(
                 &r,
-                "shoal_peer_chunks_uploaded_total",
+                "shoal_peer_uploaded_chunks_total",
                 "Chunks sent to other peers in full.",
             ),
             chunks_duplicate: counter(
                 &r,
-                "shoal_peer_chunks_duplicate_total",
+                "shoal_peer_duplicate_chunks_total",
                 "Verified chunks received but already held (endgame duplicates); not counted as downloaded.",
             ),
             bytes_downloaded: counter(
                 &r,
-                "shoal_peer_bytes_downloaded_total",
+                "shoal_peer_downloaded_bytes_total",
                 "Bytes of verified chunks downloaded.",
             ),
             bytes_uploaded: counter(
                 &r,
-                "shoal_peer_bytes_uploaded_total",
+                "shoal_peer_uploaded_bytes_total",
                 "Bytes of chunks sent to other peers in full.",
             ),
             chunk_transfer_duration: histogram(
@@ -215,21 +245,38 @@ impl Default for PeerMetrics {
                 "shoal_peer_holders_dropped_total",
                 "Holders dropped by a download (dead, stalled or lying).",
             ),
-            requests_refused: counter_vec(
-                &r,
-                "shoal_peer_chunk_requests_refused_total",
-                "Chunk requests this peer refused, by error code (busy: upload slots full).",
-                &["reason"],
+            requests_refused: at_zero(
+                counter_vec(
+                    &r,
+                    "shoal_peer_chunk_requests_refused_total",
+                    "Chunk requests this peer refused, by error code (busy: upload slots full).",
+                    &["reason"],
+                ),
+                ErrorCode::ALL.map(ErrorCode::as_str),
             ),
-            holders_banned: counter_vec(
-                &r,
-                "shoal_peer_holders_banned_total",
-                "Holders banned from a file for serving bad data, by reason (corrupt_chunk, wrong_header).",
-                &["reason"],
+            holders_banned: at_zero(
+                counter_vec(
+                    &r,
+                    "shoal_peer_holders_banned_total",
+                    "Holders banned from a file for serving bad data, by reason (corrupt_chunk, wrong_header).",
+                    &["reason"],
+                ),
+                BAN_REASONS,
             ),
             registry: r,
         }
     }
+}
+
+/// The reasons the download engine bans a holder for (src/peer/download.rs).
+const BAN_REASONS: [&str; 2] = ["corrupt_chunk", "wrong_header"];
+
+/// Creates the series of every `reason` at zero, so an alert sees the first one rise.
+fn at_zero<const N: usize>(counter: IntCounterVec, reasons: [&str; N]) -> IntCounterVec {
+    for reason in reasons {
+        counter.with_label_values(&[reason]);
+    }
+    counter
 }
 
 /// Counts one unit in a gauge for as long as it lives, so a cancelled task still gives its
@@ -285,7 +332,7 @@ pub async fn serve_http(
         let ready = ready.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let response = respond(req.uri().path(), &registry, &ready);
+                let response = respond(req.method(), req.uri().path(), &registry, &ready);
                 async move { Ok::<_, std::convert::Infallible>(response) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
@@ -300,14 +347,32 @@ pub async fn serve_http(
     }
 }
 
-fn respond(path: &str, registry: &Registry, ready: &Ready) -> Response<Full<Bytes>> {
-    let text = |status: StatusCode, body: &'static str| {
-        Response::builder()
-            .status(status)
-            .header("content-type", "text/plain")
-            .body(Full::new(Bytes::from(body)))
-            .expect("valid response")
-    };
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "text/plain")
+        .body(Full::new(Bytes::from(body)))
+        .expect("valid response")
+}
+
+fn respond(
+    method: &Method,
+    path: &str,
+    registry: &Registry,
+    ready: &Ready,
+) -> Response<Full<Bytes>> {
+    // Every endpoint only reads; hyper leaves the body out of a HEAD reply by itself.
+    if method != Method::GET && method != Method::HEAD {
+        let mut refused = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed: these endpoints answer GET and HEAD only\n",
+        );
+        refused.headers_mut().insert(
+            hyper::header::ALLOW,
+            hyper::header::HeaderValue::from_static("GET, HEAD"),
+        );
+        return refused;
+    }
     match path {
         "/metrics" => {
             let mut out = Vec::new();

@@ -102,6 +102,26 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, so that counters labelled by code can show each one at zero from the start.
+    pub const ALL: [ErrorCode; 16] = [
+        ErrorCode::BadRequest,
+        ErrorCode::UnsupportedVersion,
+        ErrorCode::UnknownMsg,
+        ErrorCode::FrameTooLong,
+        ErrorCode::InvalidName,
+        ErrorCode::Unauthorized,
+        ErrorCode::UnknownPeer,
+        ErrorCode::Forbidden,
+        ErrorCode::UnknownFile,
+        ErrorCode::Conflict,
+        ErrorCode::OutOfRange,
+        ErrorCode::NotFound,
+        ErrorCode::Elsewhere,
+        ErrorCode::LimitReached,
+        ErrorCode::Busy,
+        ErrorCode::Internal,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::BadRequest => "bad_request",

@@ -34,7 +34,7 @@ fn holder_killed_mid_transfer_is_replaced() {
         &[("SHOAL_WANT", "big.bin")],
     );
     assert!(wait_until(Duration::from_secs(20), || d
-        .metric("shoal_peer_chunks_downloaded_total")
+        .metric("shoal_peer_downloaded_chunks_total")
         >= 8.0));
     a.kill9();
 
@@ -47,7 +47,7 @@ fn holder_killed_mid_transfer_is_replaced() {
         d.log_text()
     );
     assert!(d.metric("shoal_peer_holders_dropped_total") >= 1.0);
-    assert_eq!(d.metric("shoal_peer_chunks_downloaded_total"), 64.0);
+    assert_eq!(d.metric("shoal_peer_downloaded_chunks_total"), 64.0);
 }
 
 #[test]
@@ -70,7 +70,7 @@ fn lying_holder_is_detected_by_hash_and_dropped() {
         "the lie was never seen"
     );
     assert_eq!(
-        d.metric("shoal_peer_chunks_downloaded_total"),
+        d.metric("shoal_peer_downloaded_chunks_total"),
         32.0,
         "a bad chunk was counted as downloaded"
     );

@@ -1,10 +1,9 @@
 //! Metrics tell the truth: counters equal what really moved, every endpoint passes
-//! `promtool check metrics`, and the dashboard only queries metrics the binaries export.
+//! `promtool check metrics`, the series alerts watch exist from the start, the endpoints only
+//! read, and the dashboard only queries metrics the binaries export.
 
 mod common;
 use common::*;
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 const CHUNK: f64 = 65536.0;
@@ -27,15 +26,15 @@ fn one_source_uploads_exactly_what_one_downloader_downloads() {
     )));
     let chunks = (1_500_000f64 / CHUNK).ceil();
     assert!(wait_until(Duration::from_secs(5), || seeder
-        .metric("shoal_peer_chunks_uploaded_total")
+        .metric("shoal_peer_uploaded_chunks_total")
         == chunks));
     assert_eq!(
-        seeder.metric("shoal_peer_bytes_uploaded_total"),
+        seeder.metric("shoal_peer_uploaded_bytes_total"),
         1_500_000.0
     );
-    assert_eq!(d.metric("shoal_peer_chunks_downloaded_total"), chunks);
-    assert_eq!(d.metric("shoal_peer_bytes_downloaded_total"), 1_500_000.0);
-    assert_eq!(d.metric("shoal_peer_chunks_duplicate_total"), 0.0);
+    assert_eq!(d.metric("shoal_peer_downloaded_chunks_total"), chunks);
+    assert_eq!(d.metric("shoal_peer_downloaded_bytes_total"), 1_500_000.0);
+    assert_eq!(d.metric("shoal_peer_duplicate_chunks_total"), 0.0);
     assert_eq!(
         tracker.metric("shoal_tracker_chunk_registrations_total"),
         chunks
@@ -88,8 +87,8 @@ fn swarm_counters_equal_the_real_transfers() {
         assert!(wait_until(Duration::from_secs(5), || p
             .metric("shoal_peer_downloads_completed_total")
             == 2.0));
-        assert_eq!(p.metric("shoal_peer_bytes_downloaded_total"), total_bytes);
-        assert_eq!(p.metric("shoal_peer_chunks_downloaded_total"), total_chunks);
+        assert_eq!(p.metric("shoal_peer_downloaded_bytes_total"), total_bytes);
+        assert_eq!(p.metric("shoal_peer_downloaded_chunks_total"), total_chunks);
         assert_eq!(
             p.metric("shoal_peer_chunk_transfer_duration_seconds_count"),
             total_chunks
@@ -104,19 +103,19 @@ fn swarm_counters_equal_the_real_transfers() {
     let everyone: Vec<&Proc> = std::iter::once(&seeder).chain(&peers).collect();
     let sum = |name: &str| everyone.iter().map(|p| p.metric(name)).sum::<f64>();
     let received =
-        sum("shoal_peer_chunks_downloaded_total") + sum("shoal_peer_chunks_duplicate_total");
+        sum("shoal_peer_downloaded_chunks_total") + sum("shoal_peer_duplicate_chunks_total");
     assert_eq!(
-        sum("shoal_peer_chunks_downloaded_total"),
+        sum("shoal_peer_downloaded_chunks_total"),
         3.0 * total_chunks
     );
     let ok = wait_until(Duration::from_secs(5), || {
-        let sent = sum("shoal_peer_chunks_uploaded_total");
+        let sent = sum("shoal_peer_uploaded_chunks_total");
         sent >= received && sent <= received + 2.0 * 3.0
     });
     assert!(
         ok,
         "sent {} received {received}",
-        sum("shoal_peer_chunks_uploaded_total")
+        sum("shoal_peer_uploaded_chunks_total")
     );
     assert_eq!(seeder.metric("shoal_peer_files_shared"), 2.0);
     let idle = || {
@@ -141,38 +140,135 @@ fn swarm_counters_equal_the_real_transfers() {
     }
 }
 
-/// `promtool check metrics` from Debian's prometheus package; CI installs it.
-fn promtool_accepts(text: &str) {
-    let Ok(mut child) = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-    else {
+#[test]
+fn fresh_processes_export_build_info_process_metrics_and_zero_series() {
+    let tracker = tracker(&[]);
+    let before_any_peer = tracker.metrics_text();
+    let dir = tempfile::tempdir().unwrap();
+    let peer = daemon(tracker.addr, dir.path(), "p", &[]);
+    let peer_text = peer.metrics_text();
+
+    for text in [&before_any_peer, &peer_text] {
+        let (version, revision) = build_info(text);
+        assert_eq!(version, env!("CARGO_PKG_VERSION"));
         assert!(
-            std::env::var("CI").is_err(),
-            "promtool is required in CI (apt-get install prometheus)"
+            !revision.is_empty(),
+            "shoal_build_info has an empty revision"
         );
-        eprintln!("promtool not installed: skipping the lint of the exposition format");
-        return;
+        if let Some(head) = git_short_head() {
+            assert_eq!(revision, head, "shoal_build_info names another commit");
+        }
+        for name in [
+            "process_start_time_seconds",
+            "process_resident_memory_bytes",
+        ] {
+            let value = metric_value(text, name).unwrap_or(0.0);
+            assert!(value > 0.0, "{name} is {value}, expected a positive value");
+        }
+        assert!(metric_value(text, "process_open_fds").is_some());
+        promtool_accepts(text);
+    }
+    // A rule such as `increase(x{reason="busy"}[5m]) > 0` sees nothing rise from a missing series.
+    for msg in [
+        "register",
+        "locations",
+        "chunk_register",
+        "leave",
+        "announce",
+        "invalid",
+    ] {
+        for outcome in ["ok", "error"] {
+            let sample =
+                format!("shoal_tracker_requests_total{{msg=\"{msg}\",outcome=\"{outcome}\"}}");
+            assert_eq!(
+                metric_value(&before_any_peer, &sample),
+                Some(0.0),
+                "{sample}"
+            );
+        }
+    }
+    for code in shoal::protocol::ErrorCode::ALL {
+        let sample = format!(
+            "shoal_peer_chunk_requests_refused_total{{reason=\"{}\"}}",
+            code.as_str()
+        );
+        assert_eq!(metric_value(&peer_text, &sample), Some(0.0), "{sample}");
+    }
+    for name in [
+        "shoal_peer_downloaded_bytes_total",
+        "shoal_peer_uploaded_bytes_total",
+        "shoal_peer_downloaded_chunks_total",
+        "shoal_peer_uploaded_chunks_total",
+        "shoal_peer_duplicate_chunks_total",
+    ] {
+        assert_eq!(metric_value(&peer_text, name), Some(0.0), "{name}");
+    }
+}
+
+/// The labels of `shoal_build_info`, which must be 1: (version, revision).
+fn build_info(text: &str) -> (String, String) {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("shoal_build_info{"))
+        .expect("shoal_build_info is exported");
+    assert!(line.ends_with("} 1"), "shoal_build_info is not 1: {line}");
+    let label = |name: &str| {
+        let start = line.find(&format!("{name}=\"")).expect("label present") + name.len() + 2;
+        line[start..].split('"').next().unwrap().to_string()
     };
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let problems = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && problems.trim().is_empty(),
-        "promtool: {problems}\n{text}"
-    );
+    (label("version"), label("revision"))
+}
+
+/// The commit the tests were built from, when they run in a git checkout.
+fn git_short_head() -> Option<String> {
+    let out = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()?;
+    let head = String::from_utf8(out.stdout).ok()?.trim().to_string();
+    (out.status.success() && !head.is_empty()).then_some(head)
+}
+
+#[test]
+fn http_endpoints_answer_only_get_and_head() {
+    let tracker = tracker(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let peer = daemon(tracker.addr, dir.path(), "p", &[]);
+    for addr in [tracker.metrics.unwrap(), peer.metrics.unwrap()] {
+        for (method, path) in [
+            ("POST", "/metrics"),
+            ("PUT", "/healthz"),
+            ("DELETE", "/readyz"),
+        ] {
+            let (status, head, _) = http_request(addr, method, path);
+            assert_eq!(status, 405, "{method} {path}");
+            let allow = head.lines().find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("allow:")
+                    .map(str::trim)
+                    .map(String::from)
+            });
+            assert_eq!(
+                allow.as_deref(),
+                Some("get, head"),
+                "{method} {path}: {head}"
+            );
+        }
+        let (status, _, body) = http_request(addr, "HEAD", "/metrics");
+        assert_eq!((status, body.as_str()), (200, ""), "HEAD /metrics");
+        assert_eq!(http_get(addr, "/metrics").0, 200);
+    }
+}
+
+/// `promtool check metrics` finds nothing to say about the exposition.
+fn promtool_accepts(text: &str) {
+    if let Some((ok, printed)) = promtool(&["check", "metrics"], text) {
+        assert!(
+            ok && printed.trim().is_empty(),
+            "promtool: {printed}\n{text}"
+        );
+    }
 }
 
 #[test]

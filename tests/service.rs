@@ -32,7 +32,7 @@ fn tracker_restarted_empty_relists_every_file_and_downloads_go_on() {
         &[("SHOAL_WANT", "one.bin")],
     );
     assert!(wait_until(Duration::from_secs(20), || d
-        .metric("shoal_peer_chunks_downloaded_total")
+        .metric("shoal_peer_downloaded_chunks_total")
         >= 4.0));
 
     tracker.kill9();
@@ -122,7 +122,7 @@ fn downloader_killed_with_sigkill_resumes_instead_of_starting_over() {
     let data = dir.path().join("d");
     let mut first = daemon(tracker.addr, &data, "d", &[("SHOAL_WANT", "big.bin")]);
     assert!(wait_until(Duration::from_secs(20), || first
-        .metric("shoal_peer_chunks_downloaded_total")
+        .metric("shoal_peer_downloaded_chunks_total")
         >= 16.0));
 
     first.kill9();
@@ -141,7 +141,7 @@ fn downloader_killed_with_sigkill_resumes_instead_of_starting_over() {
         "{}",
         second.log_text()
     );
-    let fetched = second.metric("shoal_peer_chunks_downloaded_total");
+    let fetched = second.metric("shoal_peer_downloaded_chunks_total");
     assert!(
         fetched <= 48.0,
         "the restart fetched {fetched} of 64 chunks: it started over"
@@ -176,10 +176,10 @@ fn partial_downloads_serve_their_verified_chunks() {
         &[("SHOAL_WANT", "big.bin")],
     );
     assert!(wait_until(Duration::from_secs(20), || d
-        .metric("shoal_peer_chunks_downloaded_total")
+        .metric("shoal_peer_downloaded_chunks_total")
         >= 2.0));
     let loc = locations(tracker.addr, "big.bin");
-    let held = d.metric("shoal_peer_chunks_downloaded_total");
+    let held = d.metric("shoal_peer_downloaded_chunks_total");
     assert!(held < 64.0, "the test needs d to be mid-download");
     let mut c = Raw::connect(d.addr);
     // Find a chunk d has, by asking for each in turn: a partial peer answers not_found or bytes.

@@ -45,7 +45,7 @@ fn seed_menu_downloads_a_file_from_two_sources_byte_identical() {
         "locations should list s1 as ip:port:\n{out}"
     );
     // Both holders served: 64 chunks in all, at least one each (endgame may add duplicates).
-    let uploads = |p: &Proc| p.metric("shoal_peer_chunks_uploaded_total");
+    let uploads = |p: &Proc| p.metric("shoal_peer_uploaded_chunks_total");
     assert!(wait_until(Duration::from_secs(5), || uploads(&s1)
         + uploads(&s2)
         >= 64.0));
@@ -105,7 +105,7 @@ fn later_peers_fetch_from_earlier_downloaders_once_the_seeder_is_gone() {
     assert!(status.success(), "get exited with {status}");
     assert!(same_bytes(&original, &later.join("model.bin")));
     assert!(
-        first.metric("shoal_peer_chunks_uploaded_total") >= 48.0,
+        first.metric("shoal_peer_uploaded_chunks_total") >= 48.0,
         "the first downloader should have served it all"
     );
 }

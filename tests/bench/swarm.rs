@@ -99,9 +99,9 @@ fn distribute(
     Ok(Round {
         n,
         time,
-        seeder_copies: seeder.metric("shoal_peer_bytes_uploaded_total") / size,
-        peer_upload_use: sum("shoal_peer_bytes_uploaded_total") / allowed,
-        duplicates: sum("shoal_peer_chunks_duplicate_total"),
+        seeder_copies: seeder.metric("shoal_peer_uploaded_bytes_total") / size,
+        peer_upload_use: sum("shoal_peer_uploaded_bytes_total") / allowed,
+        duplicates: sum("shoal_peer_duplicate_chunks_total"),
         dropped: sum("shoal_peer_holders_dropped_total"),
     })
 }

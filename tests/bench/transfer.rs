@@ -370,7 +370,7 @@ fn fetch(
         timed,
         wall,
         peak_memory: memory_of(peer.pid(), "VmHWM"),
-        chunks: peer.metric("shoal_peer_chunks_downloaded_total"),
+        chunks: peer.metric("shoal_peer_downloaded_chunks_total"),
     };
     if digest_of(&copy)? != original.digest {
         bail!("{name}'s copy differs from the original");

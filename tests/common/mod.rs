@@ -158,9 +158,15 @@ pub fn metric_value(text: &str, sample: &str) -> Option<f64> {
 
 /// A minimal HTTP/1.0 GET: (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let (status, _, body) = http_request(addr, "GET", path);
+    (status, body)
+}
+
+/// A minimal HTTP/1.0 request without a body: (status, status line and headers, body).
+pub fn http_request(addr: SocketAddr, method: &str, path: &str) -> (u16, String, String) {
     let mut s = TcpStream::connect(addr).expect("metrics endpoint reachable");
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").unwrap();
+    write!(s, "{method} {path} HTTP/1.0\r\nHost: test\r\n\r\n").unwrap();
     let mut text = String::new();
     s.read_to_string(&mut text).unwrap();
     let status = text
@@ -168,11 +174,45 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (status, head.to_string(), body.to_string())
+}
+
+/// Runs `promtool` (Debian's `prometheus` package) with `args` from the repository root, feeding
+/// it `stdin`: (it succeeded, what it printed). None when promtool is not installed, which is an
+/// error in CI (`CI` set): there a missing tool must fail the check, not skip it.
+pub fn promtool(args: &[&str], stdin: &str) -> Option<(bool, String)> {
+    let Ok(mut child) = Command::new("promtool")
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    else {
+        assert!(
+            std::env::var("CI").is_err(),
+            "promtool is required in CI: apt-get install prometheus"
+        );
+        eprintln!(
+            "promtool not installed: skipping promtool {}",
+            args.join(" ")
+        );
+        return None;
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some((out.status.success(), printed))
 }
 
 /// Starts a tracker on an ephemeral port with metrics, with extra `SHOAL_*` settings.

@@ -73,8 +73,8 @@ while true; do
   for i in "${!names[@]}"; do
     m=$(metrics "${ports[$i]}" 2>/dev/null) || m=""
     shared=$(value shoal_peer_files_shared <<< "$m"); shared=${shared:-0}
-    down=$(value shoal_peer_bytes_downloaded_total <<< "$m")
-    up=$(value shoal_peer_bytes_uploaded_total <<< "$m")
+    down=$(value shoal_peer_downloaded_bytes_total <<< "$m")
+    up=$(value shoal_peer_uploaded_bytes_total <<< "$m")
     table+=$(printf '\n%-8s %3s/%-2s %10s %10s' "${names[$i]}" "$shared" "$nfiles" "$(mib "$down")" "$(mib "$up")")
     [ "$i" -gt 0 ] && [ "$shared" -ge "$nfiles" ] && done_peers=$((done_peers + 1))
   done

@@ -324,7 +324,7 @@ class Run:
         seeder = self.swarm["seeder1"]
         wait_for("seeder1's chunks to be held by other peers",
                  lambda: self.held_elsewhere("seeder1"), deadline - time.monotonic())
-        self.seeder1_uploaded = seeder.metrics().get("shoal_peer_bytes_uploaded_total", 0)
+        self.seeder1_uploaded = seeder.metrics().get("shoal_peer_uploaded_bytes_total", 0)
         self.fault("docker kill seeder1 (every chunk of its files is held elsewhere)")
         run(["docker", "kill", seeder.id])
         wait_for("seeder1 to be dead", lambda: seeder.inspect("{{.State.Status}}") == "exited", 20)
@@ -342,7 +342,7 @@ class Run:
         # The peer with the least downloaded, so the cut lands in the middle of its transfers.
         def progress(c):
             try:
-                return c.metrics().get("shoal_peer_bytes_downloaded_total", 0)
+                return c.metrics().get("shoal_peer_downloaded_bytes_total", 0)
             except Failure:
                 return float("inf")
 
@@ -390,8 +390,8 @@ class Run:
 
         def settled():
             now = scrape()
-            keys = ("shoal_peer_bytes_uploaded_total", "shoal_peer_bytes_downloaded_total",
-                    "shoal_peer_chunks_uploaded_total")
+            keys = ("shoal_peer_uploaded_bytes_total", "shoal_peer_downloaded_bytes_total",
+                    "shoal_peer_uploaded_chunks_total")
             same = all(prev[0][n].get(k) == now[n].get(k) for n in now for k in keys)
             prev[0] = now
             return now if same else None
@@ -431,21 +431,21 @@ class Run:
             def g(key, m=m):
                 return m.get(key, 0)
 
-            down_sum += g("shoal_peer_bytes_downloaded_total")
-            up_sum += g("shoal_peer_bytes_uploaded_total")
-            peer_up += g("shoal_peer_bytes_uploaded_total")
-            duplicates += g("shoal_peer_chunks_duplicate_total")
+            down_sum += g("shoal_peer_downloaded_bytes_total")
+            up_sum += g("shoal_peer_uploaded_bytes_total")
+            peer_up += g("shoal_peer_uploaded_bytes_total")
+            duplicates += g("shoal_peer_duplicate_chunks_total")
             if c.name in restarted:
                 continue  # its counters started over; the file check above still holds
             self.check(g("shoal_peer_files_shared") == n_files and g("shoal_peer_files_wanted") == 0,
                        f"{c.name}: files_shared == {n_files}, files_wanted == 0 "
                        f"(got {g('shoal_peer_files_shared'):.0f}, {g('shoal_peer_files_wanted'):.0f})")
-            self.check(g("shoal_peer_bytes_downloaded_total") == total,
-                       f"{c.name}: bytes_downloaded_total == {total} (sum of the file sizes), "
-                       f"got {g('shoal_peer_bytes_downloaded_total'):.0f}")
-            self.check(g("shoal_peer_chunks_downloaded_total") == chunks,
-                       f"{c.name}: chunks_downloaded_total == {chunks}, "
-                       f"got {g('shoal_peer_chunks_downloaded_total'):.0f}")
+            self.check(g("shoal_peer_downloaded_bytes_total") == total,
+                       f"{c.name}: downloaded_bytes_total == {total} (sum of the file sizes), "
+                       f"got {g('shoal_peer_downloaded_bytes_total'):.0f}")
+            self.check(g("shoal_peer_downloaded_chunks_total") == chunks,
+                       f"{c.name}: downloaded_chunks_total == {chunks}, "
+                       f"got {g('shoal_peer_downloaded_chunks_total'):.0f}")
             self.check(g("shoal_peer_chunk_transfer_duration_seconds_count") == chunks,
                        f"{c.name}: one chunk transfer duration observed per chunk downloaded")
             self.check(g("shoal_peer_downloads_completed_total") == n_files
@@ -458,14 +458,14 @@ class Run:
                        f"{c.name}: active_transfers back to 0 when idle "
                        f"(got {g('shoal_peer_active_transfers'):.0f})")
         s2 = scraped["seeder2"]
-        up_sum += s2.get("shoal_peer_bytes_uploaded_total", 0)
-        self.check(s2.get("shoal_peer_bytes_downloaded_total", 0) == 0
+        up_sum += s2.get("shoal_peer_uploaded_bytes_total", 0)
+        self.check(s2.get("shoal_peer_downloaded_bytes_total", 0) == 0
                    and s2.get("shoal_peer_files_shared") == len(SEEDS["seeder2"]),
                    f"seeder2: downloaded nothing and shares its {len(SEEDS['seeder2'])} files")
         self.check(s2.get("shoal_peer_chunk_verify_failures_total", 0) == 0, "seeder2: no verify failure")
         self.check(peer_up > 0, f"peers seed too: they uploaded {peer_up / MIB:.1f} MiB between them")
         self.notes.append(f"downloaded {down_sum / MIB:.1f} MiB in all; uploaded {peer_up / MIB:.1f} MiB "
-                          f"by peers, {s2.get('shoal_peer_bytes_uploaded_total', 0) / MIB:.1f} MiB "
+                          f"by peers, {s2.get('shoal_peer_uploaded_bytes_total', 0) / MIB:.1f} MiB "
                           f"by seeder2, {self.seeder1_uploaded / MIB:.1f}+ MiB by seeder1 before it died; "
                           f"{duplicates:.0f} endgame duplicate chunks received")
         # Every chunk sent in full was received by a peer: counted as downloaded, or as a
