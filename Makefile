@@ -4,7 +4,7 @@ SHELL := bash
 CARGO ?= cargo
 PEERS ?= 6
 
-.PHONY: help build test lint fmt image up down status e2e k8s-check bench bench-smoke fuzz demo
+.PHONY: help build test alerts lint fmt image up down status e2e k8s-check bench bench-smoke fuzz demo
 
 help: ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -12,8 +12,11 @@ help: ## List the targets
 build: ## Build both binaries (release)
 	$(CARGO) build --release --locked
 
-test: ## Run the whole test suite (unit, integration with real processes)
+test: alerts ## Run the whole test suite (alert rules, unit, integration with real processes)
 	$(CARGO) test --release --locked
+
+alerts: ## Check the alert rules with promtool and run their unit tests (promtool required in CI)
+	bash tests/alerts/check.sh
 
 lint: ## Formatting and clippy, warnings are errors
 	$(CARGO) fmt --all -- --check

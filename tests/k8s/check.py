@@ -3,8 +3,9 @@
 
 Renders k8s/ and k8s/monitoring with `kubectl kustomize`, validates every built-in resource
 strictly (unknown fields rejected) against the schemas kubernetes-validate ships, checks the
-ServiceMonitor's shape by hand (no schema ships for CRDs), holds every pod to Shoal's policy, and
-checks the Grafana dashboard against the metric names the binaries export. Prints one line per
+ServiceMonitor's and PrometheusRule's shape by hand (no schema ships for CRDs; the rules must be
+docker/alerts.yml's), holds every pod to Shoal's policy, and checks the Grafana dashboard against
+the metric names the binaries export. Prints one line per
 check and ends with "k8s-check: N passed, M failed"; exits 1 if anything failed.
 """
 
@@ -37,11 +38,16 @@ COUNTERS_AND_GAUGES = {
     "shoal_peer_downloaded_bytes_total", "shoal_peer_uploaded_bytes_total",
     "shoal_peer_chunk_verify_failures_total", "shoal_peer_downloads_completed_total",
     "shoal_peer_downloads_failed_total", "shoal_peer_files_shared", "shoal_peer_files_wanted",
-    "shoal_peer_active_transfers",
+    "shoal_peer_active_transfers", "shoal_peer_duplicate_chunks_total",
+    "shoal_peer_holders_dropped_total", "shoal_peer_holders_banned_total",
+    "shoal_peer_chunk_requests_refused_total", "shoal_build_info",
 }
 HISTOGRAMS = {"shoal_tracker_request_duration_seconds",
               "shoal_peer_chunk_transfer_duration_seconds", "shoal_peer_download_duration_seconds"}
 HISTOGRAM_SERIES = {h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
+
+# The compose Prometheus's rules; the PrometheusRule must carry the same groups.
+PLAIN_RULES = "docker/alerts.yml"
 
 # API groups that are CRDs: kubernetes-validate has no schema for them, so they get a structural
 # check here instead. Any other resource without a schema fails.
@@ -52,6 +58,9 @@ CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResou
 SERVICEMONITOR_SPEC_KEYS = {"selector", "endpoints", "namespaceSelector", "podTargetLabels",
                             "targetLabels", "jobLabel", "sampleLimit", "targetLimit",
                             "labelLimit", "attachMetadata"}
+PROMETHEUSRULE_GROUP_KEYS = {"name", "interval", "rules", "limit", "partial_response_strategy"}
+PROMETHEUSRULE_RULE_KEYS = {"alert", "record", "expr", "for", "keep_firing_for", "labels",
+                            "annotations"}
 SERVICEMONITOR_ENDPOINT_KEYS = {"port", "targetPort", "path", "scheme", "interval",
                                 "scrapeTimeout", "honorLabels", "honorTimestamps", "relabelings",
                                 "metricRelabelings", "params", "tlsConfig", "followRedirects"}
@@ -387,6 +396,35 @@ def check_service_monitor(report, doc, docs):
     report.check(f"structure monitoring: {kn(doc)} scrapes {names or 'nothing'}", problems)
 
 
+def check_prometheus_rule(report, doc, plain_rules):
+    """Structural check standing in for the CRD's schema; promtool checks the rules themselves
+    (`make alerts`) in docker/alerts.yml, which must hold the same groups."""
+    problems = []
+    if doc.get("apiVersion") != "monitoring.coreos.com/v1":
+        problems.append(f"apiVersion is {doc.get('apiVersion')}")
+    if not doc.get("metadata", {}).get("name"):
+        problems.append("no metadata.name")
+    spec = doc.get("spec", {})
+    if set(spec) != {"groups"}:
+        problems.append(f"spec fields {sorted(spec)}, want only groups")
+    groups = spec.get("groups") or []
+    for group in groups:
+        unknown = set(group) - PROMETHEUSRULE_GROUP_KEYS
+        if unknown or not group.get("name") or not group.get("rules"):
+            problems.append(f"group {group.get('name')!r}: needs name and rules, "
+                            f"unknown fields {sorted(unknown)}")
+        for rule in group.get("rules") or []:
+            unknown = set(rule) - PROMETHEUSRULE_RULE_KEYS
+            if unknown or ("alert" in rule) == ("record" in rule) or not rule.get("expr"):
+                problems.append(f"rule {rule.get('alert') or rule.get('record')!r}: needs alert "
+                                f"or record, and expr; unknown fields {sorted(unknown)}")
+    if groups != plain_rules.get("groups"):
+        problems.append("spec.groups differs from docker/alerts.yml's groups")
+    alerts = sum(len(g.get("rules") or []) for g in groups)
+    report.check(f"structure monitoring: {kn(doc)} ({alerts} rules, as docker/alerts.yml)",
+                 problems)
+
+
 def check_monitoring(report, docs, base_docs, dashboard_text):
     base = {kn(d): d for d in base_docs}
     mine = {kn(d): d for d in docs}
@@ -397,6 +435,8 @@ def check_monitoring(report, docs, base_docs, dashboard_text):
         if api_group(doc) in CRD_GROUPS:
             if doc["kind"] == "ServiceMonitor":
                 check_service_monitor(report, doc, docs)
+            elif doc["kind"] == "PrometheusRule":
+                check_prometheus_rule(report, doc, yaml.safe_load(Path(PLAIN_RULES).read_text()))
             else:
                 report.check(f"structure monitoring: {kn(doc)}",
                              ["no schema and no structural check for this kind"])
@@ -406,9 +446,11 @@ def check_monitoring(report, docs, base_docs, dashboard_text):
                                                  "grafana_dashboard=\"1\", want 1"]
     if dashboards and dashboards[0].get("data", {}).get("shoal.json") != dashboard_text:
         problems.append("its shoal.json is not k8s/dashboard/shoal.json")
-    if not any(d["kind"] == "ServiceMonitor" for d in docs):
-        problems.append("no ServiceMonitor")
-    report.check("monitoring: ServiceMonitor and dashboard ConfigMap present", problems)
+    for kind in ("ServiceMonitor", "PrometheusRule"):
+        if not any(d["kind"] == kind for d in docs):
+            problems.append(f"no {kind}")
+    report.check("monitoring: ServiceMonitor, PrometheusRule and dashboard ConfigMap present",
+                 problems)
 
 
 def check_dashboard(report, path):
