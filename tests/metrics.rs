@@ -271,26 +271,31 @@ fn promtool_accepts(text: &str) {
     }
 }
 
+/// Named by the dashboard and the alert descriptions ahead of the holder bans that count it,
+/// which land separately: remove it from here once the peer exports it.
+const NOT_YET_EXPORTED: &[&str] = &["shoal_peer_holders_banned_total"];
+
 #[test]
-fn dashboard_queries_only_metrics_the_binaries_export() {
+fn dashboard_and_alerts_query_only_metrics_the_binaries_export() {
     let tracker = tracker(&[]);
     let dir = tempfile::tempdir().unwrap();
     let peer = daemon(tracker.addr, dir.path(), "p", &[]);
     let exported = format!("{}\n{}", tracker.metrics_text(), peer.metrics_text());
-    let families: Vec<&str> = exported
+    let mut families: Vec<&str> = exported
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next())
         .collect();
+    families.extend(NOT_YET_EXPORTED);
 
-    let dashboard = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/k8s/dashboard/shoal.json"
-    ))
-    .unwrap();
-    let json: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+    let read = |path: &str| {
+        std::fs::read_to_string(format!("{}/{path}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+    };
+    let json: serde_json::Value = serde_json::from_str(&read("k8s/dashboard/shoal.json")).unwrap();
     let mut exprs = Vec::new();
     collect_exprs(&json, &mut exprs);
     assert!(exprs.len() >= 6, "the dashboard should have queries");
+    // The rules file as a whole: expressions and the metrics their descriptions point to.
+    exprs.push(read("docker/alerts.yml"));
     let mut used = 0;
     for expr in &exprs {
         for name in metric_names(expr) {
@@ -301,7 +306,7 @@ fn dashboard_queries_only_metrics_the_binaries_export() {
                 .unwrap_or(&name);
             assert!(
                 families.contains(&family),
-                "dashboard query uses {name}, which no binary exports: {expr}"
+                "dashboard or alert query uses {name}, which no binary exports: {expr}"
             );
             used += 1;
         }
@@ -324,10 +329,10 @@ fn collect_exprs(v: &serde_json::Value, out: &mut Vec<String>) {
     }
 }
 
-/// Identifiers in a PromQL expression that look like Shoal metric names.
+/// Identifiers in a PromQL expression that look like names of metrics Shoal exports.
 fn metric_names(expr: &str) -> Vec<String> {
     expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-        .filter(|w| w.starts_with("shoal_"))
+        .filter(|w| w.starts_with("shoal_") || w.starts_with("process_"))
         .map(String::from)
         .collect()
 }
