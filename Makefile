@@ -3,6 +3,10 @@ SHELL := bash
 .DEFAULT_GOAL := help
 CARGO ?= cargo
 PEERS ?= 6
+# The compose project: prefixes containers, network and volumes (two users of one Docker host
+# pick different ones). COMPOSE_PROJECT_NAME from the environment is honoured too.
+PROJECT ?= $(or $(COMPOSE_PROJECT_NAME),shoal)
+export COMPOSE_PROJECT_NAME := $(PROJECT)
 
 .PHONY: help build test alerts lint fmt image up down status e2e k8s-check bench bench-smoke fuzz demo
 

@@ -5,7 +5,12 @@
 #
 #   docker/build.sh            # tags :latest and :<crate version>
 #
-# Environment: CARGO (default cargo), DOCKER (default docker).
+# The images carry OCI labels: version (Cargo.toml), revision (the git commit, as in
+# shoal_build_info), created (now, or SOURCE_DATE_EPOCH for a reproducible build) and source.
+#
+# Environment: CARGO (default cargo), DOCKER (default docker), BUILD_REVISION (the revision where
+# there is no .git, else "unknown"), IMAGE_SOURCE (default: Cargo.toml's repository, else the
+# git remote origin, else "unknown").
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -19,6 +24,13 @@ if [[ -z "$version" ]]; then
     echo "build.sh: cannot read the crate version from Cargo.toml" >&2
     exit 1
 fi
+
+# The same revision the binaries report: build.rs prefers git too, then BUILD_REVISION.
+revision=$(git rev-parse --short HEAD 2>/dev/null || echo "${BUILD_REVISION:-unknown}")
+export BUILD_REVISION=$revision
+created=$(date -u ${SOURCE_DATE_EPOCH:+--date "@$SOURCE_DATE_EPOCH"} +%Y-%m-%dT%H:%M:%SZ)
+image_source=${IMAGE_SOURCE:-$(sed -n 's/^repository *= *"\([^"]*\)".*/\1/p' Cargo.toml | head -n 1)}
+image_source=${image_source:-$(git remote get-url origin 2>/dev/null || echo unknown)}
 
 # A scratch image has no libc, so the binaries must not need one.
 echo "==> static binaries (release, $target)"
@@ -45,6 +57,9 @@ for role in tracker peer; do
         --file docker/Dockerfile \
         --target "$role" \
         --build-arg "VERSION=$version" \
+        --build-arg "REVISION=$revision" \
+        --build-arg "CREATED=$created" \
+        --build-arg "SOURCE=$image_source" \
         --tag "$image:latest" \
         --tag "$image:$version" \
         "$context" >/dev/null

@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# Runs the compose.yaml swarm as project "shoal".
+# Runs the compose.yaml swarm as one compose project (default "shoal").
 #
 #   docker/compose.sh up [N]   write sample seed files if absent, start tracker, seeders, N peers
 #   docker/compose.sh status   one line per container from its /metrics, then "K/N peers complete"
 #   docker/compose.sh down     remove the containers, network, volumes and the seed files
 #
 # The images are expected to exist (docker/build.sh). Environment: COMPOSE (the compose command,
-# default docker-compose, or "docker compose" when only v2 is installed), SHOAL_PROJECT (shoal).
+# default docker-compose, or "docker compose" when only v2 is installed), COMPOSE_PROJECT_NAME
+# (shoal; the prefix of every container, network and volume, so two users of one Docker host
+# choose different ones; `make up PROJECT=name` sets it).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-project=${SHOAL_PROJECT:-shoal}
+project=${COMPOSE_PROJECT_NAME:-shoal}
 seed_root=target/compose
 if [[ -n "${COMPOSE:-}" ]]; then
     read -r -a compose <<<"$COMPOSE"
