@@ -280,6 +280,11 @@ fn dashboard_and_alerts_query_only_metrics_the_binaries_export() {
     let tracker = tracker(&[]);
     let dir = tempfile::tempdir().unwrap();
     let peer = daemon(tracker.addr, dir.path(), "p", &[]);
+    // The duration histogram has series (and so a family) once a request has been timed.
+    let timed = "shoal_tracker_request_duration_seconds_count{msg=\"register\"}";
+    assert!(wait_until(Duration::from_secs(5), || tracker
+        .metrics_text()
+        .contains(timed)));
     let exported = format!("{}\n{}", tracker.metrics_text(), peer.metrics_text());
     let mut families: Vec<&str> = exported
         .lines()
