@@ -366,13 +366,19 @@ def check_base(report, docs):
     return configmaps
 
 
-def check_service_monitor(report, doc, docs):
-    """Structural check standing in for the schema a CRD does not ship."""
+def crd_header_problems(doc):
+    """What is wrong with a Prometheus Operator resource's apiVersion and name."""
     problems = []
     if doc.get("apiVersion") != "monitoring.coreos.com/v1":
         problems.append(f"apiVersion is {doc.get('apiVersion')}")
     if not doc.get("metadata", {}).get("name"):
         problems.append("no metadata.name")
+    return problems
+
+
+def check_service_monitor(report, doc, docs):
+    """Structural check standing in for the schema a CRD does not ship."""
+    problems = crd_header_problems(doc)
     spec = doc.get("spec", {})
     unknown = set(spec) - SERVICEMONITOR_SPEC_KEYS
     if unknown:
@@ -399,11 +405,7 @@ def check_service_monitor(report, doc, docs):
 def check_prometheus_rule(report, doc, plain_rules):
     """Structural check standing in for the CRD's schema; promtool checks the rules themselves
     (`make alerts`) in docker/alerts.yml, which must hold the same groups."""
-    problems = []
-    if doc.get("apiVersion") != "monitoring.coreos.com/v1":
-        problems.append(f"apiVersion is {doc.get('apiVersion')}")
-    if not doc.get("metadata", {}).get("name"):
-        problems.append("no metadata.name")
+    problems = crd_header_problems(doc)
     spec = doc.get("spec", {})
     if set(spec) != {"groups"}:
         problems.append(f"spec fields {sorted(spec)}, want only groups")
