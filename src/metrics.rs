@@ -7,8 +7,7 @@
 use crate::protocol::{ErrorCode, Msg};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
-use hyper::Method;
-use hyper::{body::Incoming, Request, Response, StatusCode};
+use hyper::{body::Incoming, Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -82,18 +81,7 @@ pub struct TrackerMetrics {
 impl Default for TrackerMetrics {
     fn default() -> Self {
         let registry = process_registry();
-        let requests = counter_vec(
-            &registry,
-            "shoal_tracker_requests_total",
-            "Requests handled, by message and outcome (ok, error).",
-            &["msg", "outcome"],
-        );
-        let msgs = (1..).map_while(Msg::from_number).map(Msg::label);
-        for msg in msgs.chain(["invalid"]) {
-            for outcome in ["ok", "error"] {
-                requests.with_label_values(&[msg, outcome]);
-            }
-        }
+        let requests = tracker_requests(&registry);
         let request_duration = HistogramVec::new(
             HistogramOpts::new(
                 "shoal_tracker_request_duration_seconds",
@@ -139,6 +127,24 @@ impl Default for TrackerMetrics {
             registry,
         }
     }
+}
+
+/// Tracker requests by message and outcome, every pair present from the start ("invalid" is
+/// a frame that names no message).
+fn tracker_requests(reg: &Registry) -> IntCounterVec {
+    let requests = counter_vec(
+        reg,
+        "shoal_tracker_requests_total",
+        "Requests handled, by message and outcome (ok, error).",
+        &["msg", "outcome"],
+    );
+    let msgs = (1..).map_while(Msg::from_number).map(Msg::label);
+    for msg in msgs.chain(["invalid"]) {
+        for outcome in ["ok", "error"] {
+            requests.with_label_values(&[msg, outcome]);
+        }
+    }
+    requests
 }
 
 /// Peer metrics.
