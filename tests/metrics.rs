@@ -175,6 +175,7 @@ fn fresh_processes_export_build_info_process_metrics_and_zero_series() {
         "chunk_register",
         "leave",
         "announce",
+        "withdraw",
         "invalid",
     ] {
         for outcome in ["ok", "error"] {
