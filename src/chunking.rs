@@ -2,6 +2,7 @@
 //! when it registers a file, and what downloaders verify every chunk against.
 
 use crate::protocol::{FileInfo, Hash, HashList};
+use crate::units;
 use anyhow::{bail, Context};
 use std::fs::File;
 use std::io::Read;
@@ -14,7 +15,12 @@ pub const MAX_CHUNK_SIZE: u32 = 64 * 1024 * 1024;
 
 pub fn check_chunk_size(chunk_size: u32) -> anyhow::Result<()> {
     if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
-        bail!("chunk size {chunk_size} is outside {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE} bytes");
+        bail!(
+            "a chunk size must be {} to {}, not {}",
+            units::bytes(MIN_CHUNK_SIZE.into()),
+            units::bytes(MAX_CHUNK_SIZE.into()),
+            units::bytes(chunk_size.into())
+        );
     }
     Ok(())
 }

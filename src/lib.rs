@@ -4,14 +4,18 @@
 //! Module map:
 //! - [`protocol`]: wire messages (serde types only, no I/O) and error codes.
 //! - [`connection`]: newline-delimited JSON framing plus raw chunk bytes, for both sides.
+//! - [`args`]: command-line flags both binaries share, completions and man pages.
 //! - [`bitfield`]: the set of chunks a peer holds, and its base64 wire form.
 //! - [`chunking`]: cutting a file into chunks and hashing them (BLAKE3).
 //! - [`config`]: one settings struct per binary, layered defaults < file < env < flags.
+//! - [`logging`]: tracing set-up, readable text or one JSON object per line.
 //! - [`metrics`]: Prometheus metric handles and the `/metrics` `/healthz` `/readyz` server.
 //! - [`shutdown`]: the shared stop signal (SIGINT/SIGTERM).
 //! - [`tracker`]: the tracker's state (files, peers, leases) and its server.
 //! - [`peer`]: the peer's chunk store, chunk server, download engine, tracker client and front ends.
+//! - [`units`]: byte sizes and counts as people write and read them.
 
+pub mod args;
 pub mod bitfield;
 pub mod chunking;
 pub mod config;
@@ -22,3 +26,4 @@ pub mod peer;
 pub mod protocol;
 pub mod shutdown;
 pub mod tracker;
+pub mod units;

@@ -1,8 +1,9 @@
 //! `shoal-peer <tracker_port> <listen_port> <name> [files...]` (the interactive menu), or
-//! `shoal-peer run|files|locate|get|health`. Settings come from defaults, `SHOAL_CONFIG`,
-//! `SHOAL_*` variables and the flags below, in rising precedence.
+//! `shoal-peer run|files|locate|get|health|completions|man`. Settings come from defaults, a
+//! settings file, `SHOAL_*` variables and the flags below, in rising precedence.
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use shoal::args::{port, Common, ConfigFile, Manual, Overrides};
 use shoal::config::{self, PeerConfig};
 use shoal::peer::cli::{self, Output};
 use shoal::protocol::Hash;
@@ -18,26 +19,27 @@ use std::process::ExitCode;
 #[command(arg_required_else_help = true, subcommand_required = true)]
 #[command(
     after_help = "Seed form: shoal-peer <tracker_port> <listen_port> <name> [files...] starts the numbered menu\n\
-(tracker on 127.0.0.1). Exit codes: 0 ok, 1 failed, 2 usage or configuration, 3 tracker unreachable, 4 no such file."
+(tracker on 127.0.0.1; see shoal-peer 7400 0 x --help). Exit codes: 0 ok, 1 failed, 2 usage or configuration,\n\
+3 tracker unreachable, 4 no such file."
 )]
 struct Cli {
-    #[command(flatten)]
-    flags: Flags,
     #[command(subcommand)]
-    command: Option<Command>,
+    command: Command,
 }
 
-/// The seed's command line, chosen when the first argument is a port number.
+/// The seed's command line, chosen when the first argument is a number.
 #[derive(Parser)]
 #[command(
     name = "shoal-peer",
     version,
-    about = "Shoal peer, seed form: the numbered menu"
+    about = "Shoal peer, seed form: shares the files and answers the numbered menu on stdin"
 )]
 struct SeedCli {
     /// Tracker port on 127.0.0.1.
+    #[arg(value_parser = port)]
     tracker_port: u16,
-    /// Port to serve chunks on.
+    /// Port to serve chunks on, on all interfaces (0 = any free port).
+    #[arg(value_parser = port)]
     listen_port: u16,
     /// This peer's name.
     #[arg(value_name = "NAME")]
@@ -45,47 +47,84 @@ struct SeedCli {
     /// Files to share.
     files: Vec<PathBuf>,
     #[command(flatten)]
-    flags: Flags,
+    common: Common,
+    #[command(flatten)]
+    secret: Secret,
+    #[command(flatten)]
+    serve: Serve,
+    #[command(flatten)]
+    chunks: ChunkSize,
+}
+
+/// Where the tracker is.
+#[derive(Args)]
+struct Tracker {
+    /// Tracker host:port, or a host alone for port 7400 [env: SHOAL_TRACKER, default 127.0.0.1:7400].
+    #[arg(long, value_name = "HOST:PORT")]
+    tracker: Option<String>,
 }
 
 #[derive(Args)]
-struct Flags {
-    /// Tracker host:port [env: SHOAL_TRACKER, default 127.0.0.1:7400].
-    #[arg(long, global = true)]
-    tracker: Option<String>,
+struct Secret {
+    /// Cluster secret [env: SHOAL_SECRET].
+    #[arg(long)]
+    secret: Option<String>,
+}
+
+#[derive(Args)]
+struct MetricsAddr {
+    /// Address for /metrics, /healthz, /readyz [env: SHOAL_METRICS_ADDR].
+    #[arg(long, value_name = "IP:PORT")]
+    metrics_addr: Option<String>,
+}
+
+/// How a peer that serves chunks is reached and where it keeps files.
+#[derive(Args)]
+struct Serve {
     /// Chunk server address [env: SHOAL_LISTEN, default 0.0.0.0:7401].
-    #[arg(long, global = true)]
+    #[arg(long, value_name = "IP:PORT")]
     listen: Option<String>,
-    /// ip:port other peers dial [env: SHOAL_ADVERTISE].
-    #[arg(long, global = true)]
+    /// ip:port other peers dial [env: SHOAL_ADVERTISE, default the address the tracker sees].
+    #[arg(long, value_name = "IP:PORT")]
     advertise: Option<String>,
     /// Peer name [env: SHOAL_NAME, default the host name].
-    #[arg(long, global = true)]
+    #[arg(long)]
     name: Option<String>,
-    /// Shared files and downloads [env: SHOAL_DATA_DIR, default .].
-    #[arg(long, global = true)]
+    /// Directory of shared files and downloads [env: SHOAL_DATA_DIR, default .].
+    #[arg(long, value_name = "DIR")]
     data_dir: Option<String>,
-    /// Names to fetch, comma-separated, or * [env: SHOAL_WANT].
-    #[arg(long, global = true)]
-    want: Option<String>,
-    /// Chunk size in bytes for files this peer registers [env: SHOAL_CHUNK_SIZE].
-    #[arg(long, global = true)]
-    chunk_size: Option<String>,
-    /// Upload cap in bytes per second, 0 = none [env: SHOAL_UPLOAD_LIMIT].
-    #[arg(long, global = true)]
+    /// Upload cap in bytes per second, e.g. 10M or 512KiB; 0 = none [env: SHOAL_UPLOAD_LIMIT].
+    #[arg(long, value_name = "BYTES")]
     upload_limit: Option<String>,
-    /// Address for /metrics, /healthz, /readyz [env: SHOAL_METRICS_ADDR].
-    #[arg(long, global = true)]
-    metrics_addr: Option<String>,
-    /// Cluster secret [env: SHOAL_SECRET].
-    #[arg(long, global = true)]
-    secret: Option<String>,
+    #[command(flatten)]
+    metrics: MetricsAddr,
+}
+
+#[derive(Args)]
+struct ChunkSize {
+    /// Chunk size for files this peer registers, e.g. 1MiB [env: SHOAL_CHUNK_SIZE, default per file].
+    #[arg(long, value_name = "BYTES")]
+    chunk_size: Option<String>,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Run as a daemon: share the data dir, fetch SHOAL_WANT, keep seeding until SIGTERM.
-    Run,
+    Run {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        tracker: Tracker,
+        #[command(flatten)]
+        secret: Secret,
+        #[command(flatten)]
+        serve: Serve,
+        #[command(flatten)]
+        chunks: ChunkSize,
+        /// Names to fetch, comma-separated, or * for everything [env: SHOAL_WANT].
+        #[arg(long, value_name = "NAMES")]
+        want: Option<String>,
+    },
     /// List the swarm's files: the newest version of each name.
     Files {
         /// Print a JSON array (name, size, chunk_size, digest, chunks, peers, seeders,
@@ -95,9 +134,12 @@ enum Command {
         /// List every version of every name, newest first within a name.
         #[arg(long)]
         all_versions: bool,
+        #[command(flatten)]
+        query: Query,
     },
     /// Show who holds which chunks of a file (its newest version unless --digest).
     Locate {
+        /// The file's name in the swarm.
         file: String,
         /// The version to locate (64 hex digits, from `files --all-versions`).
         #[arg(long, value_parser = cli::parse_digest)]
@@ -105,57 +147,123 @@ enum Command {
         /// Print a JSON object instead of text.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        query: Query,
     },
     /// Download files into the data dir (serving chunks meanwhile), then leave.
     Get {
+        /// Names of the files to download.
         #[arg(required = true)]
         files: Vec<String>,
         /// Fetch this version of the one file named (exit 4 when no peer holds it).
         #[arg(long, value_parser = cli::parse_digest)]
         digest: Option<Hash>,
+        #[command(flatten)]
+        query: Query,
+        #[command(flatten)]
+        serve: Serve,
     },
     /// Exit 0 if this host's peer answers /healthz on SHOAL_METRICS_ADDR (container HEALTHCHECK).
-    Health,
+    Health {
+        #[command(flatten)]
+        file: ConfigFile,
+        #[command(flatten)]
+        metrics: MetricsAddr,
+    },
+    #[command(flatten)]
+    Manual(Manual),
 }
 
-fn flag_overrides(f: &Flags) -> Vec<(&'static str, String)> {
-    let mut flags = Vec::new();
-    for (key, value) in [
-        ("tracker", &f.tracker),
-        ("listen", &f.listen),
-        ("advertise", &f.advertise),
-        ("name", &f.name),
-        ("data_dir", &f.data_dir),
-        ("want", &f.want),
-        ("chunk_size", &f.chunk_size),
-        ("upload_limit", &f.upload_limit),
-        ("metrics_addr", &f.metrics_addr),
-        ("secret", &f.secret),
-    ] {
-        if let Some(v) = value {
-            flags.push((key, v.clone()));
-        }
+/// The flags of a command that only asks the tracker.
+#[derive(Args)]
+struct Query {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    tracker: Tracker,
+    #[command(flatten)]
+    secret: Secret,
+}
+
+impl Query {
+    fn add_to(&self, o: &mut Overrides) {
+        self.common.add_to(o);
+        o.set("tracker", &self.tracker.tracker);
+        o.set("secret", &self.secret.secret);
     }
-    flags
 }
 
-/// Parses either form into (command, files to share, flag overrides); `None` is the menu.
-fn parse() -> (Option<Command>, Vec<PathBuf>, Vec<(&'static str, String)>) {
+impl Serve {
+    fn add_to(&self, o: &mut Overrides) {
+        o.set("listen", &self.listen);
+        o.set("advertise", &self.advertise);
+        o.set("name", &self.name);
+        o.set("data_dir", &self.data_dir);
+        o.set("upload_limit", &self.upload_limit);
+        o.set("metrics_addr", &self.metrics.metrics_addr);
+    }
+}
+
+impl Command {
+    fn overrides(&self) -> Overrides {
+        let mut o = Overrides::default();
+        match self {
+            Command::Run {
+                common,
+                tracker,
+                secret,
+                serve,
+                chunks,
+                want,
+            } => {
+                common.add_to(&mut o);
+                o.set("tracker", &tracker.tracker);
+                o.set("secret", &secret.secret);
+                serve.add_to(&mut o);
+                o.set("chunk_size", &chunks.chunk_size);
+                o.set("want", want);
+            }
+            Command::Files { query, .. } | Command::Locate { query, .. } => query.add_to(&mut o),
+            Command::Get { query, serve, .. } => {
+                query.add_to(&mut o);
+                serve.add_to(&mut o);
+            }
+            Command::Health { file, metrics } => {
+                file.add_to(&mut o);
+                o.set("metrics_addr", &metrics.metrics_addr);
+            }
+            Command::Manual(_) => {}
+        }
+        o
+    }
+}
+
+/// Parses either form into (command, files to share, overrides); no command is the menu.
+fn parse() -> (Option<Command>, Vec<PathBuf>, Overrides) {
+    // A number first is the seed form, even one too large for a port, so that the error is
+    // about the port and not about an unknown subcommand.
     let seed_form = std::env::args()
         .nth(1)
-        .is_some_and(|a| a.parse::<u16>().is_ok());
+        .is_some_and(|a| !a.is_empty() && a.bytes().all(|b| b.is_ascii_digit()));
     if !seed_form {
-        let cli = Cli::parse();
-        return (cli.command, Vec::new(), flag_overrides(&cli.flags));
+        let command = Cli::parse().command;
+        let overrides = command.overrides();
+        return (Some(command), Vec::new(), overrides);
     }
     let seed = SeedCli::parse();
-    let mut flags = vec![
-        ("tracker", format!("127.0.0.1:{}", seed.tracker_port)),
-        ("listen", format!("0.0.0.0:{}", seed.listen_port)),
-        ("name", seed.peer_name.clone()),
-    ];
-    flags.extend(flag_overrides(&seed.flags));
-    (None, seed.files, flags)
+    let mut o = Overrides {
+        file: None,
+        flags: vec![
+            ("tracker", format!("127.0.0.1:{}", seed.tracker_port)),
+            ("listen", format!("0.0.0.0:{}", seed.listen_port)),
+            ("name", seed.peer_name.clone()),
+        ],
+    };
+    seed.common.add_to(&mut o);
+    o.set("secret", &seed.secret.secret);
+    seed.serve.add_to(&mut o);
+    o.set("chunk_size", &seed.chunks.chunk_size);
+    (None, seed.files, o)
 }
 
 fn output(json: bool) -> Output {
@@ -167,9 +275,17 @@ fn output(json: bool) -> Output {
 }
 
 fn main() -> ExitCode {
-    let (command, files, flags) = parse();
-    let loaded = config::load::<PeerConfig>(&flags).and_then(|cfg| cfg.validate().map(|_| cfg));
-    let cfg = match loaded {
+    let (command, files, overrides) = parse();
+    if let Some(Command::Manual(manual)) = &command {
+        return match manual.print(Cli::command()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("shoal-peer: cannot write to stdout: {e}");
+                ExitCode::from(cli::exit::FAILED)
+            }
+        };
+    }
+    let cfg = match config::load::<PeerConfig>(overrides.file.as_deref(), &overrides.flags) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("shoal-peer: {e:#}");
@@ -177,13 +293,13 @@ fn main() -> ExitCode {
         }
     };
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    if let Some(Command::Health) = command {
+    if let Some(Command::Health { .. }) = command {
         return runtime.block_on(cli::health(cfg.metrics_addr.as_deref()));
     }
     // People at a prompt want answers, not logs: interactive forms log warnings only, unless
-    // SHOAL_LOG says otherwise.
-    let daemon = matches!(command, Some(Command::Run));
-    let filter = if daemon || std::env::var_os("SHOAL_LOG").is_some() {
+    // SHOAL_LOG or --log says otherwise.
+    let daemon = matches!(command, Some(Command::Run { .. }));
+    let filter = if daemon || overrides.has("log") || std::env::var_os("SHOAL_LOG").is_some() {
         cfg.log.clone()
     } else {
         "warn".into()
@@ -192,21 +308,25 @@ fn main() -> ExitCode {
         eprintln!("shoal-peer: {e:#}");
         return ExitCode::from(cli::exit::USAGE);
     }
-    tracing::info!(config = %config::masked(&cfg), "starting shoal-peer {}", env!("CARGO_PKG_VERSION"));
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        config = %config::masked(&cfg),
+        "starting shoal-peer"
+    );
     runtime.block_on(async move {
         let stop = shoal::shutdown::on_signals();
         let result = match command {
-            Some(Command::Run) => cli::daemon(cfg, stop).await,
-            Some(Command::Files { json, all_versions }) => {
-                return cli::files(cfg, output(json), all_versions).await
-            }
-            Some(Command::Locate { file, digest, json }) => {
-                return cli::locate_cmd(cfg, &file, digest, output(json)).await
-            }
-            Some(Command::Get { files, digest }) => {
+            Some(Command::Run { .. }) => cli::daemon(cfg, stop).await,
+            Some(Command::Files {
+                json, all_versions, ..
+            }) => return cli::files(cfg, output(json), all_versions).await,
+            Some(Command::Locate {
+                file, digest, json, ..
+            }) => return cli::locate_cmd(cfg, &file, digest, output(json)).await,
+            Some(Command::Get { files, digest, .. }) => {
                 return cli::get(cfg, files, digest, stop).await
             }
-            Some(Command::Health) => unreachable!("handled above"),
+            Some(Command::Health { .. } | Command::Manual(_)) => unreachable!("handled above"),
             None => cli::menu(cfg, files, stop).await,
         };
         match result {

@@ -1,8 +1,11 @@
-//! `shoal-tracker [PORT]`: the swarm's index. Settings come from defaults, `SHOAL_CONFIG`,
-//! `SHOAL_*` variables and the flags below, in rising precedence.
+//! `shoal-tracker [PORT]`: the swarm's index; `shoal-tracker health|completions|man`. Settings
+//! come from defaults, a settings file, `SHOAL_*` variables and the flags below, in rising
+//! precedence.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+use shoal::args::{port, Common, ConfigFile, Manual, Overrides};
 use shoal::config::{self, TrackerConfig};
+use shoal::peer::cli::exit::USAGE;
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -14,19 +17,22 @@ use std::process::ExitCode;
 #[command(args_conflicts_with_subcommands = true)]
 struct Cli {
     /// Port to listen on, on all interfaces (same as --listen 0.0.0.0:PORT).
+    #[arg(value_parser = port)]
     port: Option<u16>,
     /// Protocol address [env: SHOAL_LISTEN, default 0.0.0.0:7400].
-    #[arg(long)]
+    #[arg(long, value_name = "IP:PORT")]
     listen: Option<String>,
     /// Address for /metrics, /healthz, /readyz [env: SHOAL_METRICS_ADDR].
-    #[arg(long)]
+    #[arg(long, value_name = "IP:PORT")]
     metrics_addr: Option<String>,
-    /// How often peers announce, e.g. 30s [env: SHOAL_ANNOUNCE_INTERVAL].
-    #[arg(long)]
+    /// How often peers announce, e.g. 30s [env: SHOAL_ANNOUNCE_INTERVAL, default 30s].
+    #[arg(long, value_name = "DURATION")]
     announce_interval: Option<String>,
     /// Shared secret peers must present [env: SHOAL_SECRET].
     #[arg(long)]
     secret: Option<String>,
+    #[command(flatten)]
+    common: Common,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -34,41 +40,69 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Exit 0 if this host's tracker answers /healthz on SHOAL_METRICS_ADDR (container HEALTHCHECK).
-    Health,
+    Health {
+        #[command(flatten)]
+        file: ConfigFile,
+        /// Address of the tracker's /healthz [env: SHOAL_METRICS_ADDR].
+        #[arg(long, value_name = "IP:PORT")]
+        metrics_addr: Option<String>,
+    },
+    #[command(flatten)]
+    Manual(Manual),
+}
+
+impl Cli {
+    fn overrides(&self) -> Overrides {
+        let mut o = Overrides::default();
+        if let Some(Command::Health { file, metrics_addr }) = &self.command {
+            file.add_to(&mut o);
+            o.set("metrics_addr", metrics_addr);
+            return o;
+        }
+        if let Some(port) = self.port {
+            o.flags.push(("listen", format!("0.0.0.0:{port}")));
+        }
+        o.set("listen", &self.listen);
+        o.set("metrics_addr", &self.metrics_addr);
+        o.set("announce_interval", &self.announce_interval);
+        o.set("secret", &self.secret);
+        self.common.add_to(&mut o);
+        o
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let mut flags = Vec::new();
-    if let Some(port) = cli.port {
-        flags.push(("listen", format!("0.0.0.0:{port}")));
+    if let Some(Command::Manual(manual)) = &cli.command {
+        return match manual.print(Cli::command()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("shoal-tracker: cannot write to stdout: {e}");
+                ExitCode::FAILURE
+            }
+        };
     }
-    for (key, value) in [
-        ("listen", cli.listen),
-        ("metrics_addr", cli.metrics_addr),
-        ("announce_interval", cli.announce_interval),
-        ("secret", cli.secret),
-    ] {
-        if let Some(v) = value {
-            flags.push((key, v));
-        }
-    }
-    let cfg = match config::load::<TrackerConfig>(&flags).and_then(|c| c.validate().map(|_| c)) {
+    let overrides = cli.overrides();
+    let cfg = match config::load::<TrackerConfig>(overrides.file.as_deref(), &overrides.flags) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("shoal-tracker: {e:#}");
-            return ExitCode::from(2);
+            return ExitCode::from(USAGE);
         }
     };
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    if let Some(Command::Health) = cli.command {
+    if let Some(Command::Health { .. }) = cli.command {
         return runtime.block_on(shoal::peer::cli::health(cfg.metrics_addr.as_deref()));
     }
     if let Err(e) = shoal::logging::init(&cfg.log, cfg.log_format) {
         eprintln!("shoal-tracker: {e:#}");
-        return ExitCode::from(2);
+        return ExitCode::from(USAGE);
     }
-    tracing::info!(config = %config::masked(&cfg), "starting shoal-tracker {}", env!("CARGO_PKG_VERSION"));
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        config = %config::masked(&cfg),
+        "starting shoal-tracker"
+    );
     let result = runtime.block_on(async {
         let stop = shoal::shutdown::on_signals();
         shoal::tracker::run(cfg, stop).await
@@ -76,7 +110,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
+            tracing::error!(error = format!("{e:#}"), "tracker failed");
             eprintln!("shoal-tracker: {e:#}");
             ExitCode::FAILURE
         }
