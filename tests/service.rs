@@ -313,7 +313,13 @@ fn config_file_sits_below_the_environment() {
         reply["announce_interval_ms"], 1000,
         "the harness's SHOAL_ANNOUNCE_INTERVAL=1s beats the file"
     );
-    assert!(t.log_contains(r#"\"max_holders\":9"#), "{}", t.log_text());
+    let start = t
+        .log_text()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["message"] == "starting shoal-tracker")
+        .expect("a start line");
+    assert_eq!(start["config"]["max_holders"], 9, "{start}");
 }
 
 #[test]

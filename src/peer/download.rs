@@ -132,6 +132,8 @@ async fn run(
     for _ in 0..FINAL_CHECKS {
         let file = begin(peer, &first).await?;
         let held = file.have().count() as u64;
+        let fetched = file.info.size - (held * u64::from(file.info.chunk_size)).min(file.info.size);
+        let started = Instant::now();
         tracing::info!(
             size = file.info.size,
             chunks = file.info.chunks(),
@@ -154,12 +156,20 @@ async fn run(
         };
         match finished {
             Finished::InPlace(path) => {
-                let sources = job.sources();
-                tracing::info!(path = %path.display(), sources, "download complete");
+                let seconds = started.elapsed().as_secs_f64();
+                tracing::info!(
+                    path = %path.display(),
+                    size_bytes = first.file.size,
+                    fetched_bytes = fetched,
+                    duration_seconds = seconds,
+                    bytes_per_second = (fetched as f64 / seconds.max(1e-3)).round() as u64,
+                    sources = job.sources(),
+                    "download complete"
+                );
                 return Ok(path);
             }
             Finished::Damaged(why) => {
-                tracing::warn!("final check failed, fetching the damage again: {why}");
+                tracing::warn!(reason = %why, "final check failed, fetching the damage again");
             }
         }
     }
@@ -506,7 +516,7 @@ impl Job {
                     let digest = Some(self.file.info.digest);
                     match locate(&self.peer, self.name(), digest, false).await {
                         Ok(loc) => self.update_holders(&loc),
-                        Err(e) => tracing::debug!("refresh failed: {e}"),
+                        Err(e) => tracing::debug!(error = %e, "refresh failed"),
                     }
                     if workers.is_empty() && self.eligible_count() == 0 {
                         fruitless += 1;
@@ -607,18 +617,18 @@ impl Job {
                 self.peer
                     .bans
                     .ban(self.file.info.digest, &addr, Instant::now());
-                tracing::warn!(holder = %addr, reason, "banned holder from this file for {BAN_FOR:?}: {why}");
+                tracing::warn!(holder = %addr, reason, detail = %why, banned_seconds = BAN_FOR.as_secs(), "banned holder from this file");
                 s.recount();
             }
             Err(Fault::Busy(why)) => {
                 holder.retry_at = Some(Instant::now() + RETRY_BUSY_AFTER);
-                tracing::debug!(holder = %addr, "holder busy, trying others: {why}");
+                tracing::debug!(holder = %addr, reason = %why, "holder busy, trying others");
                 s.recount();
             }
             Err(Fault::Failed(why)) => {
                 holder.retry_at = Some(Instant::now() + RETRY_HOLDER_AFTER);
                 self.peer.metrics.holders_dropped.inc();
-                tracing::info!(holder = %addr, "holder failed, trying others: {why}");
+                tracing::info!(holder = %addr, reason = %why, "holder failed, trying others");
                 s.recount();
             }
         }

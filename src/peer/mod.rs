@@ -86,7 +86,7 @@ impl Peer {
             match shares {
                 Shares::DataDir => {
                     for (file, e) in store.scan(chunk_size) {
-                        tracing::warn!(file, "not shared: {e:#}");
+                        tracing::warn!(file, error = format!("{e:#}"), "not shared");
                     }
                 }
                 Shares::Paths(paths) => {
@@ -135,12 +135,12 @@ impl Peer {
                 peer.stop.clone(),
             ));
         }
-        tracing::info!(addr = %listen_addr, metrics = ?metrics_addr, peer = %peer.name, files = peer.store.all().len(), "peer listening");
+        tracing::info!(addr = %listen_addr, metrics = metrics_addr.map(tracing::field::display), peer = %peer.name, files = peer.store.all().len(), "peer listening");
         peer.tasks.spawn(server::run(peer.clone(), listener));
         match peer.sync().await {
             // Unreachable: the tracker client has said so, once.
-            Err(e) if e.code().is_none() => tracing::debug!("not registered yet: {e}"),
-            Err(e) => tracing::warn!("not registered yet (will retry): {e}"),
+            Err(e) if e.code().is_none() => tracing::debug!(error = %e, "not registered yet"),
+            Err(e) => tracing::warn!(error = %e, "not registered with the tracker yet"),
             Ok(_) => {}
         }
         peer.tasks.spawn(peer.clone().maintain(report_rx));
@@ -211,7 +211,7 @@ impl Peer {
                 other => other?,
             };
             for v in reply.files.iter().filter(|v| !v.accepted) {
-                tracing::warn!(file = %v.name, code = ?v.error, "tracker refused file: {}", v.message.as_deref().unwrap_or(""));
+                tracing::warn!(file = %v.name, code = v.error.map(|c| c.as_str()), reason = v.message.as_deref(), "tracker refused file");
             }
             self.set_announce_interval(reply.announce_interval_ms);
             self.set_session(Some(Session {
@@ -222,7 +222,7 @@ impl Peer {
             replies.push(reply);
         }
         if let Some(r) = replies.first() {
-            tracing::info!(peer_id = r.peer_id, addr = %r.addr, files = replies.iter().map(|r| r.files.len()).sum::<usize>(), "registered with tracker {}", self.tracker.addr());
+            tracing::info!(peer_id = r.peer_id, addr = %r.addr, files = replies.iter().map(|r| r.files.len()).sum::<usize>(), tracker = %self.tracker.addr(), "registered with tracker");
         }
         Ok(replies)
     }
@@ -308,18 +308,18 @@ impl Peer {
             match self.register_chunks(&file, chunks.clone()).await {
                 Ok(_) => {}
                 Err(e) if forgotten(&e) => {
-                    tracing::debug!("chunk registration refused ({e}); registering again");
+                    tracing::debug!(error = %e, "chunk registration refused; registering again");
                     self.set_session(None);
                     by_file.insert(file, chunks);
                     break;
                 }
                 // Unreachable: the tracker client has said so, once.
                 Err(e) if e.code().is_none() => {
-                    tracing::debug!(file = %file, "chunk registration failed: {e}");
+                    tracing::debug!(file = %file, error = %e, "chunk registration failed");
                     by_file.insert(file, chunks);
                     break;
                 }
-                Err(e) => tracing::warn!(file = %file, "chunk registration refused: {e}"),
+                Err(e) => tracing::warn!(file = %file, error = %e, "chunk registration refused"),
             }
         }
         if !by_file.is_empty() {
@@ -355,7 +355,7 @@ impl Peer {
                 }
             }
             Err(e) if forgotten(&e) => {
-                tracing::info!("announce refused ({e}); registering again");
+                tracing::info!(error = %e, "announce refused; registering again");
                 self.set_session(None);
                 self.needs_sync.store(true, Ordering::SeqCst);
             }
@@ -363,7 +363,7 @@ impl Peer {
             Err(e) => {
                 self.ready.set(false);
                 if e.code().is_some() {
-                    tracing::warn!("announce refused: {e}");
+                    tracing::warn!(error = %e, "announce refused");
                 }
             }
         }
@@ -385,7 +385,7 @@ impl Peer {
         .await
         {
             Ok(Ok(_)) => tracing::info!(peer_id = auth.peer_id, "left the swarm"),
-            Ok(Err(e)) => tracing::warn!("leave failed: {e}"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "leave failed"),
             Err(_) => tracing::warn!("leave timed out"),
         }
         self.set_session(None);

@@ -175,8 +175,8 @@ async fn serve(peer: &Peer, conn: &mut Connection) -> &'static str {
                     .inc();
                 tracing::debug!(
                     code = refusal.code.as_str(),
-                    "refused chunk request: {}",
-                    refusal.message
+                    reason = %refusal.message,
+                    "refused chunk request"
                 );
                 if conn.write_line(&encode_refusal(n, &refusal)).await.is_err() {
                     return "write failed";

@@ -361,7 +361,7 @@ impl Store {
     fn finish_if_complete(&self, stored: &Arc<StoredFile>) -> anyhow::Result<()> {
         if stored.is_complete() {
             if let Finished::Damaged(why) = self.finish(stored)? {
-                tracing::warn!(file = %stored.info.name, "not finished: {why}");
+                tracing::warn!(file = %stored.info.name, reason = %why, "not finished");
             }
         }
         Ok(())
@@ -488,7 +488,7 @@ impl Store {
     /// why, and its hidden files removed, so that the next attempt begins afresh instead of
     /// failing the same way for ever.
     fn start_over(&self, name: &str, path: &Path, why: &str) -> anyhow::Result<()> {
-        tracing::warn!(path = %path.display(), "partial download of {name:?} cannot be resumed: {why}; starting this file over");
+        tracing::warn!(file = name, path = %path.display(), reason = why, "partial download cannot be resumed; starting this file over");
         self.remove_hidden(name, &[PART, HAVE, META])
     }
 
@@ -603,7 +603,7 @@ impl Store {
         p.have_file = None;
         drop(p);
         if let Err(e) = self.remove_hidden(name, &[META, HAVE]) {
-            tracing::warn!(file = %name, "finished, but: {e:#}");
+            tracing::warn!(file = %name, error = format!("{e:#}"), "finished, but its hidden files remain");
         }
         sync_dir(&self.dir).with_context(|| format!("cannot sync {}", self.dir.display()))?;
         Ok(Finished::InPlace(target))
@@ -710,7 +710,7 @@ fn open_direct(path: &Path) -> Option<File> {
     {
         Ok(f) => Some(f),
         Err(e) => {
-            tracing::debug!(path = %path.display(), "writing through the page cache: no O_DIRECT: {e}");
+            tracing::debug!(path = %path.display(), error = %e, "writing through the page cache: no O_DIRECT");
             None
         }
     }

@@ -158,7 +158,7 @@ impl TrackerClient {
         let now = Instant::now();
         let mut outage = self.outage();
         let o = outage.get_or_insert_with(|| {
-            tracing::warn!(tracker = %self.addr, "tracker unreachable ({reason}); retrying with backoff up to {cap:?}");
+            tracing::warn!(tracker = %self.addr, reason, backoff_cap_seconds = cap.as_secs_f64(), "tracker unreachable");
             Outage {
                 since: now,
                 failures: 0,
@@ -170,7 +170,7 @@ impl TrackerClient {
         o.failures += 1;
         o.reason = reason.to_string();
         o.next_attempt = now + backoff(o.failures, cap, jitter);
-        tracing::debug!(tracker = %self.addr, failures = o.failures, "tracker still unreachable: {reason}");
+        tracing::debug!(tracker = %self.addr, failures = o.failures, reason, "tracker still unreachable");
     }
 
     fn note_answer(&self) {

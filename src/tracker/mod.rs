@@ -64,7 +64,7 @@ pub async fn run(cfg: TrackerConfig, stop: CancellationToken) -> anyhow::Result<
         ));
     }
     let addr = listener.local_addr()?;
-    tracing::info!(addr = %addr, metrics = ?metrics_addr, "tracker listening");
+    tracing::info!(addr = %addr, metrics = metrics_addr.map(tracing::field::display), "tracker listening");
     tracker.run(listener, stop).await;
     tracing::info!("tracker stopped");
     Ok(())

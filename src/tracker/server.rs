@@ -127,8 +127,8 @@ impl Tracker {
                 tracing::debug!(
                     msg = label,
                     code = refusal.code.as_str(),
-                    "refused: {}",
-                    refusal.message
+                    reason = %refusal.message,
+                    "request refused"
                 );
                 encode_refusal(n, &refusal)
             }

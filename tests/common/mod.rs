@@ -73,9 +73,7 @@ impl Proc {
             .expect("addr field")
             .parse()
             .expect("socket addr");
-        let metrics = line["metrics"]
-            .as_str()
-            .and_then(|m| m.strip_prefix("Some(")?.strip_suffix(')')?.parse().ok());
+        let metrics = line["metrics"].as_str().and_then(|m| m.parse().ok());
         Proc {
             child,
             log,
