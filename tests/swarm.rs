@@ -35,7 +35,7 @@ fn seed_menu_downloads_a_file_from_two_sources_byte_identical() {
         "menu exited with {status}; output:\n{out}"
     );
     assert!(
-        out.contains("movie.bin") && out.contains("4194304"),
+        out.contains("movie.bin") && out.contains("4.0 MiB"),
         "file list missing:\n{out}"
     );
     assert!(out.contains("downloaded movie.bin"), "{out}");
@@ -133,7 +133,7 @@ fn one_shot_commands_have_meaningful_exit_codes() {
     let t = tracker.addr.to_string();
     let (code, out) = run(&["files", "--tracker", &t]);
     assert_eq!(code, Some(0));
-    assert!(out.contains("a.bin") && out.contains("100000"), "{out}");
+    assert!(out.contains("a.bin") && out.contains("97.7 KiB"), "{out}");
     let (code, out) = run(&["locate", "a.bin", "--tracker", &t]);
     assert_eq!(code, Some(0));
     assert!(out.contains("chunks: all 2"), "{out}");
@@ -193,5 +193,34 @@ fn an_origin_sends_every_chunk_once_before_any_twice() {
         ask(0)["ok"],
         true,
         "once every chunk went out, the origin serves freely"
+    );
+}
+
+#[test]
+fn the_menu_asks_again_for_a_blank_name_and_prints_sizes_for_people() {
+    let tracker = tracker(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    make_file(&dir.path().join("s"), "a.bin", 100_000, 5);
+    let _s = daemon(tracker.addr, &dir.path().join("s"), "s", &[]);
+    assert!(wait_until(Duration::from_secs(10), || holder_count(
+        tracker.addr,
+        "a.bin"
+    ) == 1));
+    let client = dir.path().join("client");
+    std::fs::create_dir_all(&client).unwrap();
+    let (status, out) = run_menu(
+        tracker.addr,
+        &client,
+        "c",
+        &[],
+        "3\n\n  \na.bin\n6\n",
+        Duration::from_secs(30),
+    );
+    assert!(status.success(), "{out}");
+    assert_eq!(out.matches("file name is empty").count(), 2, "{out}");
+    assert!(!out.contains("unknown choice"), "{out}");
+    assert!(
+        out.contains("a.bin: 97.7 KiB, 2 chunks of 64.0 KiB") && out.contains("; 1 holder\n"),
+        "{out}"
     );
 }

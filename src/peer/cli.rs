@@ -7,6 +7,7 @@ use super::{Peer, Shares};
 use crate::bitfield::Bitfield;
 use crate::config::{PeerConfig, Want};
 use crate::protocol::{FileInfo, FileListReply, Hash, LocationsReply};
+use crate::units;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
@@ -112,14 +113,21 @@ async fn next_line(
     }
 }
 
+/// Asks for `what` until the answer is not blank; `None` at end of input or on stop.
 async fn ask(
     lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::io::Stdin>>,
     stop: &CancellationToken,
     what: &str,
 ) -> Option<String> {
-    print!("{what}: ");
-    let _ = std::io::stdout().flush();
-    next_line(lines, stop).await.map(|l| l.trim().to_string())
+    loop {
+        print!("{what}: ");
+        let _ = std::io::stdout().flush();
+        let answer = next_line(lines, stop).await?.trim().to_string();
+        if !answer.is_empty() {
+            return Some(answer);
+        }
+        println!("{what} is empty; type one, or end input (Ctrl-D) to quit");
+    }
 }
 
 fn print_result(r: Result<String, TrackerError>) {
@@ -147,10 +155,10 @@ async fn menu_register(peer: &Arc<Peer>, path: PathBuf) {
                         v.message.as_deref().unwrap_or("")
                     ),
                     _ => println!(
-                        "registered {} ({} bytes, {} chunks)",
+                        "registered {} ({}, {})",
                         f.info.name,
-                        f.info.size,
-                        f.info.chunks()
+                        units::bytes(f.info.size),
+                        units::count(f.info.chunks(), "chunk")
                     ),
                 }
                 peer.update_file_gauges();
@@ -170,7 +178,10 @@ async fn menu_chunk_register(peer: &Peer, name: &str) {
     let chunks: Vec<u32> = f.have().ones().map(|i| i as u32).collect();
     let count = chunks.len();
     match peer.register_chunks(name, chunks).await {
-        Ok(new) => println!("registered {count} chunks of {name} ({new} new to the tracker)"),
+        Ok(new) => println!(
+            "registered {} of {name} ({new} new to the tracker)",
+            units::count(count as u64, "chunk")
+        ),
         Err(e) => println!("error: {e}"),
     }
 }
@@ -189,7 +200,11 @@ pub fn format_file_list(list: &FileListReply, versions: bool) -> String {
     for f in &list.files {
         out += &format!(
             "{:<32} {:>14} {:>8} {:>6} {:>8}",
-            f.info.name, f.info.size, f.chunks, f.peers, f.seeders
+            f.info.name,
+            units::bytes(f.info.size),
+            f.chunks,
+            f.peers,
+            f.seeders
         );
         if versions {
             out += &format!("  {} {}", f.info.digest.to_hex(), f.latest);
@@ -201,13 +216,13 @@ pub fn format_file_list(list: &FileListReply, versions: bool) -> String {
 
 pub fn format_locations(loc: &LocationsReply) -> String {
     let mut out = format!(
-        "{}: {} bytes, {} chunks of {} bytes, digest {}; {} holders\n",
+        "{}: {}, {} of {}, digest {}; {}\n",
         loc.file.name,
-        loc.file.size,
-        loc.chunks,
-        loc.file.chunk_size,
+        units::bytes(loc.file.size),
+        units::count(loc.chunks, "chunk"),
+        units::bytes(loc.file.chunk_size.into()),
         loc.file.digest.to_hex(),
-        loc.total_peers
+        units::count(loc.total_peers, "holder")
     );
     for h in &loc.peers {
         let chunks = Bitfield::from_bytes(h.have.0.clone(), loc.chunks as usize)
@@ -437,13 +452,13 @@ pub async fn daemon(cfg: PeerConfig, stop: CancellationToken) -> anyhow::Result<
             let n = name.clone();
             let finished = finished.clone();
             let task = tokio::spawn(async move {
-                match download(&p, &n, None, Arc::new(LogProgress::default())).await {
+                match download(&p, &n, None, Arc::new(LogProgress::new(&n))).await {
                     Ok(_) | Err(DownloadError::Stopped(_)) => {}
                     // The tracker client logs an outage once; one line per retry is noise.
                     Err(DownloadError::Tracker(e)) if e.code().is_none() => {
-                        tracing::debug!(file = %n, "download waits for the tracker: {e}")
+                        tracing::debug!(file = %n, error = %e, "download waits for the tracker")
                     }
-                    Err(e) => tracing::warn!(file = %n, "download failed, will retry: {e}"),
+                    Err(e) => tracing::warn!(file = %n, error = %e, "download failed"),
                 }
                 finished.notify_one();
             });
@@ -471,7 +486,7 @@ async fn wanted_names(peer: &Peer, want: &Want) -> Vec<String> {
         Want::Everything => match peer.tracker.file_list().await {
             Ok(l) => l.files.into_iter().map(|f| f.info.name).collect(),
             Err(e) => {
-                tracing::debug!("file list failed: {e}");
+                tracing::debug!(error = %e, "file list failed");
                 Vec::new()
             }
         },
@@ -530,10 +545,10 @@ impl Progress for Lines {
         let done = (chunks_held * u64::from(info.chunk_size)).min(info.size);
         *self.state.lock().unwrap_or_else(|p| p.into_inner()) = (done, info.size, 0);
         println!(
-            "{}: fetching {} bytes in {} chunks ({} already here)",
+            "{}: fetching {} in {} ({} already here)",
             info.name,
-            info.size,
-            info.chunks(),
+            units::bytes(info.size),
+            units::count(info.chunks(), "chunk"),
             chunks_held
         );
     }
@@ -545,11 +560,11 @@ impl Progress for Lines {
         if tenth > s.2 {
             s.2 = tenth;
             println!(
-                "{}: {}% ({} of {} bytes)",
+                "{}: {}% ({} of {})",
                 self.name,
                 tenth * 10,
-                s.0.min(s.1),
-                s.1
+                units::bytes(s.0.min(s.1)),
+                units::bytes(s.1)
             );
         }
     }
@@ -558,10 +573,20 @@ impl Progress for Lines {
 }
 
 /// Daemon downloads log their progress at each quarter.
-#[derive(Default)]
 struct LogProgress {
+    file: String,
     total: AtomicU64,
     done: AtomicU64,
+}
+
+impl LogProgress {
+    fn new(file: &str) -> Self {
+        LogProgress {
+            file: file.to_string(),
+            total: AtomicU64::new(0),
+            done: AtomicU64::new(0),
+        }
+    }
 }
 
 impl Progress for LogProgress {
@@ -578,6 +603,7 @@ impl Progress for LogProgress {
         let before = self.done.fetch_add(bytes, Ordering::Relaxed);
         if before * 4 / total != (before + bytes) * 4 / total {
             tracing::info!(
+                file = %self.file,
                 percent = (before + bytes) * 100 / total,
                 "download progress"
             );
