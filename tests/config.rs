@@ -6,7 +6,6 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::process::{Command, Output, Stdio};
-use std::time::Duration;
 
 /// Runs a binary to completion with `env` added to a clean `SHOAL_*` environment.
 fn run(binary: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -111,19 +110,8 @@ fn bad_values_name_their_key_without_rust_types() {
 
 #[test]
 fn byte_settings_accept_units() {
-    let tracker = tracker(&[]);
-    let dir = tempfile::tempdir().unwrap();
-    make_file(dir.path(), "a.bin", 200_000, 41);
-    let _seeder = daemon(
-        tracker.addr,
-        dir.path(),
-        "s",
-        &[("SHOAL_CHUNK_SIZE", "64KiB"), ("SHOAL_UPLOAD_LIMIT", "10M")],
-    );
-    assert!(wait_until(Duration::from_secs(10), || holder_count(
-        tracker.addr,
-        "a.bin"
-    ) == 1));
+    let units = [("SHOAL_CHUNK_SIZE", "64KiB"), ("SHOAL_UPLOAD_LIMIT", "10M")];
+    let (tracker, _seeder, _dir, _) = seeded("a.bin", 200_000, 41, &units);
     let loc = locations(tracker.addr, "a.bin");
     assert_eq!(loc["file"]["chunk_size"], 65536, "{loc}");
 }
@@ -191,6 +179,11 @@ fn each_command_help_lists_only_the_flags_it_uses() {
             "run --help lacks {used}:\n{run_help}"
         );
     }
+    let seed = help(&["7400", "0", "me", "--help"]);
+    assert!(
+        seed.contains("<LISTEN_PORT>") && !seed.contains("--listen") && !seed.contains("--tracker"),
+        "the seed form's positionals replace those flags:\n{seed}"
+    );
     let health = help(&["health", "--help"]);
     assert!(
         health.contains("--metrics-addr") && !health.contains("--tracker"),

@@ -198,14 +198,7 @@ fn an_origin_sends_every_chunk_once_before_any_twice() {
 
 #[test]
 fn the_menu_asks_again_for_a_blank_name_and_prints_sizes_for_people() {
-    let tracker = tracker(&[]);
-    let dir = tempfile::tempdir().unwrap();
-    make_file(&dir.path().join("s"), "a.bin", 100_000, 5);
-    let _s = daemon(tracker.addr, &dir.path().join("s"), "s", &[]);
-    assert!(wait_until(Duration::from_secs(10), || holder_count(
-        tracker.addr,
-        "a.bin"
-    ) == 1));
+    let (tracker, _seeder, dir, _) = seeded("a.bin", 100_000, 5, &[]);
     let client = dir.path().join("client");
     std::fs::create_dir_all(&client).unwrap();
     let (status, out) = run_menu(

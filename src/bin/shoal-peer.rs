@@ -47,13 +47,30 @@ struct SeedCli {
     /// Files to share.
     files: Vec<PathBuf>,
     #[command(flatten)]
+    sharing: Sharing,
+}
+
+/// The flags of a peer that joins the swarm and shares files: the menu and the daemon.
+#[derive(Args)]
+struct Sharing {
+    #[command(flatten)]
     common: Common,
     #[command(flatten)]
     secret: Secret,
     #[command(flatten)]
     serve: Serve,
-    #[command(flatten)]
-    chunks: ChunkSize,
+    /// Chunk size for files this peer registers, e.g. 1MiB [env: SHOAL_CHUNK_SIZE, default per file].
+    #[arg(long, value_name = "BYTES")]
+    chunk_size: Option<String>,
+}
+
+impl Sharing {
+    fn add_to(&self, o: &mut Overrides) {
+        self.common.add_to(o);
+        o.set("secret", &self.secret.secret);
+        self.serve.add_to(o);
+        o.set("chunk_size", &self.chunk_size);
+    }
 }
 
 /// Where the tracker is.
@@ -78,18 +95,30 @@ struct MetricsAddr {
     metrics_addr: Option<String>,
 }
 
-/// How a peer that serves chunks is reached and where it keeps files.
+/// What the seed form's positional arguments give: where chunks are served and the name.
 #[derive(Args)]
-struct Serve {
+struct Identity {
     /// Chunk server address [env: SHOAL_LISTEN, default 0.0.0.0:7401].
     #[arg(long, value_name = "IP:PORT")]
     listen: Option<String>,
-    /// ip:port other peers dial [env: SHOAL_ADVERTISE, default the address the tracker sees].
-    #[arg(long, value_name = "IP:PORT")]
-    advertise: Option<String>,
     /// Peer name [env: SHOAL_NAME, default the host name].
     #[arg(long)]
     name: Option<String>,
+}
+
+impl Identity {
+    fn add_to(&self, o: &mut Overrides) {
+        o.set("listen", &self.listen);
+        o.set("name", &self.name);
+    }
+}
+
+/// How a peer that serves chunks is reached and where it keeps files.
+#[derive(Args)]
+struct Serve {
+    /// ip:port other peers dial [env: SHOAL_ADVERTISE, default the address the tracker sees].
+    #[arg(long, value_name = "IP:PORT")]
+    advertise: Option<String>,
     /// Directory of shared files and downloads [env: SHOAL_DATA_DIR, default .].
     #[arg(long, value_name = "DIR")]
     data_dir: Option<String>,
@@ -100,27 +129,16 @@ struct Serve {
     metrics: MetricsAddr,
 }
 
-#[derive(Args)]
-struct ChunkSize {
-    /// Chunk size for files this peer registers, e.g. 1MiB [env: SHOAL_CHUNK_SIZE, default per file].
-    #[arg(long, value_name = "BYTES")]
-    chunk_size: Option<String>,
-}
-
 #[derive(Subcommand)]
 enum Command {
     /// Run as a daemon: share the data dir, fetch SHOAL_WANT, keep seeding until SIGTERM.
     Run {
         #[command(flatten)]
-        common: Common,
-        #[command(flatten)]
         tracker: Tracker,
         #[command(flatten)]
-        secret: Secret,
+        identity: Identity,
         #[command(flatten)]
-        serve: Serve,
-        #[command(flatten)]
-        chunks: ChunkSize,
+        sharing: Sharing,
         /// Names to fetch, comma-separated, or * for everything [env: SHOAL_WANT].
         #[arg(long, value_name = "NAMES")]
         want: Option<String>,
@@ -161,6 +179,8 @@ enum Command {
         #[command(flatten)]
         query: Query,
         #[command(flatten)]
+        identity: Identity,
+        #[command(flatten)]
         serve: Serve,
     },
     /// Exit 0 if this host's peer answers /healthz on SHOAL_METRICS_ADDR (container HEALTHCHECK).
@@ -195,9 +215,7 @@ impl Query {
 
 impl Serve {
     fn add_to(&self, o: &mut Overrides) {
-        o.set("listen", &self.listen);
         o.set("advertise", &self.advertise);
-        o.set("name", &self.name);
         o.set("data_dir", &self.data_dir);
         o.set("upload_limit", &self.upload_limit);
         o.set("metrics_addr", &self.metrics.metrics_addr);
@@ -209,23 +227,25 @@ impl Command {
         let mut o = Overrides::default();
         match self {
             Command::Run {
-                common,
                 tracker,
-                secret,
-                serve,
-                chunks,
+                identity,
+                sharing,
                 want,
             } => {
-                common.add_to(&mut o);
                 o.set("tracker", &tracker.tracker);
-                o.set("secret", &secret.secret);
-                serve.add_to(&mut o);
-                o.set("chunk_size", &chunks.chunk_size);
+                identity.add_to(&mut o);
+                sharing.add_to(&mut o);
                 o.set("want", want);
             }
             Command::Files { query, .. } | Command::Locate { query, .. } => query.add_to(&mut o),
-            Command::Get { query, serve, .. } => {
+            Command::Get {
+                query,
+                identity,
+                serve,
+                ..
+            } => {
                 query.add_to(&mut o);
+                identity.add_to(&mut o);
                 serve.add_to(&mut o);
             }
             Command::Health { file, metrics } => {
@@ -259,10 +279,7 @@ fn parse() -> (Option<Command>, Vec<PathBuf>, Overrides) {
             ("name", seed.peer_name.clone()),
         ],
     };
-    seed.common.add_to(&mut o);
-    o.set("secret", &seed.secret.secret);
-    seed.serve.add_to(&mut o);
-    o.set("chunk_size", &seed.chunks.chunk_size);
+    seed.sharing.add_to(&mut o);
     (None, seed.files, o)
 }
 
