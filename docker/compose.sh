@@ -54,8 +54,8 @@ cmd_up() {
     local peers=${1:-6}
     [[ "$peers" =~ ^[0-9]+$ ]] || usage
     for image in shoal-tracker shoal-peer; do
-        if ! docker image inspect "$image:${SHOAL_IMAGE_TAG:-latest}" >/dev/null 2>&1; then
-            echo "compose.sh: image $image:${SHOAL_IMAGE_TAG:-latest} is missing; run make image" >&2
+        if ! docker image inspect "$image:${STACK_IMAGE_TAG:-latest}" >/dev/null 2>&1; then
+            echo "compose.sh: image $image:${STACK_IMAGE_TAG:-latest} is missing; run make image" >&2
             exit 1
         fi
     done

@@ -159,12 +159,12 @@ class Swarm:
                                                "--file", os.path.join(ROOT, "compose.yaml")]
         self.env = dict(os.environ)
         self.env.update({
-            "SHOAL_IMAGE_TAG": args.tag,
-            "SHOAL_SEEDER1_DIR": seed_dirs["seeder1"],
-            "SHOAL_SEEDER2_DIR": seed_dirs["seeder2"],
+            "STACK_IMAGE_TAG": args.tag,
+            "STACK_SEEDER1_DIR": seed_dirs["seeder1"],
+            "STACK_SEEDER2_DIR": seed_dirs["seeder2"],
             "SHOAL_ANNOUNCE_INTERVAL": ANNOUNCE_INTERVAL,
-            "SHOAL_PEER_UPLOAD_LIMIT": str(args.peer_upload_limit),
-            "SHOAL_SEEDER_UPLOAD_LIMIT": str(args.seeder_upload_limit),
+            "STACK_PEER_UPLOAD_LIMIT": str(args.peer_upload_limit),
+            "STACK_SEEDER_UPLOAD_LIMIT": str(args.seeder_upload_limit),
             "SHOAL_LOG": os.environ.get("E2E_LOG", "info"),
         })
         self.containers = {}
