@@ -54,13 +54,14 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        let mut line = Map::new();
         let mut now = String::new();
         SystemTime.format_time(&mut Writer::new(&mut now))?;
-        line.insert("timestamp".into(), now.into());
-        line.insert("level".into(), event.metadata().level().as_str().into());
+        let mut line = vec![
+            ("timestamp".to_string(), Value::from(now)),
+            ("level".into(), event.metadata().level().as_str().into()),
+        ];
         event.record(&mut Fields(&mut line));
-        line.insert("target".into(), event.metadata().target().into());
+        line.push(("target".into(), event.metadata().target().into()));
         if let Some(scope) = ctx.event_scope() {
             let spans: Vec<Value> = scope
                 .from_root()
@@ -75,20 +76,33 @@ where
                 })
                 .collect();
             if let Some(innermost) = spans.last() {
-                line.insert("span".into(), innermost.clone());
+                line.push(("span".into(), innermost.clone()));
             }
-            line.insert("spans".into(), spans.into());
+            line.push(("spans".into(), spans.into()));
         }
-        writeln!(writer, "{}", Value::Object(line))
+        write_object(&mut writer, &line)
     }
 }
 
-/// Collects an event's fields as JSON values of their own type.
-struct Fields<'a>(&'a mut Map<String, Value>);
+/// Writes `pairs` as one JSON object line, in their order: a reader's eye finds the time and
+/// level first and the message before the details.
+fn write_object(writer: &mut Writer<'_>, pairs: &[(String, Value)]) -> fmt::Result {
+    writer.write_char('{')?;
+    for (i, (key, value)) in pairs.iter().enumerate() {
+        if i > 0 {
+            writer.write_char(',')?;
+        }
+        write!(writer, "{}:{value}", Value::from(key.as_str()))?;
+    }
+    writer.write_str("}\n")
+}
+
+/// Collects an event's fields, in the order they were written, as JSON values of their own type.
+struct Fields<'a>(&'a mut Vec<(String, Value)>);
 
 impl Fields<'_> {
     fn put(&mut self, field: &Field, value: Value) {
-        self.0.insert(field.name().to_string(), value);
+        self.0.push((field.name().to_string(), value));
     }
 
     fn put_text(&mut self, field: &Field, text: String) {
