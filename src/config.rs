@@ -393,6 +393,10 @@ pub trait Settings: Serialize + DeserializeOwned + Default {
     fn checked(self) -> anyhow::Result<Self>;
 }
 
+const PREFIX: &str = "SHOAL_";
+/// The variable naming the settings file; it is no setting itself.
+const CONFIG_VAR: &str = "SHOAL_CONFIG";
+
 /// Builds a settings struct from defaults, the settings file (`file`, else `SHOAL_CONFIG`),
 /// `SHOAL_*` variables and the given flag overrides (keys are field names), in that order of
 /// precedence, and checks it.
@@ -409,10 +413,6 @@ pub fn load<T: Settings>(file: Option<&Path>, flags: &[(&str, String)]) -> anyho
     }
     load_from(env, file, flags)
 }
-
-const PREFIX: &str = "SHOAL_";
-/// The variable naming the settings file; it is no setting itself.
-const CONFIG_VAR: &str = "SHOAL_CONFIG";
 
 /// One value from one layer, with the name the operator gave it there.
 struct Entry {
@@ -498,16 +498,14 @@ fn unknown<T: Settings>(
     shown: fn(&str) -> String,
 ) -> anyhow::Error {
     let program = T::PROGRAM;
-    let other = if program == PeerConfig::PROGRAM {
-        (TrackerConfig::PROGRAM, keys::<TrackerConfig>())
-    } else {
-        (PeerConfig::PROGRAM, keys::<PeerConfig>())
-    };
-    if other.1.iter().any(|k| k == key) {
-        return anyhow!(
-            "unknown setting {label}: it is a setting of {}, not of {program}",
-            other.0
-        );
+    let owner = [
+        (PeerConfig::PROGRAM, keys::<PeerConfig>()),
+        (TrackerConfig::PROGRAM, keys::<TrackerConfig>()),
+    ]
+    .into_iter()
+    .find(|(_, keys)| keys.iter().any(|k| k == key));
+    if let Some((other, _)) = owner {
+        return anyhow!("unknown setting {label}: it is a setting of {other}, not of {program}");
     }
     let nearest = known
         .iter()
