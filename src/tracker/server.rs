@@ -164,7 +164,7 @@ impl Tracker {
             Msg::Withdraw => {
                 let req: protocol::Withdraw = decode_body(line)?;
                 let ack = self.state.withdraw(&req, now)?;
-                tracing::info!(peer_id = req.peer_id, file = %req.file, digest = ?req.digest, "version withdrawn");
+                tracing::info!(peer_id = req.peer_id, file = %req.file, digest = req.digest.to_hex(), "version withdrawn");
                 encode_reply(msg, &ack)
             }
             Msg::ChunkRequest => {
