@@ -41,6 +41,7 @@ impl<'de> Deserialize<'de> for LogFormat {
     }
 }
 
+/// The tracker's settings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct TrackerConfig {
@@ -82,6 +83,7 @@ pub struct TrackerConfig {
     pub max_holders: usize,
     /// Log filter, tracing `EnvFilter` syntax.
     pub log: String,
+    /// Log lines as readable text or JSON objects.
     pub log_format: LogFormat,
 }
 
@@ -142,6 +144,7 @@ impl Settings for TrackerConfig {
     }
 }
 
+/// The peer's settings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct PeerConfig {
@@ -206,6 +209,7 @@ pub struct PeerConfig {
     pub refresh_interval: Duration,
     /// Log filter, tracing `EnvFilter` syntax.
     pub log: String,
+    /// Log lines as readable text or JSON objects.
     pub log_format: LogFormat,
 }
 
@@ -296,6 +300,7 @@ impl Settings for PeerConfig {
 }
 
 impl PeerConfig {
+    /// What `SHOAL_WANT` asks for, parsed.
     pub fn want(&self) -> Want {
         let names: Vec<String> = self
             .want

@@ -17,6 +17,7 @@ use tracing_subscriber::EnvFilter;
 /// written into JSON lines as an object.
 pub const CONFIG_FIELD: &str = "config";
 
+/// Installs the global subscriber: `filter` in `EnvFilter` syntax, lines in `format`, on stderr.
 pub fn init(filter: &str, format: LogFormat) -> anyhow::Result<()> {
     let filter = EnvFilter::try_new(filter).map_err(|e| {
         anyhow::anyhow!(
