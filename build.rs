@@ -15,7 +15,9 @@ fn main() {
         })
         .unwrap_or_else(|| "unknown".to_string());
     watch_git_head();
-    println!("cargo:rustc-env=SHOAL_REVISION={revision}");
+    // Not SHOAL_*: cargo also sets this in the environment of `cargo run` and `cargo test`,
+    // and the binaries refuse SHOAL_* variables that are no setting.
+    println!("cargo:rustc-env=BUILD_INFO_REVISION={revision}");
 }
 
 /// Runs git and returns its trimmed output, or None when git or the repository is missing.

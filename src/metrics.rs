@@ -52,7 +52,7 @@ fn process_registry() -> Registry {
         &["version", "revision"],
     )
     .expect("valid metric");
-    info.with_label_values(&[env!("CARGO_PKG_VERSION"), env!("SHOAL_REVISION")])
+    info.with_label_values(&[env!("CARGO_PKG_VERSION"), env!("BUILD_INFO_REVISION")])
         .set(1);
     reg.register(Box::new(info)).expect("unique metric");
     reg
