@@ -207,6 +207,10 @@ pub struct PeerConfig {
     /// How often an active download asks the tracker for new holders.
     #[serde(with = "duration")]
     pub refresh_interval: Duration,
+    /// A daemon shares a new or replaced file of its data dir once its size and mtime have not
+    /// changed for this long (a file renamed in with an older mtime is shared at once).
+    #[serde(with = "duration")]
+    pub settle_time: Duration,
     /// Log filter, tracing `EnvFilter` syntax.
     pub log: String,
     /// Log lines as readable text or JSON objects.
@@ -237,6 +241,7 @@ impl Default for PeerConfig {
             request_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(120),
             refresh_interval: Duration::from_secs(2),
+            settle_time: Duration::from_secs(1),
             log: "info".into(),
             log_format: LogFormat::Text,
         }

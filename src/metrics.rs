@@ -167,6 +167,9 @@ pub struct PeerMetrics {
     pub holders_dropped: IntCounter,
     pub requests_refused: IntCounterVec,
     pub holders_banned: IntCounterVec,
+    pub versions_published: IntCounter,
+    pub files_withdrawn: IntCounter,
+    pub chunks_reused: IntCounter,
 }
 
 impl Default for PeerMetrics {
@@ -268,6 +271,21 @@ impl Default for PeerMetrics {
                     &["reason"],
                 ),
                 BAN_REASONS,
+            ),
+            versions_published: counter(
+                &r,
+                "shoal_peer_versions_published_total",
+                "Files and new versions of a name this peer began sharing from its own disk.",
+            ),
+            files_withdrawn: counter(
+                &r,
+                "shoal_peer_files_withdrawn_total",
+                "File versions this peer stopped offering (deleted, replaced or changed on disk).",
+            ),
+            chunks_reused: counter(
+                &r,
+                "shoal_peer_chunks_reused_total",
+                "Chunks of a download copied from a file already held here instead of fetched.",
             ),
             registry: r,
         }

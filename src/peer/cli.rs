@@ -3,10 +3,10 @@
 
 use super::download::{download, DownloadError, Progress};
 use super::tracker_client::{TrackerClient, TrackerError};
-use super::{Peer, Shares};
+use super::{catalogue, Peer, Shares};
 use crate::bitfield::Bitfield;
 use crate::config::{PeerConfig, Want};
-use crate::protocol::{FileInfo, FileListReply, Hash, LocationsReply};
+use crate::protocol::{version_key, FileInfo, FileListReply, FileSummary, Hash, LocationsReply};
 use crate::units;
 use serde::Serialize;
 use std::collections::HashMap;
@@ -137,36 +137,60 @@ fn print_result(r: Result<String, TrackerError>) {
     }
 }
 
+/// Menu item 1: shares the file at `path` under its base name. Other content under a name
+/// already held is published as a new version of that name; the reply says which.
 async fn menu_register(peer: &Arc<Peer>, path: PathBuf) {
     let chunk_size = peer.cfg.chunk_size;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    let held = name
+        .as_deref()
+        .map(|n| peer.store.versions(n))
+        .unwrap_or_default();
     let p2 = peer.clone();
     let shared = tokio::task::spawn_blocking(move || p2.store.share(&path, chunk_size)).await;
-    match shared {
-        Ok(Ok(f)) => match peer.sync().await {
-            Ok(replies) => {
-                let verdict = replies
-                    .iter()
-                    .flat_map(|r| &r.files)
-                    .find(|v| v.name == f.info.name);
-                match verdict {
-                    Some(v) if !v.accepted => println!(
-                        "tracker refused {}: {}",
-                        v.name,
-                        v.message.as_deref().unwrap_or("")
-                    ),
-                    _ => println!(
-                        "registered {} ({}, {})",
-                        f.info.name,
-                        units::bytes(f.info.size),
-                        units::count(f.info.chunks(), "chunk")
-                    ),
-                }
-                peer.update_file_gauges();
-            }
-            Err(e) => println!("error: {e}"),
-        },
-        Ok(Err(e)) => println!("error: {e:#}"),
-        Err(e) => println!("error: {e}"),
+    let f = match shared {
+        Ok(Ok(f)) => f,
+        Ok(Err(e)) => return println!("error: {e:#}"),
+        Err(e) => return println!("error: {e}"),
+    };
+    if held.iter().any(|h| Arc::ptr_eq(h, &f)) {
+        return println!("{} is already shared, unchanged", f.info.name);
+    }
+    peer.metrics.versions_published.inc();
+    let replies = match peer.sync().await {
+        Ok(replies) => replies,
+        Err(e) => return println!("error: {e}"),
+    };
+    peer.update_file_gauges();
+    let verdict = replies
+        .iter()
+        .flat_map(|r| &r.files)
+        .find(|v| v.name == f.info.name && !v.accepted);
+    if let Some(v) = verdict {
+        return println!(
+            "tracker refused {}: {}",
+            v.name,
+            v.message.as_deref().unwrap_or("")
+        );
+    }
+    let what = if held.is_empty() {
+        "registered"
+    } else {
+        "published a new version of"
+    };
+    println!(
+        "{what} {} ({}, {}, digest {})",
+        f.info.name,
+        units::bytes(f.info.size),
+        units::count(f.info.chunks(), "chunk"),
+        f.info.digest.to_hex()
+    );
+    if let Some(newer) = held.iter().find(|h| h.version_key() > f.version_key()) {
+        println!(
+            "note: the version {} held here has a later stamp (mtime), so {} still means that one",
+            newer.info.digest.to_hex(),
+            f.info.name
+        );
     }
 }
 
@@ -177,7 +201,7 @@ async fn menu_chunk_register(peer: &Peer, name: &str) {
     };
     let chunks: Vec<u32> = f.have().ones().map(|i| i as u32).collect();
     let count = chunks.len();
-    match peer.register_chunks(name, chunks).await {
+    match peer.register_chunks(name, f.info.digest, chunks).await {
         Ok(new) => println!(
             "registered {} of {name} ({new} new to the tracker)",
             units::count(count as u64, "chunk")
@@ -416,17 +440,19 @@ pub async fn health(metrics_addr: Option<&str>) -> ExitCode {
     }
 }
 
-/// `shoal-peer run`: shares the data dir, fetches what `SHOAL_WANT` names (waiting for files
-/// that have no holder yet, and with `*` picking up files that appear later), keeps seeding,
-/// and leaves the swarm on SIGTERM/SIGINT.
+/// `shoal-peer run`: shares the data dir and follows it (new files published, deleted ones
+/// withdrawn, replaced ones published as new versions), fetches what `SHOAL_WANT` names and
+/// every newer version of it (with `*`: of every file in the swarm, now and later), keeps
+/// seeding, and leaves the swarm on SIGTERM/SIGINT.
 pub async fn daemon(cfg: PeerConfig, stop: CancellationToken) -> anyhow::Result<()> {
     let want = cfg.want();
     let peer = Peer::start(cfg, Shares::DataDir, stop.clone()).await?;
+    peer.tasks.spawn(catalogue::watch(peer.clone()));
     let mut running: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
     let mut backoff: HashMap<String, tokio::time::Instant> = HashMap::new();
     let finished = Arc::new(tokio::sync::Notify::new());
     loop {
-        let wanted = wanted_names(&peer, &want).await;
+        let (wanted, unlisted) = wanted_versions(&peer, &want).await;
         running.retain(|name, task| {
             if !task.is_finished() {
                 return true;
@@ -438,21 +464,22 @@ pub async fn daemon(cfg: PeerConfig, stop: CancellationToken) -> anyhow::Result<
             false
         });
         let now = tokio::time::Instant::now();
-        let mut pending = 0;
-        for name in wanted {
-            // Complete is not enough: a file whose final check or rename failed is still due.
-            if peer.store.get(&name).is_some_and(|f| f.is_final()) {
+        let mut pending = unlisted;
+        for version in wanted {
+            if holds_current(&peer, &version) {
                 continue;
             }
             pending += 1;
+            let name = version.info.name.clone();
             if running.contains_key(&name) || backoff.get(&name).is_some_and(|t| *t > now) {
                 continue;
             }
             let p = peer.clone();
             let n = name.clone();
             let finished = finished.clone();
+            let digest = Some(version.info.digest);
             let task = tokio::spawn(async move {
-                match download(&p, &n, None, Arc::new(LogProgress::new(&n))).await {
+                match download(&p, &n, digest, Arc::new(LogProgress::new(&n))).await {
                     Ok(_) | Err(DownloadError::Stopped(_)) => {}
                     // The tracker client logs an outage once; one line per retry is noise.
                     Err(DownloadError::Tracker(e)) if e.code().is_none() => {
@@ -464,7 +491,7 @@ pub async fn daemon(cfg: PeerConfig, stop: CancellationToken) -> anyhow::Result<
             });
             running.insert(name, task);
         }
-        peer.metrics.files_wanted.set(pending);
+        peer.metrics.files_wanted.set(pending as i64);
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = finished.notified() => {}
@@ -478,19 +505,44 @@ pub async fn daemon(cfg: PeerConfig, stop: CancellationToken) -> anyhow::Result<
     Ok(())
 }
 
-/// What the daemon should be fetching now.
-async fn wanted_names(peer: &Peer, want: &Want) -> Vec<String> {
-    match want {
-        Want::Nothing => Vec::new(),
-        Want::Names(names) => names.clone(),
-        Want::Everything => match peer.tracker.file_list().await {
-            Ok(l) => l.files.into_iter().map(|f| f.info.name).collect(),
-            Err(e) => {
-                tracing::debug!(error = %e, "file list failed");
-                Vec::new()
-            }
-        },
+/// What the daemon should hold now: the newest version of each wanted name the swarm offers,
+/// and how many wanted names it does not offer yet (and are not held here either).
+async fn wanted_versions(peer: &Peer, want: &Want) -> (Vec<FileSummary>, usize) {
+    if *want == Want::Nothing {
+        return (Vec::new(), 0);
     }
+    let listed = match peer.tracker.file_list().await {
+        Ok(l) => l.files,
+        Err(e) => {
+            tracing::debug!(error = %e, "file list failed");
+            Vec::new()
+        }
+    };
+    match want {
+        Want::Names(names) => {
+            let unlisted = names
+                .iter()
+                .filter(|n| !listed.iter().any(|f| f.info.name == **n))
+                .filter(|n| peer.store.get(n).is_none_or(|f| !f.is_complete()))
+                .count();
+            let wanted = listed
+                .into_iter()
+                .filter(|f| names.contains(&f.info.name))
+                .collect();
+            (wanted, unlisted)
+        }
+        _ => (listed, 0),
+    }
+}
+
+/// Whether this peer holds `version`, or a newer version of its name, under its final name.
+/// Complete is not enough: a file whose final check or rename failed is still due.
+fn holds_current(peer: &Peer, version: &FileSummary) -> bool {
+    let key = version_key(version.published, version.info.digest);
+    peer.store
+        .versions(&version.info.name)
+        .iter()
+        .any(|f| f.is_final() && f.version_key() >= key)
 }
 
 /// A progress bar on a terminal, plain lines otherwise.

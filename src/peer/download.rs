@@ -94,7 +94,7 @@ impl Progress for Silent {
 }
 
 /// Downloads version `digest` of `name` (absent: the newest) into the data dir, resuming any
-/// partial copy, and returns its final path.
+/// partial copy and replacing an older version held there, and returns its final path.
 pub async fn download(
     peer: &Arc<Peer>,
     name: &str,
@@ -124,13 +124,17 @@ async fn run(
     digest: Option<Hash>,
     progress: Arc<dyn Progress>,
 ) -> Result<PathBuf, DownloadError> {
-    let wanted = |f: &StoredFile| f.is_final() && digest.is_none_or(|d| f.info.digest == d);
-    if let Some(f) = peer.store.get(name).filter(|f| wanted(f)) {
+    let held = match &digest {
+        Some(d) => peer.store.version(name, d),
+        None => peer.store.get(name),
+    };
+    if let Some(f) = held.filter(|f| f.is_final()) {
         return Ok(f.path());
     }
     let first = locate(peer, name, digest, true).await?;
     for _ in 0..FINAL_CHECKS {
         let file = begin(peer, &first).await?;
+        reuse_local(peer, &file).await?;
         let held = file.have().count() as u64;
         let fetched = file.info.size - (held * u64::from(file.info.chunk_size)).min(file.info.size);
         let started = Instant::now();
@@ -148,7 +152,7 @@ async fn run(
         progress.end();
         outcome?;
         let finished = {
-            let peer = peer.clone();
+            let (peer, file) = (peer.clone(), file.clone());
             tokio::task::spawn_blocking(move || peer.store.finish(&file))
                 .await
                 .map_err(|e| DownloadError::Local(e.into()))?
@@ -166,6 +170,7 @@ async fn run(
                     sources = job.sources(),
                     "download complete"
                 );
+                peer.retire_replaced(&file).await;
                 return Ok(path);
             }
             Finished::Damaged(why) => {
@@ -183,12 +188,32 @@ async fn run(
 /// Opens the partial download (blocking work, so on a blocking thread).
 async fn begin(peer: &Arc<Peer>, loc: &LocationsReply) -> Result<Arc<StoredFile>, DownloadError> {
     let hashes = loc.hashes.clone().unwrap_or_default();
-    let info = loc.file.clone();
+    let (info, published) = (loc.file.clone(), loc.published);
     let peer = peer.clone();
-    tokio::task::spawn_blocking(move || peer.store.begin_download(&info, &hashes))
+    tokio::task::spawn_blocking(move || peer.store.begin_download(&info, &hashes, published))
         .await
         .map_err(|e| DownloadError::Local(e.into()))?
         .map_err(DownloadError::Local)
+}
+
+/// Copies the chunks of `file` that some file held here already has (same hash) instead of
+/// downloading them, and reports them held.
+async fn reuse_local(peer: &Arc<Peer>, file: &Arc<StoredFile>) -> Result<(), DownloadError> {
+    let reused = {
+        let (peer, file) = (peer.clone(), file.clone());
+        tokio::task::spawn_blocking(move || peer.store.reuse_local(&file))
+            .await
+            .map_err(|e| DownloadError::Local(e.into()))?
+            .map_err(DownloadError::Local)?
+    };
+    if !reused.is_empty() {
+        tracing::info!(chunks = reused.len(), "chunks copied from files held here");
+    }
+    peer.metrics.chunks_reused.inc_by(reused.len() as u64);
+    for index in reused {
+        peer.report_chunk(file, index);
+    }
+    Ok(())
 }
 
 async fn locate(
@@ -843,7 +868,7 @@ impl Job {
         m.chunks_downloaded.inc();
         m.bytes_downloaded.inc_by(bytes);
         m.chunk_transfer_duration.observe(secs);
-        self.peer.report_chunk(self.name(), index);
+        self.peer.report_chunk(&self.file, index);
         self.progress.advance(bytes);
         tracing::trace!(chunk = index, holder = %addr, "chunk verified");
         let mut s = self.sched();

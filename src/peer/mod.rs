@@ -1,7 +1,9 @@
 //! The peer: a chunk [`store`] on disk, a chunk [`server`], a [`download`] engine, a
-//! [`tracker_client`], and the front ends in [`cli`] (the numbered menu, one-shot commands and
-//! the daemon). This module holds what they share: the running peer and its tracker session.
+//! [`tracker_client`], the [`catalogue`] that follows the data dir, and the front ends in [`cli`]
+//! (the numbered menu, one-shot commands and the daemon). This module holds what they share:
+//! the running peer and its tracker session.
 
+pub mod catalogue;
 pub mod cli;
 pub mod download;
 pub mod server;
@@ -11,7 +13,10 @@ pub mod tracker_client;
 use crate::bitfield::WireBits;
 use crate::config::PeerConfig;
 use crate::metrics::{serve_http, PeerMetrics, Ready};
-use crate::protocol::{ChunkRegister, ErrorCode, FileOffer, Msg, PeerAuth, Register, Registered};
+use crate::protocol::{
+    Acknowledged, ChunkRegister, ErrorCode, FileOffer, Hash, Msg, PeerAuth, Register, Registered,
+    Withdraw,
+};
 use anyhow::Context;
 use server::RateLimiter;
 use std::collections::BTreeMap;
@@ -60,8 +65,13 @@ pub struct Peer {
     announce_ms: AtomicU64,
     /// Set when the tracker may have missed something; the maintenance loop re-registers.
     needs_sync: AtomicBool,
-    reports: mpsc::Sender<(String, u32)>,
+    reports: mpsc::Sender<Report>,
+    /// Wakes the catalogue: a file was found changed on disk while being served.
+    pub rescan: tokio::sync::Notify,
 }
+
+/// "I now hold chunk `.2` of version `.1` of file `.0`", queued for the tracker.
+type Report = (String, Hash, u32);
 
 /// Which files a starting peer shares.
 pub enum Shares {
@@ -119,6 +129,7 @@ impl Peer {
             announce_ms: AtomicU64::new(30_000),
             needs_sync: AtomicBool::new(true),
             reports,
+            rescan: tokio::sync::Notify::new(),
             cfg,
         });
         peer.update_file_gauges();
@@ -235,14 +246,21 @@ impl Peer {
     }
 
     /// Queues "I now hold chunk `index` of `file`" for the tracker (sent in batches).
-    pub fn report_chunk(&self, file: &str, index: u32) {
-        if self.reports.try_send((file.to_string(), index)).is_err() {
+    pub fn report_chunk(&self, file: &StoredFile, index: u32) {
+        let report = (file.info.name.clone(), file.info.digest, index);
+        if self.reports.try_send(report).is_err() {
             self.needs_sync.store(true, Ordering::SeqCst);
         }
     }
 
-    /// Sends 4 chunk register for every chunk held of `file`; returns how many were new.
-    pub async fn register_chunks(&self, file: &str, chunks: Vec<u32>) -> Result<u64, TrackerError> {
+    /// Sends 4 chunk register for `chunks` of version `digest` of `file`; returns how many were
+    /// new to the tracker.
+    pub async fn register_chunks(
+        &self,
+        file: &str,
+        digest: Hash,
+        chunks: Vec<u32>,
+    ) -> Result<u64, TrackerError> {
         let Some(s) = self.session() else {
             self.sync().await?;
             return Ok(0);
@@ -251,7 +269,7 @@ impl Peer {
             peer_id: s.peer_id,
             token: s.token,
             file: file.to_string(),
-            digest: None,
+            digest: Some(digest),
             chunks,
         };
         let reply: crate::protocol::ChunksRecorded =
@@ -260,7 +278,7 @@ impl Peer {
     }
 
     /// Background upkeep: batched chunk registrations, lease renewal, re-registration.
-    async fn maintain(self: Arc<Self>, mut reports: mpsc::Receiver<(String, u32)>) {
+    async fn maintain(self: Arc<Self>, mut reports: mpsc::Receiver<Report>) {
         let mut last_announce = tokio::time::Instant::now();
         loop {
             let tick = Duration::from_millis(self.announce_ms.load(Ordering::Relaxed))
@@ -287,36 +305,33 @@ impl Peer {
         }
     }
 
-    /// Sends the queued chunk reports, one request per file. While the tracker is away they
-    /// are not sent one by one: the re-registration when it is back carries every chunk held,
-    /// in a few large batches.
-    async fn flush_reports(
-        &self,
-        first: (String, u32),
-        reports: &mut mpsc::Receiver<(String, u32)>,
-    ) {
-        let mut by_file: BTreeMap<String, Vec<u32>> = BTreeMap::new();
-        by_file.entry(first.0).or_default().push(first.1);
-        while let Ok((file, index)) = reports.try_recv() {
-            by_file.entry(file).or_default().push(index);
+    /// Sends the queued chunk reports, one request per file version. While the tracker is away
+    /// they are not sent one by one: the re-registration when it is back carries every chunk
+    /// held, in a few large batches.
+    async fn flush_reports(&self, first: Report, reports: &mut mpsc::Receiver<Report>) {
+        let mut by_file: BTreeMap<(String, Hash), Vec<u32>> = BTreeMap::new();
+        let mut next = Some(first);
+        while let Some((file, digest, index)) = next {
+            by_file.entry((file, digest)).or_default().push(index);
+            next = reports.try_recv().ok();
         }
-        while let Some((file, chunks)) = by_file.pop_first() {
+        while let Some(((file, digest), chunks)) = by_file.pop_first() {
             if self.tracker.is_down() {
-                by_file.insert(file, chunks);
+                by_file.insert((file, digest), chunks);
                 break;
             }
-            match self.register_chunks(&file, chunks.clone()).await {
+            match self.register_chunks(&file, digest, chunks.clone()).await {
                 Ok(_) => {}
                 Err(e) if forgotten(&e) => {
                     tracing::debug!(error = %e, "chunk registration refused; registering again");
                     self.set_session(None);
-                    by_file.insert(file, chunks);
+                    by_file.insert((file, digest), chunks);
                     break;
                 }
                 // Unreachable: the tracker client has said so, once.
                 Err(e) if e.code().is_none() => {
                     tracing::debug!(file = %file, error = %e, "chunk registration failed");
-                    by_file.insert(file, chunks);
+                    by_file.insert((file, digest), chunks);
                     break;
                 }
                 Err(e) => tracing::warn!(file = %file, error = %e, "chunk registration refused"),
@@ -346,7 +361,7 @@ impl Peer {
         };
         match self
             .tracker
-            .request::<_, crate::protocol::Acknowledged>(Msg::Announce, &auth)
+            .request::<_, Acknowledged>(Msg::Announce, &auth)
             .await
         {
             Ok(ack) => {
@@ -369,6 +384,46 @@ impl Peer {
         }
     }
 
+    /// Stops offering this version of a file: it is served no more, and the tracker stops
+    /// listing this peer as its holder (message 8). Without a session there is nothing to tell:
+    /// the next registration simply leaves it out.
+    pub async fn withdraw(&self, file: &StoredFile) {
+        if !self.store.remove(file) {
+            return;
+        }
+        self.metrics.files_withdrawn.inc();
+        self.update_file_gauges();
+        tracing::info!(file = %file.info.name, digest = %file.info.digest.to_hex(), "withdrawn");
+        let Some(s) = self.session() else { return };
+        let req = Withdraw {
+            peer_id: s.peer_id,
+            token: s.token,
+            file: file.info.name.clone(),
+            digest: file.info.digest,
+        };
+        if let Err(e) = self
+            .tracker
+            .request::<_, Acknowledged>(Msg::Withdraw, &req)
+            .await
+        {
+            tracing::warn!(file = %file.info.name, "the tracker did not hear the withdrawal (it lists this peer until its lease ends): {e}");
+        }
+    }
+
+    /// After `new` replaced the file under its name: withdraws the versions whose bytes sat at
+    /// that path, which the rename did away with.
+    pub async fn retire_replaced(&self, new: &StoredFile) {
+        let Some((path, _)) = new.on_disk() else {
+            return;
+        };
+        for old in self.store.versions(&new.info.name) {
+            let replaced = old.on_disk().is_some_and(|(p, _)| p == path);
+            if replaced && !std::ptr::eq(old.as_ref(), new) {
+                self.withdraw(&old).await;
+            }
+        }
+    }
+
     /// Tells the tracker this peer leaves (bounded by the request timeout). Best effort.
     pub async fn leave(&self) {
         let Some(s) = self.session() else { return };
@@ -379,8 +434,7 @@ impl Peer {
         let limit = self.cfg.request_timeout.min(Duration::from_secs(2));
         match tokio::time::timeout(
             limit,
-            self.tracker
-                .request::<_, crate::protocol::Acknowledged>(Msg::Leave, &auth),
+            self.tracker.request::<_, Acknowledged>(Msg::Leave, &auth),
         )
         .await
         {
@@ -430,7 +484,7 @@ fn offer(f: &StoredFile) -> Option<FileOffer> {
     let have = (!have.is_full()).then(|| WireBits::from(&have));
     Some(FileOffer {
         info: f.info.clone(),
-        published: 0,
+        published: f.published,
         hashes: (*f.hashes).clone(),
         have,
     })

@@ -7,7 +7,7 @@
 //! timeout, so a requester that vanished (a network partition) holds a slot for that long at
 //! most instead of queueing everyone behind it.
 
-use super::store::StoredFile;
+use super::store::{ReadError, StoredFile};
 use super::Peer;
 use crate::connection::{Connection, FrameError, Limits};
 use crate::metrics::Active;
@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tracing::Instrument;
 
-/// Longest request line a peer accepts: a chunk request is small (names are <= 255 bytes).
+/// Longest request line a peer accepts: a chunk request is small (names are <= 1024 bytes).
 pub const MAX_REQUEST_BYTES: usize = 4096;
 /// Bytes sent per rate-limiter grant, so concurrent uploads interleave fairly.
 const SLICE: usize = 64 * 1024;
@@ -137,7 +137,7 @@ async fn serve(peer: &Peer, conn: &mut Connection) -> &'static str {
         };
         let answer = match check(peer, &line) {
             Ok((req, file)) => match upload_slot(peer, conn).await {
-                Ok(slot) => load(&req, &file, &mut buf)
+                Ok(slot) => load(peer, &req, &file, &mut buf)
                     .await
                     .map(|header| (header, file, slot)),
                 Err(Queued::Refused(refused)) => Err(refused),
@@ -246,12 +246,20 @@ async fn upload_slot<'a>(
 fn check(peer: &Peer, line: &[u8]) -> Result<(ChunkRequest, Arc<StoredFile>), (u64, Refusal)> {
     let req = parse_request(line, peer.cfg.secret.as_deref())?;
     let n = Msg::ChunkRequest as u64;
-    let file = peer.store.get(&req.file).ok_or_else(|| {
+    let held = match &req.digest {
+        Some(digest) => peer.store.version(&req.file, digest),
+        None => peer.store.get(&req.file),
+    };
+    let file = held.ok_or_else(|| {
+        let version = req
+            .digest
+            .map(|d| format!("version {} of ", d.to_hex()))
+            .unwrap_or_default();
         (
             n,
             Refusal::new(
                 ErrorCode::UnknownFile,
-                format!("this peer does not share {:?}", req.file),
+                format!("this peer does not share {version}{:?}", req.file),
             ),
         )
     })?;
@@ -276,9 +284,12 @@ fn check(peer: &Peer, line: &[u8]) -> Result<(ChunkRequest, Arc<StoredFile>), (u
     Ok((req, file))
 }
 
-/// With an upload slot held: the chunk's header, with its bytes read into `buf`, unless an
-/// origin in initial seeding sent that chunk to someone else moments ago.
+/// With an upload slot held: the chunk's header, with its bytes read into `buf` and checked
+/// against the chunk's hash, unless an origin in initial seeding sent that chunk to someone
+/// else moments ago. A file changed on disk is refused with `not_found` (the requester looks
+/// elsewhere without blaming this peer) and the catalogue is woken to withdraw and re-hash it.
 async fn load(
+    peer: &Peer,
     req: &ChunkRequest,
     file: &Arc<StoredFile>,
     buf: &mut Vec<u8>,
@@ -300,7 +311,7 @@ async fn load(
     let (result, back) = tokio::task::spawn_blocking({
         let file = file.clone();
         move || {
-            let r = file.read_chunk(index, &mut owned);
+            let r = file.read_verified(index, &mut owned);
             (r, owned)
         }
     })
@@ -313,13 +324,14 @@ async fn load(
     })?;
     *buf = back;
     result.map_err(|e| {
-        (
-            n,
-            Refusal::new(
-                ErrorCode::Internal,
-                format!("cannot read chunk {index}: {e}"),
-            ),
-        )
+        let code = match e {
+            ReadError::Changed => {
+                peer.rescan.notify_one();
+                ErrorCode::NotFound
+            }
+            ReadError::Io(_) => ErrorCode::Internal,
+        };
+        (n, Refusal::new(code, format!("chunk {index}: {e}")))
     })?;
     let header = ChunkHeader {
         file: req.file.clone(),

@@ -1,30 +1,37 @@
 //! The peer's chunk store: the files it shares and the partial downloads it is filling.
 //!
-//! A download of `NAME` into the data dir lives in three hidden files until it is complete:
-//! `.NAME.shoal-part` (the data, preallocated, chunks written at their offsets),
-//! `.NAME.shoal-meta` (file info and chunk hashes, JSON, written durably: temporary file, fsync,
-//! rename, fsync of the directory) and `.NAME.shoal-have` (the bitfield of chunks written,
-//! updated one byte at a time: only a hint). Resume trusts nothing it has not checked, and
-//! a complete file is hashed in full once more before it is fsynced and renamed to `NAME`, so
-//! damage to the hidden files can cost a refetch but never a corrupt file. The open
-//! descriptor keeps serving across the rename.
+//! Names are relative paths (`models/a/shard-1.bin`); sub-directories of the data dir are shared
+//! recursively, skipping hidden entries and symlinks. A download of `DIR/BASE` lives in three
+//! hidden files beside its final name until it is complete: `DIR/.BASE.shoal-part` (the data,
+//! preallocated, chunks written at their offsets), `DIR/.BASE.shoal-meta` (file info, version
+//! stamp and chunk hashes, JSON, written durably: temporary file, fsync, rename, fsync of the
+//! directory) and `DIR/.BASE.shoal-have` (the bitfield of chunks written, updated one byte at a
+//! time: only a hint). Resume trusts nothing it has not checked, and a complete file is hashed
+//! in full once more before it is fsynced, given its version stamp as mtime and renamed over
+//! `DIR/BASE`, so damage to the hidden files can cost a refetch but never a corrupt file. The
+//! open descriptor keeps serving across the rename. Directories a download needs are created
+//! inside the data dir only: every component is checked to be a real directory, never a
+//! symlink out.
 //!
-//! Verified chunks go to disk with `O_DIRECT` where the file system allows it (see
-//! [`ChunkBuf`]): straight from the receive buffer, without a copy into the page cache.
+//! A name may be held in several versions (one per digest); the newest by
+//! [`version_key`] is the one offered under the bare name. Verified chunks go to disk with
+//! `O_DIRECT` where the file system allows it (see [`ChunkBuf`]): straight from the receive
+//! buffer, without a copy into the page cache.
 
 use crate::bitfield::Bitfield;
 use crate::chunking::{check_chunk_size, hash_file};
-use crate::protocol::{validate_name, FileInfo, Hash, HashList};
+use crate::protocol::{validate_name, version_key, FileInfo, Hash, HashList};
 use anyhow::{anyhow, bail, Context};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::{File, Metadata, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::ops::Deref;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const PART: &str = "shoal-part";
 const META: &str = "shoal-meta";
@@ -68,6 +75,45 @@ fn aligned(n: usize) -> bool {
     n % DIRECT_ALIGN == 0
 }
 
+/// What `lstat` says about a file on disk: enough to notice that it was replaced (device and
+/// inode) or written to (size, mtime) since it was hashed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+}
+
+impl Stamp {
+    pub fn of(m: &Metadata) -> Stamp {
+        Stamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        }
+    }
+
+    /// The stamp of `path` itself (a symlink is not followed).
+    pub fn read(path: &Path) -> std::io::Result<Stamp> {
+        std::fs::symlink_metadata(path).map(|m| Stamp::of(&m))
+    }
+
+    /// The mtime in milliseconds since the Unix epoch: the version stamp of a shared file.
+    pub fn published(&self) -> u64 {
+        u64::try_from(self.mtime_ns / 1_000_000).unwrap_or(0)
+    }
+
+    /// How long ago the file was last written (zero for an mtime in the future).
+    pub fn age(&self, now: SystemTime) -> Duration {
+        let now_ns = now
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i128);
+        Duration::from_nanos(u64::try_from(now_ns - self.mtime_ns).unwrap_or(0))
+    }
+}
+
 /// One file this peer holds all or part of.
 pub struct StoredFile {
     pub info: FileInfo,
@@ -80,6 +126,11 @@ pub struct StoredFile {
     progress: Mutex<Progress>,
     /// For files this peer shares from its own disk (it is an origin of the file).
     pub seeding: Option<InitialSeeding>,
+    /// The version stamp, milliseconds since the Unix epoch (see [`version_key`]).
+    pub published: u64,
+    /// Set when the bytes on disk were found to differ from what was hashed: nothing more is
+    /// served from this version, and the catalogue withdraws it and hashes the file again.
+    changed: AtomicBool,
 }
 
 /// How long after sending a chunk an origin refers further requests for it to other peers.
@@ -127,6 +178,17 @@ struct Progress {
     /// Where the have-bitmap is persisted; `None` once complete (or for shared originals).
     have_file: Option<File>,
     path: PathBuf,
+    /// The complete file's stamp at `path` when it was hashed or finished; `None` while partial.
+    stamp: Option<Stamp>,
+}
+
+/// Why a chunk could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("the file changed on disk since it was hashed; it is withdrawn until hashed again")]
+    Changed,
+    #[error("cannot read the chunk: {0}")]
+    Io(#[from] std::io::Error),
 }
 
 /// What became of a written chunk.
@@ -189,6 +251,49 @@ impl StoredFile {
         self.file.read_exact_at(buf, offset)
     }
 
+    /// Reads chunk `index` for a requester, making sure it is still the chunk that was
+    /// published: the file at its path must have the stamp it was hashed with, and the bytes
+    /// read must match the chunk's hash. A file edited in place fails one or the other; it is
+    /// then marked changed and nothing more is served from it (blocking).
+    pub fn read_verified(&self, index: u32, buf: &mut Vec<u8>) -> Result<(), ReadError> {
+        if self.is_changed() || !self.matches_disk() {
+            self.changed.store(true, Ordering::Relaxed);
+            return Err(ReadError::Changed);
+        }
+        self.read_chunk(index, buf)?;
+        if Hash::of(buf) != self.hashes.0[index as usize] {
+            self.changed.store(true, Ordering::Relaxed);
+            return Err(ReadError::Changed);
+        }
+        Ok(())
+    }
+
+    /// Whether the bytes on disk were found to differ from the published ones.
+    pub fn is_changed(&self) -> bool {
+        self.changed.load(Ordering::Relaxed)
+    }
+
+    /// The complete file's path and the stamp it had when hashed or finished; `None` while
+    /// partial.
+    pub fn on_disk(&self) -> Option<(PathBuf, Stamp)> {
+        let p = self.lock();
+        p.stamp.map(|s| (p.path.clone(), s))
+    }
+
+    /// Whether the file at its path still has the stamp it was hashed with (partials always do:
+    /// only this peer writes them).
+    fn matches_disk(&self) -> bool {
+        match self.on_disk() {
+            Some((path, stamp)) => Stamp::read(&path).is_ok_and(|now| now == stamp),
+            None => true,
+        }
+    }
+
+    /// Where this version sits in the order of the versions of its name.
+    pub fn version_key(&self) -> (u64, Hash) {
+        version_key(self.published, self.info.digest)
+    }
+
     /// Whether aligned chunks bypass the page cache.
     pub fn writes_directly(&self) -> bool {
         self.direct.is_some()
@@ -243,6 +348,9 @@ impl StoredFile {
 struct Meta {
     #[serde(flatten)]
     info: FileInfo,
+    /// The version stamp of what is being downloaded; absent in metadata of older builds.
+    #[serde(default)]
+    published: u64,
     hashes: HashList,
 }
 
@@ -256,11 +364,23 @@ pub enum Finished {
     Damaged(String),
 }
 
-/// Every file the peer holds, by name. Only these are ever served.
+/// What a walk of the data dir found.
+pub enum Found {
+    /// A visible regular file, shareable under `name`.
+    File {
+        name: String,
+        path: PathBuf,
+        stamp: Stamp,
+    },
+    /// The metadata of a partial download of `name`.
+    Partial(String),
+}
+
+/// Every file the peer holds, by name and then version. Only these are ever served.
 pub struct Store {
     dir: PathBuf,
     direct_writes: bool,
-    files: Mutex<HashMap<String, Arc<StoredFile>>>,
+    files: Mutex<HashMap<String, Vec<Arc<StoredFile>>>>,
 }
 
 impl Store {
@@ -279,42 +399,124 @@ impl Store {
         &self.dir
     }
 
-    fn map(&self) -> MutexGuard<'_, HashMap<String, Arc<StoredFile>>> {
+    fn map(&self) -> MutexGuard<'_, HashMap<String, Vec<Arc<StoredFile>>>> {
         self.files.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The newest version of `name` held here: the one offered under the bare name.
     pub fn get(&self, name: &str) -> Option<Arc<StoredFile>> {
-        self.map().get(name).cloned()
+        let map = self.map();
+        map.get(name)?
+            .iter()
+            .max_by_key(|f| f.version_key())
+            .cloned()
     }
 
+    /// The version of `name` whose digest is `digest`, if held here.
+    pub fn version(&self, name: &str, digest: &Hash) -> Option<Arc<StoredFile>> {
+        let map = self.map();
+        map.get(name)?
+            .iter()
+            .find(|f| f.info.digest == *digest)
+            .cloned()
+    }
+
+    /// Every version of `name` held here.
+    pub fn versions(&self, name: &str) -> Vec<Arc<StoredFile>> {
+        self.map().get(name).cloned().unwrap_or_default()
+    }
+
+    /// Every version of every file, by name, newest version first.
     pub fn all(&self) -> Vec<Arc<StoredFile>> {
-        let mut v: Vec<_> = self.map().values().cloned().collect();
-        v.sort_by(|a, b| a.info.name.cmp(&b.info.name));
+        let mut v: Vec<_> = self.map().values().flatten().cloned().collect();
+        v.sort_by(|a, b| {
+            (&a.info.name, std::cmp::Reverse(a.version_key()))
+                .cmp(&(&b.info.name, std::cmp::Reverse(b.version_key())))
+        });
         v
     }
 
     pub fn complete_count(&self) -> usize {
-        self.map().values().filter(|f| f.is_complete()).count()
+        self.map()
+            .values()
+            .flatten()
+            .filter(|f| f.is_complete())
+            .count()
     }
 
-    /// Shares an existing file under its base name (hashing it once, blocking).
+    /// Adds a version, replacing one with the same digest.
+    fn insert(&self, stored: Arc<StoredFile>) {
+        let mut map = self.map();
+        let versions = map.entry(stored.info.name.clone()).or_default();
+        versions.retain(|f| f.info.digest != stored.info.digest);
+        versions.push(stored);
+    }
+
+    /// Forgets this version (it is served no more); false when it was not held.
+    pub fn remove(&self, stored: &StoredFile) -> bool {
+        let mut map = self.map();
+        let Some(versions) = map.get_mut(&stored.info.name) else {
+            return false;
+        };
+        let before = versions.len();
+        versions.retain(|f| !std::ptr::eq(f.as_ref(), stored));
+        let removed = versions.len() < before;
+        if versions.is_empty() {
+            map.remove(&stored.info.name);
+        }
+        removed
+    }
+
+    /// Shares an existing file under its base name (hashing it, blocking).
     pub fn share(&self, path: &Path, chunk_size: Option<u32>) -> anyhow::Result<Arc<StoredFile>> {
         let name = path
             .file_name()
             .and_then(|n| n.to_str())
             .ok_or_else(|| anyhow!("{} has no usable file name", path.display()))?;
+        self.share_as(path, name, chunk_size)
+    }
+
+    /// Shares the regular file at `path` under `name`, its mtime as version stamp (hashing it,
+    /// blocking). The version already held from this very file, unchanged, is returned as is;
+    /// other content is a new version of `name`, kept beside the versions already held.
+    pub fn share_as(
+        &self,
+        path: &Path,
+        name: &str,
+        chunk_size: Option<u32>,
+    ) -> anyhow::Result<Arc<StoredFile>> {
         validate_name(name)
             .map_err(|r| anyhow!("cannot share {}: {}", path.display(), r.message))?;
-        if let Some(existing) = self.get(name) {
-            return Ok(existing);
+        let meta = std::fs::symlink_metadata(path)
+            .with_context(|| format!("cannot stat {}", path.display()))?;
+        if !meta.is_file() {
+            bail!("{} is not a regular file", path.display());
+        }
+        let before = Stamp::of(&meta);
+        let unchanged = self.versions(name).into_iter().find(|f| {
+            !f.is_changed() && f.on_disk().is_some_and(|(p, s)| p == path && s == before)
+        });
+        if let Some(f) = unchanged {
+            return Ok(f);
         }
         let (info, hashes) = hash_file(path, name, chunk_size)?;
-        let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        if Stamp::of(&file.metadata()?) != before {
+            bail!(
+                "{} changed while it was being hashed; it is shared once it stays unchanged",
+                path.display()
+            );
+        }
         let chunks = info.chunks() as usize;
         let progress = Progress {
             have: Bitfield::full(chunks),
             have_file: None,
             path: path.to_path_buf(),
+            stamp: Some(before),
         };
         let stored = Arc::new(StoredFile {
             info,
@@ -323,35 +525,32 @@ impl Store {
             direct: None,
             progress: Mutex::new(progress),
             seeding: Some(InitialSeeding::new(chunks)),
+            published: before.published(),
+            changed: AtomicBool::new(false),
         });
-        self.map().insert(name.to_string(), stored.clone());
+        self.insert(stored.clone());
         Ok(stored)
     }
 
-    /// Shares every visible regular file in the data dir and resumes every partial download
+    /// Shares every visible regular file under the data dir and resumes every partial download
     /// (finishing those found complete). Returns the names that could not be loaded, with the
     /// reason.
     pub fn scan(&self, chunk_size: Option<u32>) -> Vec<(String, anyhow::Error)> {
-        let mut failures = Vec::new();
-        let entries = match std::fs::read_dir(&self.dir) {
-            Ok(e) => e,
-            Err(e) => return vec![(self.dir.display().to_string(), e.into())],
-        };
-        for entry in entries.flatten() {
-            let file_name = entry.file_name().to_string_lossy().into_owned();
-            let is_file = entry.file_type().map(|t| t.is_file()).unwrap_or(false);
-            let result = if !is_file {
-                continue;
-            } else if let Some(name) = partial_name(&file_name, META) {
-                self.resume(&name, None)
-                    .and_then(|f| f.map_or(Ok(()), |f| self.finish_if_complete(&f)))
-            } else if file_name.starts_with('.') {
-                continue;
-            } else {
-                self.share(&entry.path(), chunk_size).map(|_| ())
+        let (found, mut failures) = self.walk();
+        for f in found {
+            let (label, result) = match f {
+                Found::Partial(name) => (
+                    name.clone(),
+                    self.resume(&name, None)
+                        .and_then(|f| f.map_or(Ok(()), |f| self.finish_if_complete(&f))),
+                ),
+                Found::File { name, path, .. } => (
+                    name.clone(),
+                    self.share_as(&path, &name, chunk_size).map(|_| ()),
+                ),
             };
             if let Err(e) = result {
-                failures.push((file_name, e));
+                failures.push((label, e));
             }
         }
         failures
@@ -367,16 +566,116 @@ impl Store {
         Ok(())
     }
 
-    fn hidden(&self, name: &str, kind: &str) -> PathBuf {
-        self.dir.join(format!(".{name}.{kind}"))
+    /// Lists the data dir recursively: visible regular files and the metadata of partial
+    /// downloads. Hidden entries (other than partial metadata) and symlinks are skipped, so
+    /// nothing outside the data dir is ever reached. Also returns what could not be listed.
+    pub fn walk(&self) -> (Vec<Found>, Vec<(String, anyhow::Error)>) {
+        let mut found = Vec::new();
+        let mut failures = Vec::new();
+        let entries = walkdir::WalkDir::new(&self.dir)
+            .follow_links(false)
+            .min_depth(1)
+            .into_iter()
+            .filter_entry(|e| {
+                let hidden = e.file_name().to_string_lossy().starts_with('.');
+                !hidden || (e.file_type().is_file() && is_partial_meta(e.file_name()))
+            });
+        for entry in entries {
+            let entry = match entry {
+                Ok(e) => e,
+                Err(e) => {
+                    failures.push((self.dir.display().to_string(), e.into()));
+                    continue;
+                }
+            };
+            if !entry.file_type().is_file() {
+                continue;
+            }
+            match self.found(entry.path()) {
+                Ok(f) => found.push(f),
+                Err(e) => failures.push((entry.path().display().to_string(), e)),
+            }
+        }
+        (found, failures)
     }
 
-    /// Opens (or creates) the partial download of `info`, keeping the chunks on disk that
-    /// verify. A partial download of another version of the file is replaced.
+    /// What the regular file at `path` (inside the data dir) is.
+    fn found(&self, path: &Path) -> anyhow::Result<Found> {
+        let relative = path.strip_prefix(&self.dir)?;
+        let name = relative
+            .to_str()
+            .ok_or_else(|| anyhow!("the name is not UTF-8"))?;
+        let base = relative
+            .file_name()
+            .and_then(|b| b.to_str())
+            .unwrap_or_default();
+        if let Some(inner) = partial_name(base, META) {
+            let parent = name[..name.len() - base.len()].to_string();
+            return Ok(Found::Partial(parent + &inner));
+        }
+        validate_name(name).map_err(|r| anyhow!("{}", r.message))?;
+        let stamp = Stamp::read(path)?;
+        Ok(Found::File {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            stamp,
+        })
+    }
+
+    /// `DIR/.BASE.KIND` for the name `DIR/BASE` (which must be valid).
+    fn hidden(&self, name: &str, kind: &str) -> PathBuf {
+        let path = self.dir.join(name);
+        let base = path
+            .file_name()
+            .expect("a valid name ends in a file name")
+            .to_string_lossy();
+        path.with_file_name(format!(".{base}.{kind}"))
+    }
+
+    /// Makes sure every directory of `name` exists inside the data dir as a real directory,
+    /// creating what is missing; a component that is a symlink or a file is refused, so nothing
+    /// is ever written through a link out of the data dir.
+    fn make_parents(&self, name: &str) -> anyhow::Result<()> {
+        let mut dir = self.dir.clone();
+        let components: Vec<&str> = name.split('/').collect();
+        for component in &components[..components.len() - 1] {
+            dir.push(component);
+            if let Err(e) = std::fs::create_dir(&dir) {
+                if e.kind() != std::io::ErrorKind::AlreadyExists {
+                    return Err(e).with_context(|| format!("cannot create {}", dir.display()));
+                }
+            }
+            let meta = std::fs::symlink_metadata(&dir)
+                .with_context(|| format!("cannot stat {}", dir.display()))?;
+            if !meta.is_dir() {
+                bail!(
+                    "{} is not a directory (a symlink or a file): refusing to write {name:?} \
+                     through it; move it away",
+                    dir.display()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the file at `path` is a version of `name` held here, unchanged: a download may
+    /// replace that, never a file someone else put there.
+    fn holds_file_at(&self, name: &str, path: &Path) -> bool {
+        let Ok(now) = Stamp::read(path) else {
+            return false;
+        };
+        let here = Some((path.to_path_buf(), now));
+        self.versions(name).iter().any(|f| f.on_disk() == here)
+    }
+
+    /// Opens (or creates) the partial download of `info` (version stamp `published`), keeping
+    /// the chunks on disk that verify. A partial download of another version of the file is
+    /// replaced; a complete older version held here stays served until the new one replaces it.
     pub fn begin_download(
         &self,
         info: &FileInfo,
         hashes: &HashList,
+        published: u64,
     ) -> anyhow::Result<Arc<StoredFile>> {
         validate_name(&info.name).map_err(|r| anyhow!("{}", r.message))?;
         if hashes.digest() != info.digest || hashes.0.len() as u64 != info.chunks() {
@@ -385,21 +684,24 @@ impl Store {
                 info.name
             );
         }
-        if let Some(existing) = self.get(&info.name) {
+        if let Some(existing) = self.version(&info.name, &info.digest) {
             if existing.info == *info {
                 return Ok(existing);
             }
             if existing.is_final() {
-                bail!(
-                    "{:?} is already held here with different content",
-                    info.name
-                );
+                bail!("{:?} is held here with other chunking", info.name);
             }
-            // Resuming below finds the other version's metadata and starts over.
-            self.forget_entry(&existing);
         }
+        // A partial download of another version (or one whose metadata disagrees) shares the
+        // hidden files: resuming below finds its metadata and starts over.
+        for other in self.versions(&info.name) {
+            if !other.is_final() {
+                self.remove(&other);
+            }
+        }
+        self.make_parents(&info.name)?;
         let target = self.dir.join(&info.name);
-        if target.exists() {
+        if std::fs::symlink_metadata(&target).is_ok() && !self.holds_file_at(&info.name, &target) {
             bail!(
                 "{} already exists; move it away or choose another data dir",
                 target.display()
@@ -407,19 +709,22 @@ impl Store {
         }
         // A data file without metadata is a leftover too (and gets a log line); anything else
         // in its place makes creating it fail with a clear error.
-        let leftover = |kind| self.hidden(&info.name, kind).is_file();
+        let leftover = |kind| {
+            std::fs::symlink_metadata(self.hidden(&info.name, kind)).is_ok_and(|m| m.is_file())
+        };
         if leftover(META) || leftover(PART) {
             if let Some(resumed) = self.resume(&info.name, Some(info))? {
                 return Ok(resumed);
             }
         }
-        self.create_partial(info, hashes)
+        self.create_partial(info, hashes, published)
     }
 
     fn create_partial(
         &self,
         info: &FileInfo,
         hashes: &HashList,
+        published: u64,
     ) -> anyhow::Result<Arc<StoredFile>> {
         let part = self.hidden(&info.name, PART);
         let file = OpenOptions::new()
@@ -427,6 +732,7 @@ impl Store {
             .write(true)
             .create(true)
             .truncate(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&part)
             .with_context(|| format!("cannot create {}", part.display()))?;
         file.set_len(info.size)
@@ -436,11 +742,12 @@ impl Store {
         write_durably(&self.hidden(&info.name, HAVE), have.as_bytes())?;
         let meta = Meta {
             info: info.clone(),
+            published,
             hashes: hashes.clone(),
         };
         // Written last: metadata on disk means the data file and the bitmap exist.
         write_durably(&self.hidden(&info.name, META), &serde_json::to_vec(&meta)?)?;
-        self.insert_partial(info.clone(), hashes.clone(), file, have)
+        self.insert_partial(meta, file, have)
     }
 
     /// Loads the partial download of `name` left by an earlier run, trusting nothing on disk it
@@ -459,7 +766,12 @@ impl Store {
             Err(why) => return self.start_over(name, &meta_path, &why).map(|()| None),
         };
         let part = self.hidden(name, PART);
-        let file = match OpenOptions::new().read(true).write(true).open(&part) {
+        let file = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&part)
+        {
             Ok(f) => f,
             Err(e) if e.kind() == ErrorKind::NotFound => {
                 return self
@@ -480,8 +792,7 @@ impl Store {
         }
         write_durably(&self.hidden(name, HAVE), have.as_bytes())?;
         tracing::info!(file = %name, verified = have.count(), chunks, "resuming partial download");
-        self.insert_partial(meta.info, meta.hashes, file, have)
-            .map(Some)
+        self.insert_partial(meta, file, have).map(Some)
     }
 
     /// Gives up on a partial download that cannot be trusted: one warning naming `path` and
@@ -508,24 +819,17 @@ impl Store {
         Ok(())
     }
 
-    /// Drops `stored` from the store (if it is still the entry for its name).
-    fn forget_entry(&self, stored: &Arc<StoredFile>) {
-        let mut map = self.map();
-        if map
-            .get(&stored.info.name)
-            .is_some_and(|f| Arc::ptr_eq(f, stored))
-        {
-            map.remove(&stored.info.name);
-        }
-    }
-
     fn insert_partial(
         &self,
-        info: FileInfo,
-        hashes: HashList,
+        meta: Meta,
         file: File,
         have: Bitfield,
     ) -> anyhow::Result<Arc<StoredFile>> {
+        let Meta {
+            info,
+            published,
+            hashes,
+        } = meta;
         let have_path = self.hidden(&info.name, HAVE);
         let have_file = OpenOptions::new()
             .write(true)
@@ -537,8 +841,8 @@ impl Store {
             have,
             have_file: Some(have_file),
             path: part,
+            stamp: None,
         };
-        let name = info.name.clone();
         let stored = Arc::new(StoredFile {
             info,
             hashes: Arc::new(hashes),
@@ -546,15 +850,20 @@ impl Store {
             direct,
             progress: Mutex::new(progress),
             seeding: None,
+            published,
+            changed: AtomicBool::new(false),
         });
-        self.map().insert(name, stored.clone());
+        self.insert(stored.clone());
         Ok(stored)
     }
 
     /// Checks a complete download once more and, if every chunk still matches its hash, makes
-    /// it durable and visible under its name (blocking). Whatever changed the partial file
-    /// since its chunks were written (another program, a restore, a human) is caught here:
-    /// the file is read and hashed in full, so a corrupt file never gets the final name.
+    /// it durable and visible under its name (blocking), replacing an older version held there
+    /// in one rename: a reader sees the old bytes or the new, never a mix. Whatever changed the
+    /// partial file since its chunks were written (another program, a restore, a human) is
+    /// caught here: the file is read and hashed in full, so a corrupt file never gets the final
+    /// name. The file's mtime becomes its version stamp, so a rescan after a restart derives the
+    /// same.
     pub fn finish(&self, stored: &Arc<StoredFile>) -> anyhow::Result<Finished> {
         let name = &stored.info.name;
         if stored.is_final() {
@@ -565,7 +874,7 @@ impl Store {
         }
         let part = self.hidden(name, PART);
         if !same_file(&part, &stored.file) {
-            self.forget_entry(stored);
+            self.remove(stored);
             let why = format!("{} was removed or replaced meanwhile", part.display());
             return Ok(Finished::Damaged(why));
         }
@@ -585,8 +894,15 @@ impl Store {
             .file
             .sync_all()
             .with_context(|| format!("cannot sync {}", part.display()))?;
+        if stored.published > 0 {
+            let mtime = UNIX_EPOCH + Duration::from_millis(stored.published);
+            stored
+                .file
+                .set_modified(mtime)
+                .with_context(|| format!("cannot stamp {name:?} with its version"))?;
+        }
         let target = self.dir.join(name);
-        if target.exists() {
+        if std::fs::symlink_metadata(&target).is_ok() && !self.holds_file_at(name, &target) {
             bail!(
                 "{} appeared while {name:?} was downloading; the download stays hidden until it \
                  is moved away",
@@ -599,15 +915,61 @@ impl Store {
         }
         std::fs::rename(&p.path, &target)
             .with_context(|| format!("cannot move {name:?} into place"))?;
+        p.stamp = Some(Stamp::of(&stored.file.metadata()?));
         p.path = target.clone();
         p.have_file = None;
         drop(p);
         if let Err(e) = self.remove_hidden(name, &[META, HAVE]) {
             tracing::warn!(file = %name, error = format!("{e:#}"), "finished, but its hidden files remain");
         }
-        sync_dir(&self.dir).with_context(|| format!("cannot sync {}", self.dir.display()))?;
+        let dir = target.parent().unwrap_or(&self.dir);
+        sync_dir(dir).with_context(|| format!("cannot sync {}", dir.display()))?;
         Ok(Finished::InPlace(target))
     }
+
+    /// Fills the missing chunks of the download `target` with equal chunks (same hash) of
+    /// files already held here in full (an older version, or any other file), so that only
+    /// what is new crosses the network. Each copy is verified before it is written. Returns the
+    /// chunks filled (blocking).
+    pub fn reuse_local(&self, target: &StoredFile) -> anyhow::Result<Vec<u32>> {
+        let missing: Vec<u32> = (0..target.info.chunks() as u32)
+            .filter(|&i| !target.has_chunk(i))
+            .collect();
+        if missing.is_empty() {
+            return Ok(missing);
+        }
+        let mut sources: HashMap<Hash, (Arc<StoredFile>, u32)> = HashMap::new();
+        for f in self.all() {
+            if std::ptr::eq(f.as_ref(), target) || !f.is_complete() || f.is_changed() {
+                continue;
+            }
+            for (i, h) in f.hashes.0.iter().enumerate() {
+                sources.entry(*h).or_insert_with(|| (f.clone(), i as u32));
+            }
+        }
+        let mut reused = Vec::new();
+        let mut buf = Vec::new();
+        for i in missing {
+            let want = target.hashes.0[i as usize];
+            let Some((source, j)) = sources.get(&want) else {
+                continue;
+            };
+            if source.read_chunk(*j, &mut buf).is_ok()
+                && Hash::of(&buf) == want
+                && target.write_chunk(i, &buf)? != Written::Duplicate
+            {
+                reused.push(i);
+            }
+        }
+        Ok(reused)
+    }
+}
+
+/// Whether a hidden file name is the metadata of a partial download.
+fn is_partial_meta(file_name: &std::ffi::OsStr) -> bool {
+    file_name
+        .to_str()
+        .is_some_and(|n| partial_name(n, META).is_some())
 }
 
 /// The metadata at `path` if it describes `name` (and is `expected`, when given); else why not,
@@ -755,7 +1117,7 @@ mod tests {
         };
 
         let store = Store::new(dst.path(), true).unwrap();
-        let f = store.begin_download(&info, &hashes).unwrap();
+        let f = store.begin_download(&info, &hashes, 0).unwrap();
         let probe = dst.path().join("probe");
         std::fs::write(&probe, b"").unwrap();
         assert_eq!(f.writes_directly(), open_direct(&probe).is_some());
@@ -818,7 +1180,7 @@ mod tests {
         let path = sample(src, name, 8192);
         let (info, hashes) = hash_file(&path, name, Some(4096)).unwrap();
         let store = Store::new(dst, direct).unwrap();
-        let f = store.begin_download(&info, &hashes).unwrap();
+        let f = store.begin_download(&info, &hashes, 0).unwrap();
         (path, store, f)
     }
 
@@ -874,7 +1236,7 @@ mod tests {
         damage(dst.path());
         let store = Store::new(dst.path(), true).unwrap();
         assert!(store.scan(Some(4096)).is_empty(), "damage is no failure");
-        let f = store.begin_download(&info, &hashes).unwrap();
+        let f = store.begin_download(&info, &hashes, 0).unwrap();
         let have = f.have().ones().collect();
         f.write_chunk(0, &original[..4096]).unwrap();
         f.write_chunk(1, &original[4096..]).unwrap();
@@ -987,7 +1349,7 @@ mod tests {
         std::fs::write(&part, vec![0u8; 8192]).unwrap();
         assert!(matches!(store.finish(&f).unwrap(), Finished::Damaged(_)));
         assert!(store.get("e.bin").is_none(), "the stale entry is dropped");
-        let f = store.begin_download(&f.info, &f.hashes).unwrap();
+        let f = store.begin_download(&f.info, &f.hashes, 0).unwrap();
         assert_eq!(f.have().count(), 0, "zeros do not verify");
     }
 
@@ -1034,7 +1396,10 @@ mod tests {
         let path = sample(dir.path(), "a.bin", 100);
         let (info, hashes) = hash_file(&path, "a.bin", Some(4096)).unwrap();
         let store = Store::new(dir.path(), true).unwrap();
-        let err = store.begin_download(&info, &hashes).err().expect("refused");
+        let err = store
+            .begin_download(&info, &hashes, 0)
+            .err()
+            .expect("refused");
         assert!(err.to_string().contains("already exists"), "{err}");
     }
 
@@ -1058,6 +1423,165 @@ mod tests {
             !seeding.refer_elsewhere(0, t0),
             "every chunk went out: serve freely"
         );
+    }
+
+    #[test]
+    fn sub_directories_are_shared_but_hidden_ones_and_symlinks_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("models/llama")).unwrap();
+        std::fs::create_dir_all(dir.path().join(".cache")).unwrap();
+        sample(dir.path(), "models/llama/shard-1.bin", 100);
+        sample(dir.path(), "models/.tmp-upload", 100);
+        sample(dir.path(), ".cache/x.bin", 100);
+        let outside = tempfile::tempdir().unwrap();
+        sample(outside.path(), "secret", 100);
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("link-dir")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("secret"), dir.path().join("link")).unwrap();
+        let store = Store::new(dir.path(), true).unwrap();
+        assert!(store.scan(Some(4096)).is_empty());
+        let names: Vec<_> = store.all().iter().map(|f| f.info.name.clone()).collect();
+        assert_eq!(names, vec!["models/llama/shard-1.bin"]);
+    }
+
+    #[test]
+    fn a_download_lands_in_its_directory_with_its_partials_beside_it() {
+        let (src, dst) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let path = sample(src.path(), "f.bin", 8192);
+        let (mut info, hashes) = hash_file(&path, "f.bin", Some(4096)).unwrap();
+        info.name = "a/b/f.bin".into();
+        let store = Store::new(dst.path(), true).unwrap();
+        let f = store
+            .begin_download(&info, &hashes, 1_700_000_000_123)
+            .unwrap();
+        assert!(dst.path().join("a/b/.f.bin.shoal-part").is_file());
+        assert!(dst.path().join("a/b/.f.bin.shoal-meta").is_file());
+        let data = std::fs::read(&path).unwrap();
+        f.write_chunk(0, &data[..4096]).unwrap();
+        drop((f, store));
+        // A restart finds the partial in its directory and resumes it under its path name.
+        let store = Store::new(dst.path(), true).unwrap();
+        assert!(store.scan(Some(4096)).is_empty());
+        let f = store.get("a/b/f.bin").expect("resumed");
+        assert_eq!(f.published, 1_700_000_000_123);
+        f.write_chunk(1, &data[4096..]).unwrap();
+        let done = dst.path().join("a/b/f.bin");
+        assert_eq!(store.finish(&f).unwrap(), Finished::InPlace(done.clone()));
+        assert_eq!(std::fs::read(&done).unwrap(), data);
+        let stamp = Stamp::read(&done).unwrap();
+        assert_eq!(
+            stamp.published(),
+            1_700_000_000_123,
+            "mtime is the version stamp"
+        );
+        assert_eq!(f.on_disk(), Some((done, stamp)));
+    }
+
+    #[test]
+    fn a_download_never_writes_through_a_symlink_out_of_the_data_dir() {
+        let (src, dst) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let outside = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path(), dst.path().join("evil")).unwrap();
+        let path = sample(src.path(), "f.bin", 100);
+        let (mut info, hashes) = hash_file(&path, "f.bin", Some(4096)).unwrap();
+        info.name = "evil/f.bin".into();
+        let store = Store::new(dst.path(), true).unwrap();
+        let err = store
+            .begin_download(&info, &hashes, 0)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("not a directory"), "{err}");
+        for hostile in ["../f.bin", "/tmp/f.bin", "a/../../f.bin"] {
+            info.name = hostile.into();
+            assert!(
+                store.begin_download(&info, &hashes, 0).is_err(),
+                "{hostile}"
+            );
+        }
+        assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
+        let parent = dst.path().parent().unwrap();
+        assert!(!parent.join("f.bin").exists());
+    }
+
+    #[test]
+    fn other_content_under_a_held_name_is_a_new_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = sample(dir.path(), "a.bin", 9000);
+        let store = Store::new(dir.path(), true).unwrap();
+        let v1 = store.share_as(&path, "a.bin", Some(4096)).unwrap();
+        let again = store.share_as(&path, "a.bin", Some(4096)).unwrap();
+        assert!(Arc::ptr_eq(&v1, &again), "unchanged: the same version");
+        let mut data = std::fs::read(&path).unwrap();
+        data[5000] ^= 1;
+        let replacement = dir.path().join(".a.bin.new");
+        std::fs::write(&replacement, &data).unwrap();
+        let later = SystemTime::now() + Duration::from_secs(5);
+        File::options()
+            .write(true)
+            .open(&replacement)
+            .unwrap()
+            .set_modified(later)
+            .unwrap();
+        std::fs::rename(&replacement, &path).unwrap();
+        let v2 = store.share_as(&path, "a.bin", Some(4096)).unwrap();
+        assert_ne!(v1.info.digest, v2.info.digest);
+        assert_eq!(store.versions("a.bin").len(), 2);
+        assert!(
+            Arc::ptr_eq(&store.get("a.bin").unwrap(), &v2),
+            "newest offered"
+        );
+        // The old version's file is gone from its path: it must not be served as good.
+        let mut buf = Vec::new();
+        assert!(matches!(
+            v1.read_verified(0, &mut buf),
+            Err(ReadError::Changed)
+        ));
+        assert!(v1.is_changed());
+        assert!(store.remove(&v1));
+        assert!(!store.remove(&v1));
+        assert_eq!(store.versions("a.bin").len(), 1);
+    }
+
+    #[test]
+    fn a_file_edited_in_place_is_never_served_as_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = sample(dir.path(), "a.bin", 9000);
+        let store = Store::new(dir.path(), true).unwrap();
+        let f = store.share_as(&path, "a.bin", Some(4096)).unwrap();
+        let mut buf = Vec::new();
+        f.read_verified(1, &mut buf).unwrap();
+        // Same size, mtime put back: only the hash check can notice.
+        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+        let file = File::options().write(true).open(&path).unwrap();
+        file.write_all_at(b"edited", 4096).unwrap();
+        file.set_modified(mtime).unwrap();
+        f.read_verified(0, &mut buf).unwrap();
+        assert!(matches!(
+            f.read_verified(1, &mut buf),
+            Err(ReadError::Changed)
+        ));
+        assert!(matches!(
+            f.read_verified(0, &mut buf),
+            Err(ReadError::Changed)
+        ));
+    }
+
+    #[test]
+    fn equal_chunks_are_copied_from_files_held_here() {
+        let (src, dst) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let old = sample(dst.path(), "old.bin", 16384);
+        let store = Store::new(dst.path(), true).unwrap();
+        store.share_as(&old, "old.bin", Some(4096)).unwrap();
+        let mut data = std::fs::read(&old).unwrap();
+        data[4096 * 2 + 7] ^= 0xff;
+        let new = src.path().join("new.bin");
+        std::fs::write(&new, &data).unwrap();
+        let (info, hashes) = hash_file(&new, "new.bin", Some(4096)).unwrap();
+        let f = store.begin_download(&info, &hashes, 0).unwrap();
+        assert_eq!(store.reuse_local(&f).unwrap(), vec![0, 1, 3]);
+        assert_eq!(f.have().ones().collect::<Vec<_>>(), vec![0, 1, 3]);
+        let mut buf = Vec::new();
+        f.read_chunk(3, &mut buf).unwrap();
+        assert_eq!(buf, &data[4096 * 3..]);
     }
 
     #[test]
