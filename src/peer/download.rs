@@ -132,6 +132,13 @@ async fn run(
         return Ok(f.path());
     }
     let first = locate(peer, name, digest, true).await?;
+    if first.file.name != name || digest.is_some_and(|d| d != first.file.digest) {
+        return Err(DownloadError::Local(anyhow::anyhow!(
+            "the tracker answered with {:?} (digest {}) to a request for {name:?}",
+            first.file.name,
+            first.file.digest.to_hex()
+        )));
+    }
     for _ in 0..FINAL_CHECKS {
         let file = begin(peer, &first).await?;
         reuse_local(peer, &file).await?;

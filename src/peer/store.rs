@@ -76,13 +76,14 @@ fn aligned(n: usize) -> bool {
 }
 
 /// What `lstat` says about a file on disk: enough to notice that it was replaced (device and
-/// inode) or written to (size, mtime) since it was hashed.
+/// inode) or written to (size, mtime, and ctime, which no one can set back) since it was hashed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Stamp {
     dev: u64,
     ino: u64,
     size: u64,
     mtime_ns: i128,
+    ctime_ns: i128,
 }
 
 impl Stamp {
@@ -92,6 +93,7 @@ impl Stamp {
             ino: m.ino(),
             size: m.size(),
             mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
         }
     }
 
@@ -1549,7 +1551,7 @@ mod tests {
         let f = store.share_as(&path, "a.bin", Some(4096)).unwrap();
         let mut buf = Vec::new();
         f.read_verified(1, &mut buf).unwrap();
-        // Same size, mtime put back: only the hash check can notice.
+        // Same size, mtime put back: the ctime or the hash check notices.
         let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
         let file = File::options().write(true).open(&path).unwrap();
         file.write_all_at(b"edited", 4096).unwrap();
