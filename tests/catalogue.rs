@@ -1,8 +1,9 @@
 //! The living catalogue, end to end with real processes: files and directories copied into a
 //! running seeder reach every follower, a replaced file reaches them as a new version at the
 //! cost of about the chunk that changed, a deleted file leaves the file list, a file edited in
-//! place is never served as good, and hostile names from a fake tracker and a fake peer write
-//! nothing outside the data dir.
+//! place is never served as good, hostile names from a fake tracker and a fake peer write
+//! nothing outside the data dir, and the menu publishes other content under a held name as a
+//! new version.
 
 mod common;
 use common::*;
@@ -160,6 +161,28 @@ fn a_file_edited_in_place_under_a_seeder_is_never_served_as_good() {
     assert_eq!(
         listed_digest(tracker.addr, "live.bin"),
         Some(digest_of(&edited))
+    );
+}
+
+#[test]
+fn the_menu_publishes_other_content_under_a_held_name_as_a_new_version() {
+    let tracker = tracker(&[]);
+    let root = tempfile::tempdir().unwrap();
+    let v1 = make_file(&root.path().join("one"), "x.bin", 2 * CHUNK, 8);
+    let v2 = make_file(&root.path().join("two"), "x.bin", 2 * CHUNK, 9);
+    let later = std::fs::metadata(&v1).unwrap().modified().unwrap() + Duration::from_secs(60);
+    let file = std::fs::File::options().write(true).open(&v2).unwrap();
+    file.set_modified(later).unwrap();
+    drop(file);
+    let v2_path = v2.display().to_string();
+    let input = format!("1\n{v2_path}\n1\n{v2_path}\n3\nx.bin\n6\n");
+    let (status, out) = run_menu(tracker.addr, root.path(), "menu", &[&v1], &input, LONG);
+    assert!(status.success(), "{out}");
+    assert!(out.contains("published a new version of x.bin"), "{out}");
+    assert!(out.contains("x.bin is already shared, unchanged"), "{out}");
+    assert!(
+        out.contains(&format!("digest {}; ", digest_of(&v2))),
+        "locations should answer the new version:\n{out}"
     );
 }
 

@@ -1557,9 +1557,15 @@ mod tests {
         let file = File::options().write(true).open(&path).unwrap();
         file.write_all_at(b"edited", 4096).unwrap();
         file.set_modified(mtime).unwrap();
-        assert!(matches!(f.read_verified(0, &mut buf), Err(ReadError::Changed)));
+        assert!(matches!(
+            f.read_verified(0, &mut buf),
+            Err(ReadError::Changed)
+        ));
         assert!(f.is_changed());
-        assert!(matches!(f.read_verified(1, &mut buf), Err(ReadError::Changed)));
+        assert!(matches!(
+            f.read_verified(1, &mut buf),
+            Err(ReadError::Changed)
+        ));
     }
 
     #[test]
