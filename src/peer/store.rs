@@ -1398,11 +1398,16 @@ mod tests {
         let path = sample(dir.path(), "a.bin", 100);
         let (info, hashes) = hash_file(&path, "a.bin", Some(4096)).unwrap();
         let store = Store::new(dir.path(), true).unwrap();
-        let err = store
-            .begin_download(&info, &hashes, 0)
-            .err()
-            .expect("refused");
-        assert!(err.to_string().contains("already exists"), "{err}");
+        let err = refused(&store, &info, &hashes);
+        assert!(err.contains("already exists"), "{err}");
+    }
+
+    /// Why `store` refuses to begin downloading `info`.
+    fn refused(store: &Store, info: &FileInfo, hashes: &HashList) -> String {
+        match store.begin_download(info, hashes, 0) {
+            Ok(_) => panic!("{:?} was accepted", info.name),
+            Err(e) => e.to_string(),
+        }
     }
 
     #[test]
@@ -1445,12 +1450,18 @@ mod tests {
         assert_eq!(names, vec!["models/llama/shard-1.bin"]);
     }
 
+    /// A sample file of `len` bytes in `src`, described under `name` (a path, or a hostile one).
+    fn described(src: &Path, name: &str, len: usize) -> (PathBuf, FileInfo, HashList) {
+        let path = sample(src, "f.bin", len);
+        let (mut info, hashes) = hash_file(&path, "f.bin", Some(4096)).unwrap();
+        info.name = name.into();
+        (path, info, hashes)
+    }
+
     #[test]
     fn a_download_lands_in_its_directory_with_its_partials_beside_it() {
         let (src, dst) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let path = sample(src.path(), "f.bin", 8192);
-        let (mut info, hashes) = hash_file(&path, "f.bin", Some(4096)).unwrap();
-        info.name = "a/b/f.bin".into();
+        let (path, info, hashes) = described(src.path(), "a/b/f.bin", 8192);
         let store = Store::new(dst.path(), true).unwrap();
         let f = store
             .begin_download(&info, &hashes, 1_700_000_000_123)
@@ -1483,19 +1494,14 @@ mod tests {
         let (src, dst) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let outside = tempfile::tempdir().unwrap();
         std::os::unix::fs::symlink(outside.path(), dst.path().join("evil")).unwrap();
-        let path = sample(src.path(), "f.bin", 100);
-        let (mut info, hashes) = hash_file(&path, "f.bin", Some(4096)).unwrap();
-        info.name = "evil/f.bin".into();
+        let (_, mut info, hashes) = described(src.path(), "evil/f.bin", 100);
         let store = Store::new(dst.path(), true).unwrap();
-        let err = store
-            .begin_download(&info, &hashes, 0)
-            .err()
-            .expect("refused");
-        assert!(err.to_string().contains("not a directory"), "{err}");
+        let err = refused(&store, &info, &hashes);
+        assert!(err.contains("not a directory"), "{err}");
         for hostile in ["../f.bin", "/tmp/f.bin", "a/../../f.bin"] {
             info.name = hostile.into();
             assert!(
-                store.begin_download(&info, &hashes, 0).is_err(),
+                refused(&store, &info, &hashes).contains("name"),
                 "{hostile}"
             );
         }
@@ -1504,12 +1510,18 @@ mod tests {
         assert!(!parent.join("f.bin").exists());
     }
 
+    /// A store in `dir` sharing a 9000-byte `a.bin` in 4 KiB chunks.
+    fn shared_sample(dir: &Path) -> (PathBuf, Store, Arc<StoredFile>) {
+        let path = sample(dir, "a.bin", 9000);
+        let store = Store::new(dir, true).unwrap();
+        let f = store.share_as(&path, "a.bin", Some(4096)).unwrap();
+        (path, store, f)
+    }
+
     #[test]
     fn other_content_under_a_held_name_is_a_new_version() {
         let dir = tempfile::tempdir().unwrap();
-        let path = sample(dir.path(), "a.bin", 9000);
-        let store = Store::new(dir.path(), true).unwrap();
-        let v1 = store.share_as(&path, "a.bin", Some(4096)).unwrap();
+        let (path, store, v1) = shared_sample(dir.path());
         let again = store.share_as(&path, "a.bin", Some(4096)).unwrap();
         assert!(Arc::ptr_eq(&v1, &again), "unchanged: the same version");
         let mut data = std::fs::read(&path).unwrap();
@@ -1546,9 +1558,7 @@ mod tests {
     #[test]
     fn a_file_edited_in_place_is_never_served_as_good() {
         let dir = tempfile::tempdir().unwrap();
-        let path = sample(dir.path(), "a.bin", 9000);
-        let store = Store::new(dir.path(), true).unwrap();
-        let f = store.share_as(&path, "a.bin", Some(4096)).unwrap();
+        let (path, _store, f) = shared_sample(dir.path());
         let mut buf = Vec::new();
         f.read_verified(1, &mut buf).unwrap();
         // Same size, mtime put back: the ctime still tells, so even the untouched chunk 0 is
