@@ -1,6 +1,7 @@
 //! The living catalogue, end to end with real processes: files and directories copied into a
 //! running seeder reach every follower, a replaced file reaches them as a new version at the
-//! cost of about the chunk that changed, a deleted file leaves the file list, a file edited in
+//! cost of about the chunk that changed (and stays the newest after a tracker restart), a
+//! deleted file leaves the file list, a file edited in
 //! place is never served as good, hostile names from a fake tracker and a fake peer write
 //! nothing outside the data dir, and the menu publishes other content under a held name as a
 //! new version.
@@ -57,9 +58,14 @@ fn files_copied_into_a_running_seeder_reach_every_follower_and_new_versions_cost
         })
         .collect();
 
-    // Copied in while everything runs: a file, and a nested directory.
+    // Copied in while everything runs: a file, and a nested directory. A peer that only
+    // archives keeps the first version of a.bin throughout.
     let staging = root.path().join("staging");
     let a = make_file(&staging, "a.bin", 16 * CHUNK, 1);
+    let old_digest = digest_of(&a);
+    std::fs::create_dir_all(root.path().join("archive")).unwrap();
+    std::fs::copy(&a, root.path().join("archive/a.bin")).unwrap();
+    let _archive = daemon(tracker.addr, &root.path().join("archive"), "archive", &[]);
     let shard = make_file(&staging, "shard-1.bin", 5 * CHUNK + 100, 2);
     std::fs::copy(&a, seed_dir.join("a.bin")).unwrap();
     std::fs::create_dir_all(seed_dir.join("models/llama")).unwrap();
@@ -98,7 +104,10 @@ fn files_copied_into_a_running_seeder_reach_every_follower_and_new_versions_cost
         );
         assert!(f.metric("shoal_peer_chunks_reused_total") >= 15.0);
     }
-    assert_eq!(listed_digest(tracker.addr, "a.bin"), Some(new_digest));
+    assert_eq!(
+        listed_digest(tracker.addr, "a.bin").as_deref(),
+        Some(new_digest.as_str())
+    );
     assert!(
         wait_until(LONG, || followers
             .iter()
@@ -108,6 +117,34 @@ fn files_copied_into_a_running_seeder_reach_every_follower_and_new_versions_cost
     for f in &followers {
         assert_eq!(f.metric("shoal_peer_chunk_verify_failures_total"), 0.0);
     }
+
+    // The tracker restarts empty: once the peers have registered again (followers with the
+    // stamp they kept as mtime), the new version is still the newest and the old one, which
+    // the archive still holds, is listed beside it.
+    let addr = tracker.addr;
+    drop(tracker);
+    let _tracker = tracker_at(addr, &[]);
+    let versions = || {
+        let reply = Raw::connect(addr).ask(r#"{"v":1,"msg":2,"versions":true}"#);
+        let files = reply["files"].as_array().cloned().unwrap_or_default();
+        files
+            .iter()
+            .filter(|f| f["name"] == "a.bin")
+            .map(|f| {
+                (
+                    f["digest"].as_str().unwrap().to_string(),
+                    f["latest"] == true,
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        wait_until(LONG, || versions()
+            == vec![(new_digest.clone(), true), (old_digest.clone(), false)]
+            && holder_count(addr, "a.bin") == 4),
+        "after a tracker restart: {:?}",
+        versions()
+    );
 }
 
 #[test]

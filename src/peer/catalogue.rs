@@ -7,6 +7,7 @@
 
 use super::store::{Found, Stamp, Store, StoredFile};
 use super::Peer;
+use crate::protocol::Hash;
 use notify::Watcher;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -101,7 +102,12 @@ async fn reconcile(peer: &Arc<Peer>, settling: &mut Settling) -> Option<Instant>
     let Ok((candidates, gone)) = survey else {
         return None;
     };
+    let mut replaced: HashMap<String, (u64, Hash)> = HashMap::new();
     for f in gone {
+        let newest = replaced
+            .entry(f.info.name.clone())
+            .or_insert(f.version_key());
+        *newest = (*newest).max(f.version_key());
         peer.withdraw(&f).await;
     }
     let now = Instant::now();
@@ -119,7 +125,7 @@ async fn reconcile(peer: &Arc<Peer>, settling: &mut Settling) -> Option<Instant>
     }
     let published = {
         let peer = peer.clone();
-        tokio::task::spawn_blocking(move || publish(&peer, ready))
+        tokio::task::spawn_blocking(move || publish(&peer, ready, &replaced))
             .await
             .unwrap_or(0)
     };
@@ -171,14 +177,21 @@ fn survey(store: &Store) -> (Vec<Candidate>, Vec<Arc<StoredFile>>) {
     (candidates, gone)
 }
 
-/// Hashes and shares each candidate; returns how many were published (blocking).
-fn publish(peer: &Peer, ready: Vec<Candidate>) -> u64 {
+/// Hashes and shares each candidate; returns how many were published (blocking). `replaced`:
+/// the newest version key withdrawn for a name in this pass.
+fn publish(peer: &Peer, ready: Vec<Candidate>, replaced: &HashMap<String, (u64, Hash)>) -> u64 {
     let mut published = 0;
     for c in ready {
         match peer.store.share_as(&c.path, &c.name, peer.cfg.chunk_size) {
             Ok(f) => {
                 tracing::info!(file = %c.name, digest = %f.info.digest.to_hex(), published = f.published, size = f.info.size, "publishing");
                 published += 1;
+                if replaced
+                    .get(&c.name)
+                    .is_some_and(|old| *old > f.version_key())
+                {
+                    tracing::warn!(file = %c.name, "the replacement has an older mtime than the version it replaced, so peers still holding that one keep it as the newest; `touch` the file to publish it as the newest");
+                }
             }
             Err(e) => tracing::warn!(file = %c.name, "not shared: {e:#}"),
         }
