@@ -269,8 +269,19 @@ fn hostile_names_from_a_tracker_or_a_peer_write_nothing_outside_the_data_dir() {
     let mut inside: Vec<_> = walk(&data);
     inside.sort();
     assert_eq!(inside, vec!["fine", "fine/ok.bin"]);
-    // Still serving: it answers a chunk request for what it holds.
-    let reply = Raw::connect(daemon.addr).ask(r#"{"v":1,"msg":5,"file":"fine/ok.bin","index":9}"#);
+    // A hostile peer asking it for such names is refused, and it keeps serving.
+    let mut raw = Raw::connect(daemon.addr);
+    for name in [
+        "../ok.bin",
+        abs.as_str(),
+        "fine/../../ok.bin",
+        "fine/./ok.bin",
+    ] {
+        let req = json!({"v": 1, "msg": 5, "file": name, "index": 0});
+        let reply = raw.ask(&req.to_string());
+        assert_eq!(reply["error"], "invalid_name", "{name}: {reply}");
+    }
+    let reply = raw.ask(r#"{"v":1,"msg":5,"file":"fine/ok.bin","index":9}"#);
     assert_eq!(reply["error"], "out_of_range", "{reply}");
 }
 

@@ -231,3 +231,71 @@ impl Settling {
             .retain(|path, _| candidates.iter().any(|c| &c.path == path));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn candidate(dir: &Path, name: &str) -> Candidate {
+        let path = dir.join(name);
+        std::fs::write(&path, b"data").unwrap();
+        let stamp = Stamp::read(&path).unwrap();
+        Candidate {
+            name: name.into(),
+            path,
+            stamp,
+        }
+    }
+
+    #[test]
+    fn a_file_is_ready_once_still_for_the_settle_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let settle = Duration::from_secs(60);
+        let mut settling = Settling::default();
+        let now = Instant::now();
+        let fresh = candidate(dir.path(), "fresh.bin");
+        let at = settling.ready(&fresh, now, settle).unwrap_err();
+        assert!(at > now && at <= now + settle);
+        // Seen with the same stamp for the settle time: ready, whatever its mtime says.
+        assert!(settling.ready(&fresh, now + settle, settle).is_ok());
+
+        // Renamed in after being written long ago: ready at once.
+        let old = candidate(dir.path(), "old.bin");
+        let long_ago = SystemTime::now() - 2 * settle;
+        std::fs::File::options()
+            .write(true)
+            .open(&old.path)
+            .unwrap()
+            .set_modified(long_ago)
+            .unwrap();
+        let old = Candidate {
+            stamp: Stamp::read(&old.path).unwrap(),
+            ..old
+        };
+        assert!(settling.ready(&old, now, settle).is_ok());
+    }
+
+    #[test]
+    fn a_file_written_again_starts_settling_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let settle = Duration::from_secs(60);
+        let mut settling = Settling::default();
+        let now = Instant::now();
+        let first = candidate(dir.path(), "a.bin");
+        assert!(settling.ready(&first, now, settle).is_err());
+        std::fs::write(&first.path, b"more data").unwrap();
+        let again = candidate(dir.path(), "a.bin");
+        assert!(settling.ready(&again, now + settle, settle).is_err());
+        settling.forget_all_but(&[]);
+        assert!(settling.seen.is_empty());
+    }
+
+    #[test]
+    fn only_visible_paths_wake_the_catalogue() {
+        let root = Path::new("/data");
+        assert!(visible(root, Path::new("/data/models/a.bin")));
+        assert!(!visible(root, Path::new("/data/models/.a.bin.shoal-part")));
+        assert!(!visible(root, Path::new("/data/.cache/a.bin")));
+        assert!(!visible(root, Path::new("/elsewhere/a.bin")));
+    }
+}
