@@ -124,11 +124,11 @@ async fn run(
     digest: Option<Hash>,
     progress: Arc<dyn Progress>,
 ) -> Result<PathBuf, DownloadError> {
-    let held = match &digest {
-        Some(d) => peer.store.version(name, d),
-        None => peer.store.get(name),
-    };
-    if let Some(f) = held.filter(|f| f.is_final()) {
+    if let Some(f) = peer
+        .store
+        .find(name, digest.as_ref())
+        .filter(|f| f.is_final())
+    {
         return Ok(f.path());
     }
     let first = locate(peer, name, digest, true).await?;

@@ -246,23 +246,22 @@ async fn upload_slot<'a>(
 fn check(peer: &Peer, line: &[u8]) -> Result<(ChunkRequest, Arc<StoredFile>), (u64, Refusal)> {
     let req = parse_request(line, peer.cfg.secret.as_deref())?;
     let n = Msg::ChunkRequest as u64;
-    let held = match &req.digest {
-        Some(digest) => peer.store.version(&req.file, digest),
-        None => peer.store.get(&req.file),
-    };
-    let file = held.ok_or_else(|| {
-        let version = req
-            .digest
-            .map(|d| format!("version {} of ", d.to_hex()))
-            .unwrap_or_default();
-        (
-            n,
-            Refusal::new(
-                ErrorCode::UnknownFile,
-                format!("this peer does not share {version}{:?}", req.file),
-            ),
-        )
-    })?;
+    let file = peer
+        .store
+        .find(&req.file, req.digest.as_ref())
+        .ok_or_else(|| {
+            let version = req
+                .digest
+                .map(|d| format!("version {} of ", d.to_hex()))
+                .unwrap_or_default();
+            (
+                n,
+                Refusal::new(
+                    ErrorCode::UnknownFile,
+                    format!("this peer does not share {version}{:?}", req.file),
+                ),
+            )
+        })?;
     if u64::from(req.index) >= file.info.chunks() {
         let why = format!(
             "chunk {} is out of range: {:?} has {} chunks",

@@ -423,6 +423,14 @@ impl Store {
             .cloned()
     }
 
+    /// Version `digest` of `name` if given, else the newest version held here.
+    pub fn find(&self, name: &str, digest: Option<&Hash>) -> Option<Arc<StoredFile>> {
+        match digest {
+            Some(d) => self.version(name, d),
+            None => self.get(name),
+        }
+    }
+
     /// Every version of `name` held here.
     pub fn versions(&self, name: &str) -> Vec<Arc<StoredFile>> {
         self.map().get(name).cloned().unwrap_or_default()
