@@ -102,6 +102,8 @@ async fn reconcile(peer: &Arc<Peer>, settling: &mut Settling) -> Option<Instant>
     let Ok((candidates, gone)) = survey else {
         return None;
     };
+    // What a replacement with an older mtime would fail to supersede: such a file is settled
+    // at once, so it is published in this same pass and can be compared.
     let mut replaced: HashMap<String, (u64, Hash)> = HashMap::new();
     for f in gone {
         let newest = replaced
