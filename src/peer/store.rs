@@ -937,8 +937,8 @@ impl Store {
         Ok(Finished::InPlace(target))
     }
 
-    /// Fills the missing chunks of the download `target` with equal chunks (same hash) of
-    /// files already held here in full (an older version, or any other file), so that only
+    /// Fills the missing chunks of the download `target` with equal chunks (same hash) already
+    /// held here (of an older version, any other file, or another download), so that only
     /// what is new crosses the network. Each copy is verified before it is written. Returns the
     /// chunks filled (blocking).
     pub fn reuse_local(&self, target: &StoredFile) -> anyhow::Result<Vec<u32>> {
@@ -950,11 +950,13 @@ impl Store {
         }
         let mut sources: HashMap<Hash, (Arc<StoredFile>, u32)> = HashMap::new();
         for f in self.all() {
-            if std::ptr::eq(f.as_ref(), target) || !f.is_complete() || f.is_changed() {
+            if std::ptr::eq(f.as_ref(), target) || f.is_changed() {
                 continue;
             }
-            for (i, h) in f.hashes.0.iter().enumerate() {
-                sources.entry(*h).or_insert_with(|| (f.clone(), i as u32));
+            for i in f.have().ones() {
+                sources
+                    .entry(f.hashes.0[i])
+                    .or_insert_with(|| (f.clone(), i as u32));
             }
         }
         let mut reused = Vec::new();
