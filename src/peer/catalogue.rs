@@ -249,12 +249,21 @@ mod tests {
         }
     }
 
+    const SETTLE: Duration = Duration::from_secs(60);
+
+    /// A directory for candidates, an empty record of them, and the time they are seen.
+    fn fixture() -> (tempfile::TempDir, Settling, Instant) {
+        (
+            tempfile::tempdir().unwrap(),
+            Settling::default(),
+            Instant::now(),
+        )
+    }
+
     #[test]
     fn a_file_is_ready_once_still_for_the_settle_time() {
-        let dir = tempfile::tempdir().unwrap();
-        let settle = Duration::from_secs(60);
-        let mut settling = Settling::default();
-        let now = Instant::now();
+        let (dir, mut settling, now) = fixture();
+        let settle = SETTLE;
         let fresh = candidate(dir.path(), "fresh.bin");
         let at = settling.ready(&fresh, now, settle).unwrap_err();
         assert!(at > now && at <= now + settle);
@@ -279,10 +288,8 @@ mod tests {
 
     #[test]
     fn a_file_written_again_starts_settling_again() {
-        let dir = tempfile::tempdir().unwrap();
-        let settle = Duration::from_secs(60);
-        let mut settling = Settling::default();
-        let now = Instant::now();
+        let (dir, mut settling, now) = fixture();
+        let settle = SETTLE;
         let first = candidate(dir.path(), "a.bin");
         assert!(settling.ready(&first, now, settle).is_err());
         std::fs::write(&first.path, b"more data").unwrap();

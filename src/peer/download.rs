@@ -160,10 +160,7 @@ async fn run(
         outcome?;
         let finished = {
             let (peer, file) = (peer.clone(), file.clone());
-            tokio::task::spawn_blocking(move || peer.store.finish(&file))
-                .await
-                .map_err(|e| DownloadError::Local(e.into()))?
-                .map_err(DownloadError::Local)?
+            blocking(move || peer.store.finish(&file)).await?
         };
         match finished {
             Finished::InPlace(path) => {
@@ -197,7 +194,15 @@ async fn begin(peer: &Arc<Peer>, loc: &LocationsReply) -> Result<Arc<StoredFile>
     let hashes = loc.hashes.clone().unwrap_or_default();
     let (info, published) = (loc.file.clone(), loc.published);
     let peer = peer.clone();
-    tokio::task::spawn_blocking(move || peer.store.begin_download(&info, &hashes, published))
+    blocking(move || peer.store.begin_download(&info, &hashes, published)).await
+}
+
+/// Runs blocking store work on a blocking thread; its failure is local (the disk), which no
+/// holder can fix.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> Result<T, DownloadError> {
+    tokio::task::spawn_blocking(work)
         .await
         .map_err(|e| DownloadError::Local(e.into()))?
         .map_err(DownloadError::Local)
@@ -208,10 +213,7 @@ async fn begin(peer: &Arc<Peer>, loc: &LocationsReply) -> Result<Arc<StoredFile>
 async fn reuse_local(peer: &Arc<Peer>, file: &Arc<StoredFile>) -> Result<(), DownloadError> {
     let reused = {
         let (peer, file) = (peer.clone(), file.clone());
-        tokio::task::spawn_blocking(move || peer.store.reuse_local(&file))
-            .await
-            .map_err(|e| DownloadError::Local(e.into()))?
-            .map_err(DownloadError::Local)?
+        blocking(move || peer.store.reuse_local(&file)).await?
     };
     if !reused.is_empty() {
         tracing::info!(chunks = reused.len(), "chunks copied from files held here");
