@@ -1566,6 +1566,35 @@ mod tests {
     }
 
     #[test]
+    fn a_new_version_replaces_the_one_held_under_its_name_in_one_rename() {
+        let (src, dst) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (path, store, v1) = shared_sample(dst.path());
+        let mut data = std::fs::read(&path).unwrap();
+        data[100] ^= 1;
+        let next = src.path().join("a.bin");
+        std::fs::write(&next, &data).unwrap();
+        let (info, hashes) = hash_file(&next, "a.bin", Some(4096)).unwrap();
+        let v2 = store
+            .begin_download(&info, &hashes, 1_800_000_000_000)
+            .unwrap();
+        assert_eq!(
+            store.reuse_local(&v2).unwrap(),
+            vec![1, 2],
+            "only chunk 0 differs"
+        );
+        v2.write_chunk(0, &data[..4096]).unwrap();
+        assert_eq!(store.finish(&v2).unwrap(), Finished::InPlace(path.clone()));
+        assert_eq!(std::fs::read(&path).unwrap(), data);
+        assert!(Arc::ptr_eq(&store.get("a.bin").unwrap(), &v2));
+        // The old version's bytes are gone from the path: it is no longer served as good.
+        let mut buf = Vec::new();
+        assert!(matches!(
+            v1.read_verified(1, &mut buf),
+            Err(ReadError::Changed)
+        ));
+    }
+
+    #[test]
     fn a_file_edited_in_place_is_never_served_as_good() {
         let dir = tempfile::tempdir().unwrap();
         let (path, _store, f) = shared_sample(dir.path());
