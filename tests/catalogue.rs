@@ -36,7 +36,7 @@ fn listed_digest(tracker: SocketAddr, name: &str) -> Option<String> {
 }
 
 fn downloaded_bytes(p: &Proc) -> f64 {
-    p.metric("shoal_peer_bytes_downloaded_total")
+    p.metric("shoal_peer_downloaded_bytes_total")
 }
 
 #[test]
@@ -174,7 +174,7 @@ fn a_file_edited_in_place_under_a_seeder_is_never_served_as_good() {
     let fdir = dir.path().join("f");
     let follower = daemon(tracker.addr, &fdir, "f", &[("SHOAL_WANT", "live.bin")]);
     assert!(wait_until(LONG, || follower
-        .metric("shoal_peer_chunks_downloaded_total")
+        .metric("shoal_peer_downloaded_chunks_total")
         >= 2.0));
     // Rewritten in place, same size, while the follower is fetching it.
     let edited = make_file(&dir.path().join("staging"), "live.bin", 32 * CHUNK, 6);
