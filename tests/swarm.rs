@@ -82,7 +82,10 @@ fn later_peers_fetch_from_earlier_downloaders_once_the_seeder_is_gone() {
         &original,
         &dir.path().join("first/model.bin")
     )));
-    assert_eq!(first.metric("shoal_peer_downloads_completed_total"), 1.0);
+    // The file gets its name a moment before the download is counted.
+    assert!(wait_until(Duration::from_secs(5), || first
+        .metric("shoal_peer_downloads_completed_total")
+        == 1.0));
 
     seeder.kill9();
     let later = dir.path().join("later");
