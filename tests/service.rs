@@ -147,14 +147,17 @@ fn downloader_killed_with_sigkill_resumes_instead_of_starting_over() {
         "the restart fetched {fetched} of 64 chunks: it started over"
     );
     assert!(second.log_contains("resuming partial download"));
-    let names: Vec<_> = std::fs::read_dir(&data)
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert_eq!(
-        names,
-        vec![std::ffi::OsString::from("big.bin")],
-        "partial files left behind"
+    // The hidden files go just after the rename.
+    let names = || -> Vec<_> {
+        std::fs::read_dir(&data)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect()
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || names() == ["big.bin"]),
+        "partial files left behind: {:?}",
+        names()
     );
 }
 
