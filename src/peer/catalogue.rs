@@ -78,7 +78,7 @@ fn start_watcher(dir: &Path, tx: mpsc::Sender<()>) -> Option<notify::Recommended
     match watching {
         Ok(w) => Some(w),
         Err(e) => {
-            tracing::warn!(dir = %dir.display(), "cannot watch the data dir (rescanning it every SHOAL_SETTLE_TIME instead): {e}");
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the data dir; rescanning it every SHOAL_SETTLE_TIME instead");
             None
         }
     }
@@ -135,7 +135,7 @@ async fn reconcile(peer: &Arc<Peer>, settling: &mut Settling) -> Option<Instant>
         peer.metrics.versions_published.inc_by(published);
         peer.update_file_gauges();
         if let Err(e) = peer.sync().await {
-            tracing::warn!("new files are not registered yet (will retry): {e}");
+            tracing::warn!(error = %e, "new files are not registered yet; will retry");
         }
     }
     next
@@ -146,7 +146,7 @@ async fn reconcile(peer: &Arc<Peer>, settling: &mut Settling) -> Option<Instant>
 fn survey(store: &Store) -> (Vec<Candidate>, Vec<Arc<StoredFile>>) {
     let (found, failures) = store.walk();
     for (path, e) in failures {
-        tracing::debug!(path, "not shared: {e:#}");
+        tracing::debug!(path, error = format!("{e:#}"), "not shared");
     }
     let files: Vec<Candidate> = found
         .into_iter()
@@ -195,7 +195,7 @@ fn publish(peer: &Peer, ready: Vec<Candidate>, replaced: &HashMap<String, (u64, 
                     tracing::warn!(file = %c.name, "the replacement has an older mtime than the version it replaced, so peers still holding that one keep it as the newest; `touch` the file to publish it as the newest");
                 }
             }
-            Err(e) => tracing::warn!(file = %c.name, "not shared: {e:#}"),
+            Err(e) => tracing::warn!(file = %c.name, error = format!("{e:#}"), "not shared"),
         }
     }
     published

@@ -406,7 +406,7 @@ impl Peer {
             .request::<_, Acknowledged>(Msg::Withdraw, &req)
             .await
         {
-            tracing::warn!(file = %file.info.name, "the tracker did not hear the withdrawal (it lists this peer until its lease ends): {e}");
+            tracing::warn!(file = %file.info.name, error = %e, "the tracker did not hear the withdrawal; it lists this peer until its lease ends");
         }
     }
 
