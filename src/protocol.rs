@@ -5,9 +5,12 @@
 
 use crate::bitfield::WireBits;
 use base64::Engine;
-use serde::de::DeserializeOwned;
+use serde::de::value::MapAccessDeserializer;
+use serde::de::{DeserializeOwned, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::value::RawValue;
 use std::fmt;
+use std::marker::PhantomData;
 
 /// The protocol version this build speaks. A frame with another `v` gets `unsupported_version`.
 pub const VERSION: u32 = 1;
@@ -346,18 +349,51 @@ pub fn secret_matches(expected: Option<&str>, given: Option<&str>) -> bool {
 // Frames. A request is `{"v":1,"msg":N, ...fields}`; a reply is `{"v":1,"msg":N,"ok":true,
 // ...fields}` or `{"v":1,"msg":N,"ok":false,"error":CODE,"message":TEXT}`.
 
-/// The fields every frame has; read first to pick the body type.
-#[derive(Debug, Deserialize)]
+/// The fields every frame has, read first to pick the body type (the version is checked then).
+#[derive(Debug)]
 pub struct Envelope {
-    pub v: u32,
     pub msg: u64,
     /// Present on replies only.
-    #[serde(default)]
     pub ok: Option<bool>,
-    #[serde(default)]
     pub error: Option<ErrorCode>,
-    #[serde(default)]
     pub message: Option<String>,
+}
+
+/// The envelope as it is on the line. `v` and `msg` stay raw JSON until the version is checked:
+/// a frame of another version may give them (or the other fields) another shape, and must still
+/// get `unsupported_version`, never `bad_request`.
+#[derive(Deserialize)]
+struct RawEnvelope<'a> {
+    #[serde(borrow, default)]
+    v: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    msg: Option<&'a RawValue>,
+    #[serde(default)]
+    ok: Option<bool>,
+    #[serde(default)]
+    error: Option<ErrorCode>,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+/// Reads `T` from a JSON object and nothing else: serde also reads a struct from an array, by
+/// position, which would make `[1,2]` a frame.
+struct Object<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Fields<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for Fields<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(MapAccessDeserializer::new(map))
+            }
+        }
+        d.deserialize_map(Fields(PhantomData)).map(Object)
+    }
 }
 
 #[derive(Serialize)]
@@ -412,22 +448,57 @@ pub fn encode_refusal(msg: u64, refusal: &Refusal) -> Vec<u8> {
     serde_json::to_vec(&f).expect("serialisable")
 }
 
-/// Parses a request line into its message and the raw line for [`decode_body`]. Refusals carry
-/// the message number when one could be read, so the reply can echo it.
-pub fn decode_envelope(line: &[u8]) -> Result<(Msg, Envelope), (u64, Refusal)> {
-    let env: Envelope = serde_json::from_slice(line).map_err(|e| {
-        (
-            0,
-            Refusal::new(ErrorCode::BadRequest, format!("not a valid frame: {e}")),
-        )
-    })?;
-    if env.v != VERSION {
-        let why = format!(
-            "protocol version {} is not supported (this side speaks {VERSION})",
-            env.v
-        );
-        return Err((env.msg, Refusal::new(ErrorCode::UnsupportedVersion, why)));
+/// Reads and checks the envelope of any frame, request or reply: a JSON object whose `v` is
+/// 1 and whose `msg` is an integer. A refusal carries the number to echo: `msg` when it is an
+/// integer, 0 otherwise.
+pub fn read_envelope(line: &[u8]) -> Result<Envelope, (u64, Refusal)> {
+    let bad = |n, why: String| Err((n, Refusal::new(ErrorCode::BadRequest, why)));
+    let raw = match serde_json::from_slice::<Object<RawEnvelope>>(line) {
+        Ok(Object(raw)) => raw,
+        Err(e) => return bad(0, format!("not a valid frame: {e}")),
+    };
+    let msg = raw
+        .msg
+        .and_then(|m| serde_json::from_str::<u64>(m.get()).ok());
+    let echo = msg.unwrap_or(0);
+    match raw.v {
+        None => return bad(echo, "the frame has no protocol version \"v\"".into()),
+        Some(v) if v.get() != "1" => {
+            let why = format!(
+                "protocol version {} is not supported (this side speaks {VERSION})",
+                shortened(v.get())
+            );
+            return Err((echo, Refusal::new(ErrorCode::UnsupportedVersion, why)));
+        }
+        Some(_) => {}
     }
+    let Some(msg) = msg else {
+        return bad(
+            0,
+            "\"msg\" must be a message number, an integer from 0".into(),
+        );
+    };
+    Ok(Envelope {
+        msg,
+        ok: raw.ok,
+        error: raw.error,
+        message: raw.message,
+    })
+}
+
+/// A piece of a frame to quote in a refusal, cut to a readable length.
+fn shortened(text: &str) -> String {
+    const MAX_CHARS: usize = 32;
+    match text.char_indices().nth(MAX_CHARS) {
+        Some((cut, _)) => format!("{}...", &text[..cut]),
+        None => text.to_string(),
+    }
+}
+
+/// Parses a request line into its message and its envelope; the body is read next with
+/// [`decode_body`]. Refusals carry the number to echo (see [`read_envelope`]).
+pub fn decode_envelope(line: &[u8]) -> Result<(Msg, Envelope), (u64, Refusal)> {
+    let env = read_envelope(line)?;
     match Msg::from_number(env.msg) {
         Some(m) => Ok((m, env)),
         None => Err((
@@ -448,7 +519,7 @@ pub fn decode_body<T: DeserializeOwned>(line: &[u8]) -> Result<T, Refusal> {
 
 /// Parses a reply line: the body on success, the refusal otherwise.
 pub fn decode_reply<T: DeserializeOwned>(expect: Msg, line: &[u8]) -> Result<T, Refusal> {
-    let env: Envelope = decode_body(line)?;
+    let env = read_envelope(line).map_err(|(_, refusal)| refusal)?;
     // A refusal counts whatever number it echoes: `busy` and `frame_too_long` carry 0 because
     // they are sent before (or instead of) reading the request.
     if env.ok != Some(true) {
@@ -854,6 +925,45 @@ mod tests {
             decode_envelope(br#"{"v":1,"msg":-1}"#).unwrap_err().1.code,
             ErrorCode::BadRequest
         );
+    }
+
+    #[test]
+    fn json_that_is_not_an_object_is_not_a_frame() {
+        for line in ["[1,2,3]", "[1,1]", "7", "\"v\"", "null", "true", "[]"] {
+            let (n, refusal) = decode_envelope(line.as_bytes()).unwrap_err();
+            assert_eq!((n, refusal.code), (0, ErrorCode::BadRequest), "{line}");
+            let reply = decode_reply::<Acknowledged>(Msg::Leave, line.as_bytes()).unwrap_err();
+            assert_eq!(reply.code, ErrorCode::BadRequest, "{line}");
+        }
+        let (_, refusal) = decode_envelope(b"[1,2,3]").unwrap_err();
+        assert!(
+            refusal.message.contains("expected a JSON object"),
+            "{refusal}"
+        );
+    }
+
+    #[test]
+    fn any_version_but_1_is_unsupported_and_a_missing_one_is_malformed() {
+        for v in [
+            "2", "-1", "0", "1.5", "1.0", "1e0", "\"1\"", "[1]", "{}", "true",
+        ] {
+            let line = format!(r#"{{"v":{v},"msg":2}}"#);
+            let (n, refusal) = decode_envelope(line.as_bytes()).unwrap_err();
+            assert_eq!((n, refusal.code), (2, ErrorCode::UnsupportedVersion), "{v}");
+        }
+        // The version is checked before anything else of the envelope.
+        let (n, refusal) = decode_envelope(br#"{"v":-1,"msg":"two"}"#).unwrap_err();
+        assert_eq!((n, refusal.code), (0, ErrorCode::UnsupportedVersion));
+        let long = format!(r#"{{"v":"{}","msg":3}}"#, "x".repeat(1000));
+        let (_, refusal) = decode_envelope(long.as_bytes()).unwrap_err();
+        assert!(refusal.message.len() < 120, "{refusal}");
+        for line in [r#"{"msg":2}"#, r#"{"v":null,"msg":2}"#] {
+            let (n, refusal) = decode_envelope(line.as_bytes()).unwrap_err();
+            assert_eq!((n, refusal.code), (2, ErrorCode::BadRequest), "{line}");
+        }
+        let reply = br#"{"v":2,"msg":7,"ok":true,"announce_interval_ms":5}"#;
+        let refused = decode_reply::<Acknowledged>(Msg::Announce, reply).unwrap_err();
+        assert_eq!(refused.code, ErrorCode::UnsupportedVersion);
     }
 
     #[test]
