@@ -220,3 +220,52 @@ fn the_menu_asks_again_for_a_blank_name_and_prints_sizes_for_people() {
         "{out}"
     );
 }
+
+#[test]
+fn an_empty_file_is_shared_listed_located_and_downloaded() {
+    let tracker = tracker(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    make_file(&dir.path().join("s"), "empty.txt", 0, 1);
+    let _seeder = daemon(tracker.addr, &dir.path().join("s"), "s", &[]);
+    assert!(wait_until(Duration::from_secs(10), || holder_count(
+        tracker.addr,
+        "empty.txt"
+    ) == 1));
+    assert!(file_names(tracker.addr).contains(&"empty.txt".to_string()));
+    let loc = locations(tracker.addr, "empty.txt");
+    assert_eq!(
+        (&loc["chunks"], &loc["hashes"], &loc["file"]["size"]),
+        (&0.into(), &"".into(), &0.into()),
+        "{loc}"
+    );
+
+    let got = dir.path().join("got");
+    let status = std::process::Command::new(PEER)
+        .args(["get", "empty.txt", "--tracker", &tracker.addr.to_string()])
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&got)
+        .envs(FAST.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "get exited with {status}");
+    let left: Vec<_> = std::fs::read_dir(&got)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["empty.txt"], "the file and nothing else");
+    assert_eq!(std::fs::metadata(got.join("empty.txt")).unwrap().len(), 0);
+
+    let follower_dir = dir.path().join("f");
+    let _follower = daemon(tracker.addr, &follower_dir, "f", &[("SHOAL_WANT", "*")]);
+    assert!(wait_until(Duration::from_secs(10), || follower_dir
+        .join("empty.txt")
+        .is_file()));
+    assert!(
+        wait_until(Duration::from_secs(10), || holder_count(
+            tracker.addr,
+            "empty.txt"
+        ) == 2),
+        "a peer that fetched an empty file holds it too"
+    );
+}

@@ -175,6 +175,11 @@ async fn run(
                     "download complete"
                 );
                 peer.retire_replaced(&file).await;
+                if file.info.chunks() == 0 {
+                    // An empty file has no chunk to register with message 4: offer the file
+                    // itself, so that this peer is listed as one of its holders.
+                    peer.needs_sync.store(true, Ordering::SeqCst);
+                }
                 return Ok(path);
             }
             Finished::Damaged(why) => {

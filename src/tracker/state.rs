@@ -289,8 +289,9 @@ impl TrackerState {
             }
             _ => {}
         }
-        if have.count() == 0 {
-            // Valid, but holding nothing: there is nothing to index.
+        if have.count() == 0 && !have.is_full() {
+            // Valid, but holding nothing: there is nothing to index. An empty file has no chunk
+            // to hold, so whoever offers it holds all of it and is indexed.
             return Ok(());
         }
         let id = existing.map(|(id, _)| id);
@@ -1338,6 +1339,33 @@ mod tests {
             (r.peer_id, "10.9.9.9:77")
         );
         assert_eq!(locate(&s, "a").peers[0].name, "p2");
+    }
+
+    #[test]
+    fn an_empty_file_is_indexed_listed_and_located_like_any_other() {
+        let s = state();
+        let r = register(&s, "seed", 1, vec![offer("empty", 1, 0)]);
+        assert!(r.files[0].accepted, "{:?}", r.files[0]);
+        let list = s.file_list(&FileList::default()).unwrap();
+        let summary = &list.files[0];
+        assert_eq!(
+            (
+                summary.info.size,
+                summary.chunks,
+                summary.peers,
+                summary.seeders
+            ),
+            (0, 0, 1, 1)
+        );
+        let loc = locate(&s, "empty");
+        assert_eq!((loc.chunks, loc.total_peers), (0, 1));
+        assert_eq!(loc.hashes, Some(HashList::default()));
+        assert_eq!(loc.peers[0].have, WireBits(vec![]));
+        let second = register(&s, "second", 2, vec![offer("empty", 1, 0)]);
+        assert_eq!(locate(&s, "empty").total_peers, 2);
+        leave(&s, r);
+        leave(&s, second);
+        assert_eq!(s.sizes(), Sizes { peers: 0, files: 0 });
     }
 
     #[test]
