@@ -710,6 +710,10 @@ pub struct ChunkRequest {
     pub digest: Option<Hash>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret: Option<String>,
+    /// The requester's own peer id, so that an origin in initial seeding can serve a chunk
+    /// again to the peer it sent it to (which lost it) and refer others elsewhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_id: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -819,6 +823,7 @@ mod tests {
                 index: 4,
                 digest: Some(Hash([4; 32])),
                 secret: None,
+                peer_id: Some(2),
             },
         );
         round_trip(

@@ -174,26 +174,39 @@ fn an_origin_sends_every_chunk_once_before_any_twice() {
     make_file(dir.path(), "four.bin", 4 * 65536, 4);
     let origin = daemon(tracker.addr, dir.path(), "origin", &[]);
     let mut c = Raw::connect(origin.addr);
-    let mut ask = |i: u32| {
-        let reply = c.ask(&format!(
-            r#"{{"v":1,"msg":5,"file":"four.bin","index":{i}}}"#
-        ));
+    // Asks for chunk `i` as peer `me` (or as nobody in particular).
+    let mut ask = |i: u32, me: Option<u64>| {
+        let mut req = serde_json::json!({"v":1,"msg":5,"file":"four.bin","index":i});
+        if let Some(id) = me {
+            req["peer_id"] = id.into();
+        }
+        let reply = c.ask(&req.to_string());
         if reply["ok"] == true {
             c.recv_bytes(65536);
         }
         reply
     };
-    assert_eq!(ask(0)["ok"], true);
+    assert_eq!(ask(0, Some(1))["ok"], true);
     assert_eq!(
-        ask(0)["error"],
+        ask(0, Some(2))["error"],
         "elsewhere",
         "chunk 0 just went out while 1-3 never did"
     );
+    assert_eq!(
+        ask(0, None)["error"],
+        "elsewhere",
+        "a requester without a peer id may be any peer"
+    );
+    assert_eq!(
+        ask(0, Some(1))["ok"],
+        true,
+        "the peer that got chunk 0 asks again because it lost it: nobody else has it from here"
+    );
     for i in 1..4 {
-        assert_eq!(ask(i)["ok"], true);
+        assert_eq!(ask(i, Some(2))["ok"], true);
     }
     assert_eq!(
-        ask(0)["ok"],
+        ask(0, Some(2))["ok"],
         true,
         "once every chunk went out, the origin serves freely"
     );

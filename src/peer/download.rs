@@ -715,6 +715,7 @@ impl Job {
                     digest: Some(self.file.info.digest),
                     index,
                     secret: cfg.secret.clone(),
+                    peer_id: self.peer.peer_id(),
                 };
                 conn.write_line(&encode_request(Msg::ChunkRequest, &req))
                     .await

@@ -139,14 +139,14 @@ async fn serve(peer: &Peer, conn: &mut Connection) -> &'static str {
             Ok((req, file)) => match upload_slot(peer, conn).await {
                 Ok(slot) => load(peer, &req, &file, &mut buf)
                     .await
-                    .map(|header| (header, file, slot)),
+                    .map(|header| (header, file, req.peer_id, slot)),
                 Err(Queued::Refused(refused)) => Err(refused),
                 Err(Queued::Ended(reason)) => return reason,
             },
             Err(refused) => Err(refused),
         };
         match answer {
-            Ok((header, file, _slot)) => {
+            Ok((header, file, requester, _slot)) => {
                 let active = Active::new(&peer.metrics.active_transfers);
                 // The requester reads a whole chunk within the chunk timeout; a send that takes
                 // longer is wasted, and its slot is better given to someone who is listening.
@@ -162,7 +162,7 @@ async fn serve(peer: &Peer, conn: &mut Connection) -> &'static str {
                 if file
                     .seeding
                     .as_ref()
-                    .is_some_and(|s| s.sent(header.index, Instant::now()))
+                    .is_some_and(|s| s.sent(header.index, requester, Instant::now()))
                 {
                     tracing::info!(file = %header.file, "every chunk has gone out once; serving freely");
                 }
@@ -297,7 +297,7 @@ async fn load(
     if file
         .seeding
         .as_ref()
-        .is_some_and(|s| s.refer_elsewhere(req.index, Instant::now()))
+        .is_some_and(|s| s.refer_elsewhere(req.index, req.peer_id, Instant::now()))
     {
         let why = format!(
             "chunk {} went to another peer moments ago: fetch it there",

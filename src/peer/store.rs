@@ -141,12 +141,22 @@ pub struct StoredFile {
 pub const ELSEWHERE_WINDOW: Duration = Duration::from_secs(5);
 
 /// Initial seeding (BitTorrent's super-seeding, in a pull protocol): while some chunks of a
-/// file have never been sent, an origin's upload is best spent on those. A repeat request for a
-/// chunk sent within [`ELSEWHERE_WINDOW`] is refused with `elsewhere`; the downloader fetches it
-/// from the peer that got it. Once every chunk has gone out, the origin serves everything.
+/// file have never been sent, an origin's upload is best spent on those. A request by another
+/// peer for a chunk sent within [`ELSEWHERE_WINDOW`] is refused with `elsewhere`; the downloader
+/// fetches it from the peer that got it. The peer that got it is served again at once: asking
+/// again means it lost the chunk (a transport error), so no one else has it from there. A
+/// requester that gives no peer id cannot be told apart, so the refusal applies to it. Once
+/// every chunk has gone out, the origin serves everything.
 pub struct InitialSeeding {
     /// Held briefly for in-memory bookkeeping only.
-    state: Mutex<(Vec<Option<Instant>>, usize)>,
+    state: Mutex<(Vec<Option<Sent>>, usize)>,
+}
+
+/// The last time a chunk went out, and to whom (the requester's peer id, if it gave one).
+#[derive(Clone, Copy)]
+struct Sent {
+    at: Instant,
+    to: Option<u64>,
 }
 
 impl InitialSeeding {
@@ -156,18 +166,26 @@ impl InitialSeeding {
         }
     }
 
-    /// Whether a request for `index` should go to the peers that already have it.
-    pub fn refer_elsewhere(&self, index: u32, now: Instant) -> bool {
+    /// Whether a request for `index` by `requester` should go to the peers that already have it.
+    pub fn refer_elsewhere(&self, index: u32, requester: Option<u64>, now: Instant) -> bool {
         let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let (sent, never_sent) = (&s.0, s.1);
-        never_sent > 0
-            && sent[index as usize].is_some_and(|t| now.duration_since(t) < ELSEWHERE_WINDOW)
+        let recent = |last: &Sent| {
+            now.duration_since(last.at) < ELSEWHERE_WINDOW
+                && (requester.is_none() || last.to != requester)
+        };
+        never_sent > 0 && sent[index as usize].as_ref().is_some_and(recent)
     }
 
-    /// Records that chunk `index` was sent in full; true when that completes the first copy.
-    pub fn sent(&self, index: u32, now: Instant) -> bool {
+    /// Records that chunk `index` was sent in full to `requester`; true when that completes the
+    /// first copy.
+    pub fn sent(&self, index: u32, requester: Option<u64>, now: Instant) -> bool {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if s.0[index as usize].replace(now).is_none() {
+        let last = Sent {
+            at: now,
+            to: requester,
+        };
+        if s.0[index as usize].replace(last).is_none() {
             s.1 -= 1;
             return s.1 == 0;
         }
@@ -1424,20 +1442,24 @@ mod tests {
     fn an_origin_sends_every_chunk_once_before_any_twice() {
         let seeding = InitialSeeding::new(3);
         let t0 = Instant::now();
-        assert!(!seeding.refer_elsewhere(0, t0));
-        seeding.sent(0, t0);
+        assert!(!seeding.refer_elsewhere(0, Some(1), t0));
+        seeding.sent(0, Some(1), t0);
         assert!(
-            seeding.refer_elsewhere(0, t0),
+            seeding.refer_elsewhere(0, Some(2), t0),
             "chunk 0 went out and 1, 2 never did"
         );
         assert!(
-            !seeding.refer_elsewhere(0, t0 + ELSEWHERE_WINDOW),
+            seeding.refer_elsewhere(0, None, t0),
+            "a requester without an id may be the one that got it"
+        );
+        assert!(
+            !seeding.refer_elsewhere(0, Some(2), t0 + ELSEWHERE_WINDOW),
             "the referral expires"
         );
-        seeding.sent(1, t0);
-        seeding.sent(2, t0);
+        seeding.sent(1, None, t0);
+        seeding.sent(2, None, t0);
         assert!(
-            !seeding.refer_elsewhere(0, t0),
+            !seeding.refer_elsewhere(0, Some(2), t0),
             "every chunk went out: serve freely"
         );
     }
@@ -1634,6 +1656,24 @@ mod tests {
         let mut buf = Vec::new();
         f.read_chunk(3, &mut buf).unwrap();
         assert_eq!(buf, &data[4096 * 3..]);
+    }
+
+    #[test]
+    fn the_peer_that_got_a_chunk_may_ask_for_it_again_at_once() {
+        let seeding = InitialSeeding::new(2);
+        let t0 = Instant::now();
+        seeding.sent(0, Some(7), t0);
+        assert!(!seeding.refer_elsewhere(0, Some(7), t0));
+        seeding.sent(0, Some(7), t0);
+        assert!(
+            seeding.refer_elsewhere(0, Some(8), t0),
+            "a repeat does not end the referral for others"
+        );
+        seeding.sent(0, Some(8), t0);
+        assert!(
+            seeding.refer_elsewhere(0, Some(7), t0),
+            "only the last recipient is served again"
+        );
     }
 
     #[test]
