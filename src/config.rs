@@ -81,6 +81,10 @@ pub struct TrackerConfig {
     /// Most holders returned by one locations reply.
     #[serde(deserialize_with = "count")]
     pub max_holders: usize,
+    /// Let peers register an address whose ip is not the one they connect from (peers behind
+    /// NAT or a proxy); off, such a registration is refused.
+    #[serde(deserialize_with = "switch")]
+    pub allow_foreign_addr: bool,
     /// Log filter, tracing `EnvFilter` syntax.
     pub log: String,
     /// Log lines as readable text or JSON objects.
@@ -103,6 +107,7 @@ impl Default for TrackerConfig {
             max_files_per_peer: 10_000,
             max_chunks_per_file: 65_536,
             max_holders: 50,
+            allow_foreign_addr: false,
             log: "info".into(),
             log_format: LogFormat::Text,
         }

@@ -299,6 +299,31 @@ fn peer_refuses_over_long_requests_and_binary_garbage() {
     );
 }
 
+#[test]
+fn an_address_of_another_host_is_refused_unless_the_tracker_allows_it() {
+    let strict = tracker(&[]);
+    let claim = r#"{"v":1,"msg":1,"name":"p","addr":"127.0.0.2:7401"}"#;
+    let reply = Raw::connect(strict.addr).ask(claim);
+    assert_eq!(code(&reply), "unauthorized");
+    let why = reply["message"].as_str().unwrap();
+    assert!(
+        why.contains("127.0.0.1") && why.contains("SHOAL_ALLOW_FOREIGN_ADDR"),
+        "{why}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    make_file(dir.path(), "a.bin", 1000, 1);
+    let env = [("SHOAL_ADVERTISE", "127.0.0.2:7401")];
+    let peer = daemon(strict.addr, dir.path(), "p", &env);
+    assert!(wait_until(Duration::from_secs(10), || peer
+        .log_contains("SHOAL_ALLOW_FOREIGN_ADDR")));
+    assert!(file_names(strict.addr).is_empty(), "nothing was indexed");
+
+    let open = tracker(&[("SHOAL_ALLOW_FOREIGN_ADDR", "true")]);
+    let reply = Raw::connect(open.addr).ask(claim);
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(reply["addr"], "127.0.0.2:7401");
+}
+
 fn hex_of_hash(hashes_b64: &str, index: usize) -> String {
     use base64::Engine;
     let flat = base64::engine::general_purpose::STANDARD

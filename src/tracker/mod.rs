@@ -24,11 +24,10 @@ impl Tracker {
             max_holders: cfg.max_holders,
         };
         Tracker {
-            state: Arc::new(TrackerState::new(
-                limits,
-                cfg.announce_interval,
-                cfg.secret.clone(),
-            )),
+            state: Arc::new(
+                TrackerState::new(limits, cfg.announce_interval, cfg.secret.clone())
+                    .allowing_foreign_addr(cfg.allow_foreign_addr),
+            ),
             metrics: TrackerMetrics::default(),
             limits: Limits {
                 max_frame: cfg.max_frame_bytes,

@@ -39,6 +39,8 @@ pub struct TrackerState {
     limits: IndexLimits,
     announce_interval: Duration,
     secret: Option<String>,
+    /// Whether a peer may register an address whose ip is not the one it connects from.
+    allow_foreign_addr: bool,
 }
 
 #[derive(Default)]
@@ -149,7 +151,16 @@ impl TrackerState {
             limits,
             announce_interval,
             secret,
+            allow_foreign_addr: false,
         }
+    }
+
+    /// Lets peers register addresses of other hosts (behind NAT or a proxy, a peer's own view
+    /// of its address is not the one the tracker sees). Off by default: anyone could otherwise
+    /// point the swarm's downloads at a host of their choosing.
+    pub fn allowing_foreign_addr(mut self, allow: bool) -> Self {
+        self.allow_foreign_addr = allow;
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, Index> {
@@ -190,7 +201,7 @@ impl TrackerState {
     ) -> Result<Registered, Refusal> {
         self.admit(req.secret.as_deref(), "registration")?;
         check_peer_name(&req.name)?;
-        let addr = advertised_addr(&req.addr, source)?;
+        let addr = advertised_addr(&req.addr, source, self.allow_foreign_addr)?;
         let lease = self.lease(now);
         let mut ix = self.lock();
         let peer_id = match (req.peer_id, req.token.as_deref()) {
@@ -606,8 +617,8 @@ fn check_peer_name(name: &str) -> Result<(), Refusal> {
 }
 
 /// The address to give out for a peer: its own claim, with an unspecified ip replaced by the
-/// address it connected from.
-fn advertised_addr(claimed: &str, source: IpAddr) -> Result<SocketAddr, Refusal> {
+/// address it connected from. A claim of another ip is refused unless `foreign` allows it.
+fn advertised_addr(claimed: &str, source: IpAddr, foreign: bool) -> Result<SocketAddr, Refusal> {
     let mut addr: SocketAddr = claimed.parse().map_err(|_| {
         Refusal::new(
             ErrorCode::BadRequest,
@@ -622,6 +633,16 @@ fn advertised_addr(claimed: &str, source: IpAddr) -> Result<SocketAddr, Refusal>
     }
     if addr.ip().is_unspecified() {
         addr.set_ip(source);
+    }
+    // A tracker listening on `[::]` sees IPv4 peers as `::ffff:a.b.c.d`.
+    if !foreign && addr.ip().to_canonical() != source.to_canonical() {
+        let why = format!(
+            "addr {addr} is not this peer's: it connects from {}; advertise this host's address \
+             (or 0.0.0.0:PORT to let the tracker fill it in), or, behind NAT or a proxy, have the \
+             tracker allow foreign addresses (SHOAL_ALLOW_FOREIGN_ADDR=true)",
+            source.to_canonical()
+        );
+        return Err(Refusal::new(ErrorCode::Unauthorized, why));
     }
     Ok(addr)
 }
@@ -1285,7 +1306,7 @@ mod tests {
         assert_eq!(s.chunk_register(&req, Instant::now()).unwrap().recorded, 1);
         let again = Register {
             name: "p".into(),
-            addr: "10.9.9.9:77".into(),
+            addr: "0.0.0.0:77".into(),
             secret: None,
             peer_id: Some(r.peer_id),
             token: Some(r.token),
@@ -1320,28 +1341,6 @@ mod tests {
     }
 
     #[test]
-    fn registering_again_under_an_identity_updates_its_address() {
-        let s = state();
-        let r = register(&s, "p", 1, vec![offer("a", 1, 4)]);
-        let again = Register {
-            name: "p2".into(),
-            addr: "10.9.9.9:77".into(),
-            secret: None,
-            peer_id: Some(r.peer_id),
-            token: Some(r.token.clone()),
-            files: vec![],
-        };
-        let reply = s
-            .register(again, "10.1.2.3".parse().unwrap(), Instant::now())
-            .unwrap();
-        assert_eq!(
-            (reply.peer_id, reply.addr.as_str()),
-            (r.peer_id, "10.9.9.9:77")
-        );
-        assert_eq!(locate(&s, "a").peers[0].name, "p2");
-    }
-
-    #[test]
     fn an_empty_file_is_indexed_listed_and_located_like_any_other() {
         let s = state();
         let r = register(&s, "seed", 1, vec![offer("empty", 1, 0)]);
@@ -1366,6 +1365,66 @@ mod tests {
         leave(&s, r);
         leave(&s, second);
         assert_eq!(s.sizes(), Sizes { peers: 0, files: 0 });
+    }
+
+    #[test]
+    fn registering_again_under_an_identity_updates_its_address() {
+        let s = state();
+        let r = register(&s, "p", 1, vec![offer("a", 1, 4)]);
+        let again = Register {
+            name: "p2".into(),
+            addr: "10.9.9.9:77".into(),
+            secret: None,
+            peer_id: Some(r.peer_id),
+            token: Some(r.token.clone()),
+            files: vec![],
+        };
+        let reply = s
+            .register(again, "10.9.9.9".parse().unwrap(), Instant::now())
+            .unwrap();
+        assert_eq!(
+            (reply.peer_id, reply.addr.as_str()),
+            (r.peer_id, "10.9.9.9:77")
+        );
+        assert_eq!(locate(&s, "a").peers[0].name, "p2");
+    }
+
+    #[test]
+    fn an_address_of_another_host_is_refused_unless_allowed() {
+        let claim = |addr: &str| Register {
+            name: "p".into(),
+            addr: addr.into(),
+            secret: None,
+            peer_id: None,
+            token: None,
+            files: vec![offer("a", 1, 4)],
+        };
+        let from: IpAddr = "10.1.2.3".parse().unwrap();
+        let s = state();
+        let refused = s
+            .register(claim("192.0.2.7:7401"), from, Instant::now())
+            .unwrap_err();
+        assert_eq!(refused.code, ErrorCode::Unauthorized);
+        assert!(
+            refused.message.contains("SHOAL_ALLOW_FOREIGN_ADDR"),
+            "{refused}"
+        );
+        assert_eq!(s.sizes(), Sizes { peers: 0, files: 0 });
+        for own in ["10.1.2.3:7401", "0.0.0.0:7401"] {
+            assert!(
+                s.register(claim(own), from, Instant::now()).is_ok(),
+                "{own}"
+            );
+        }
+        let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
+        assert!(s
+            .register(claim("10.1.2.3:7402"), mapped, Instant::now())
+            .is_ok());
+        let open = state().allowing_foreign_addr(true);
+        let reply = open
+            .register(claim("192.0.2.7:7401"), from, Instant::now())
+            .unwrap();
+        assert_eq!(reply.addr, "192.0.2.7:7401");
     }
 
     #[test]
