@@ -324,6 +324,53 @@ fn an_address_of_another_host_is_refused_unless_the_tracker_allows_it() {
     assert_eq!(reply["addr"], "127.0.0.2:7401");
 }
 
+#[test]
+fn a_daemon_says_once_that_it_will_not_write_a_name_and_stops_trying() {
+    let (tracker, _s, dir, _) = seeded();
+    let follower_dir = dir.path().join("f");
+    // Something that is not Shoal's already sits under the name.
+    std::fs::create_dir_all(follower_dir.join("a.bin")).unwrap();
+    let follower = daemon(tracker.addr, &follower_dir, "f", &[("SHOAL_WANT", "*")]);
+    // Every pass of the daemon's loop asks for the file list: let it go round many times (a
+    // retry came every other pass before).
+    let lists = r#"shoal_tracker_requests_total{msg="file_list",outcome="ok"}"#;
+    assert!(wait_until(Duration::from_secs(20), || {
+        metric_value(&tracker.metrics_text(), lists).unwrap_or(0.0) >= 15.0
+    }));
+    let refusals = follower
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("refusing to write"))
+        .count();
+    assert_eq!(refusals, 1, "{}", follower.log_text());
+    assert!(follower.log_contains("already exists"));
+    assert!(!follower.log_contains("will retry"));
+    assert!(follower_dir.join("a.bin").is_dir(), "left as it was");
+    assert_eq!(follower.metric("shoal_peer_files_wanted"), 0.0);
+}
+
+#[test]
+fn a_one_shot_get_refuses_an_unsafe_name_without_asking_anyone() {
+    let tracker = tracker(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(PEER)
+        .args(["get", "../escape", "--tracker", &tracker.addr.to_string()])
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .envs(FAST.iter().copied())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("refusing to write \"../escape\""), "{said}");
+    let asked = ["ok", "error"].map(|outcome| {
+        let sample =
+            format!(r#"shoal_tracker_requests_total{{msg="locations",outcome="{outcome}"}}"#);
+        metric_value(&tracker.metrics_text(), &sample).unwrap_or(0.0)
+    });
+    assert_eq!(asked, [0.0, 0.0], "the tracker was not asked");
+}
+
 fn hex_of_hash(hashes_b64: &str, index: usize) -> String {
     use base64::Engine;
     let flat = base64::engine::general_purpose::STANDARD

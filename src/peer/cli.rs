@@ -9,7 +9,7 @@ use crate::config::{PeerConfig, Want};
 use crate::protocol::{version_key, FileInfo, FileListReply, FileSummary, Hash, LocationsReply};
 use crate::units;
 use serde::Serialize;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -450,6 +450,9 @@ pub async fn daemon(cfg: PeerConfig, stop: CancellationToken) -> anyhow::Result<
     peer.tasks.spawn(catalogue::watch(peer.clone()));
     let mut running: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
     let mut backoff: HashMap<String, tokio::time::Instant> = HashMap::new();
+    // Names this peer will never write (invalid, or their path taken by something that is not
+    // this peer's): said once, never retried. A newer version of a name held here is fetched.
+    let refused = Arc::new(Mutex::new(HashSet::new()));
     let finished = Arc::new(tokio::sync::Notify::new());
     loop {
         let (wanted, unlisted) = wanted_versions(&peer, &want).await;
@@ -466,17 +469,17 @@ pub async fn daemon(cfg: PeerConfig, stop: CancellationToken) -> anyhow::Result<
         let now = tokio::time::Instant::now();
         let mut pending = unlisted;
         for version in wanted {
-            if holds_current(&peer, &version) {
+            let name = version.info.name.clone();
+            if holds_current(&peer, &version) || is_refused(&refused, &name) {
                 continue;
             }
             pending += 1;
-            let name = version.info.name.clone();
             if running.contains_key(&name) || backoff.get(&name).is_some_and(|t| *t > now) {
                 continue;
             }
             let p = peer.clone();
             let n = name.clone();
-            let finished = finished.clone();
+            let (finished, refused) = (finished.clone(), refused.clone());
             let digest = Some(version.info.digest);
             let task = tokio::spawn(async move {
                 match download(&p, &n, digest, Arc::new(LogProgress::new(&n))).await {
@@ -484,6 +487,10 @@ pub async fn daemon(cfg: PeerConfig, stop: CancellationToken) -> anyhow::Result<
                     // The tracker client logs an outage once; one line per retry is noise.
                     Err(DownloadError::Tracker(e)) if e.code().is_none() => {
                         tracing::debug!(file = %n, error = %e, "download waits for the tracker")
+                    }
+                    Err(e @ DownloadError::Unwritable(_)) => {
+                        tracing::warn!(file = %n, error = %e, "not downloading it, and not retrying");
+                        refused.lock().unwrap_or_else(|p| p.into_inner()).insert(n);
                     }
                     Err(e) => tracing::warn!(file = %n, error = %e, "download failed"),
                 }
@@ -503,6 +510,14 @@ pub async fn daemon(cfg: PeerConfig, stop: CancellationToken) -> anyhow::Result<
     }
     peer.shutdown().await;
     Ok(())
+}
+
+/// Whether the daemon gave up on `name` for good.
+fn is_refused(refused: &Mutex<HashSet<String>>, name: &str) -> bool {
+    refused
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .contains(name)
 }
 
 /// What the daemon should hold now: the newest version of each wanted name the swarm offers,

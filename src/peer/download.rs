@@ -7,15 +7,15 @@
 //!
 //! Lock order: `Job::sched` is a leaf lock, held only for in-memory bookkeeping.
 
-use super::store::{ChunkBuf, Finished, StoredFile, Written};
+use super::store::{ChunkBuf, Finished, StoredFile, Unwritable, Written};
 use super::tracker_client::TrackerError;
 use super::Peer;
 use crate::bitfield::Bitfield;
 use crate::connection::{Connection, FrameError, Limits};
 use crate::metrics::Active;
 use crate::protocol::{
-    decode_reply, encode_request, ChunkHeader, ChunkRequest, ErrorCode, FileInfo, Hash,
-    LocationsReply, Msg,
+    decode_reply, encode_request, validate_name, ChunkHeader, ChunkRequest, ErrorCode, FileInfo,
+    Hash, LocationsReply, Msg,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -71,6 +71,10 @@ pub enum DownloadError {
     },
     #[error(transparent)]
     Tracker(#[from] TrackerError),
+    /// This peer will never write that name (invalid or unsafe, or its path taken by something
+    /// that is not this peer's): retrying cannot help. Another version held here is no reason.
+    #[error(transparent)]
+    Unwritable(#[from] Unwritable),
     #[error("{0:#}")]
     Local(anyhow::Error),
     #[error("stopped before {0:?} was complete")]
@@ -131,6 +135,10 @@ async fn run(
     {
         return Ok(f.path());
     }
+    validate_name(name).map_err(|r| Unwritable {
+        name: name.to_string(),
+        reason: r.message,
+    })?;
     let first = locate(peer, name, digest, true).await?;
     if first.file.name != name || digest.is_some_and(|d| d != first.file.digest) {
         return Err(DownloadError::Local(anyhow::anyhow!(
@@ -203,14 +211,18 @@ async fn begin(peer: &Arc<Peer>, loc: &LocationsReply) -> Result<Arc<StoredFile>
 }
 
 /// Runs blocking store work on a blocking thread; its failure is local (the disk), which no
-/// holder can fix.
+/// holder can fix, or a name the store will never write.
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
 ) -> Result<T, DownloadError> {
+    let refused = |e: anyhow::Error| match e.downcast::<Unwritable>() {
+        Ok(unwritable) => DownloadError::Unwritable(unwritable),
+        Err(e) => DownloadError::Local(e),
+    };
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|e| DownloadError::Local(e.into()))?
-        .map_err(DownloadError::Local)
+        .map_err(refused)
 }
 
 /// Copies the chunks of `file` that some file held here already has (same hash) instead of

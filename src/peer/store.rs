@@ -116,6 +116,22 @@ impl Stamp {
     }
 }
 
+/// A download this store will not write, whatever the swarm does: retrying cannot help.
+#[derive(Debug, thiserror::Error)]
+#[error("refusing to write {name:?}: {reason}")]
+pub struct Unwritable {
+    pub name: String,
+    pub reason: String,
+}
+
+fn unwritable(name: &str, reason: impl Into<String>) -> anyhow::Error {
+    Unwritable {
+        name: name.to_string(),
+        reason: reason.into(),
+    }
+    .into()
+}
+
 /// One file this peer holds all or part of.
 pub struct StoredFile {
     pub info: FileInfo,
@@ -661,8 +677,8 @@ impl Store {
     }
 
     /// Makes sure every directory of `name` exists inside the data dir as a real directory,
-    /// creating what is missing; a component that is a symlink or a file is refused, so nothing
-    /// is ever written through a link out of the data dir.
+    /// creating what is missing; a component that is a symlink or a file is refused for good
+    /// ([`Unwritable`]), so nothing is ever written through a link out of the data dir.
     fn make_parents(&self, name: &str) -> anyhow::Result<()> {
         let mut dir = self.dir.clone();
         let components: Vec<&str> = name.split('/').collect();
@@ -676,11 +692,12 @@ impl Store {
             let meta = std::fs::symlink_metadata(&dir)
                 .with_context(|| format!("cannot stat {}", dir.display()))?;
             if !meta.is_dir() {
-                bail!(
-                    "{} is not a directory (a symlink or a file): refusing to write {name:?} \
+                let why = format!(
+                    "{} is not a directory (a symlink or a file), and nothing is written \
                      through it; move it away",
                     dir.display()
                 );
+                return Err(unwritable(name, why));
             }
         }
         Ok(())
@@ -696,16 +713,39 @@ impl Store {
         self.versions(name).iter().any(|f| f.on_disk() == here)
     }
 
+    /// Whether a download may take the final path of `name`: free, or a version of it held here
+    /// (another version is replaced, not refused). A directory, a symlink or any other non-file
+    /// there is not this peer's and is refused for good ([`Unwritable`]). A regular file not
+    /// held is refused for now: a daemon follows its data dir, so it is soon hashed and held.
+    fn check_target(&self, name: &str) -> anyhow::Result<()> {
+        let target = self.dir.join(name);
+        let Ok(meta) = std::fs::symlink_metadata(&target) else {
+            return Ok(());
+        };
+        if self.holds_file_at(name, &target) {
+            return Ok(());
+        }
+        let why = format!(
+            "{} already exists; move it away or choose another data dir",
+            target.display()
+        );
+        if meta.is_file() {
+            bail!("{why}");
+        }
+        Err(unwritable(name, why))
+    }
+
     /// Opens (or creates) the partial download of `info` (version stamp `published`), keeping
     /// the chunks on disk that verify. A partial download of another version of the file is
     /// replaced; a complete older version held here stays served until the new one replaces it.
+    /// A name this store will never write fails with an [`Unwritable`] error.
     pub fn begin_download(
         &self,
         info: &FileInfo,
         hashes: &HashList,
         published: u64,
     ) -> anyhow::Result<Arc<StoredFile>> {
-        validate_name(&info.name).map_err(|r| anyhow!("{}", r.message))?;
+        validate_name(&info.name).map_err(|r| unwritable(&info.name, r.message))?;
         if hashes.digest() != info.digest || hashes.0.len() as u64 != info.chunks() {
             bail!(
                 "the tracker's hash list for {:?} does not match its digest",
@@ -728,13 +768,7 @@ impl Store {
             }
         }
         self.make_parents(&info.name)?;
-        let target = self.dir.join(&info.name);
-        if std::fs::symlink_metadata(&target).is_ok() && !self.holds_file_at(&info.name, &target) {
-            bail!(
-                "{} already exists; move it away or choose another data dir",
-                target.display()
-            );
-        }
+        self.check_target(&info.name)?;
         // A data file without metadata is a leftover too (and gets a log line); anything else
         // in its place makes creating it fail with a clear error.
         let leftover = |kind| {
@@ -1428,6 +1462,31 @@ mod tests {
         let store = Store::new(dir.path(), true).unwrap();
         let err = refused(&store, &info, &hashes);
         assert!(err.contains("already exists"), "{err}");
+    }
+
+    #[test]
+    fn only_what_is_not_this_peers_is_refused_for_good() {
+        // Another version of a name held here is not refused at all: it is replaced (see
+        // a_new_version_replaces_the_one_held_under_its_name_in_one_rename).
+        let (src, dst) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let store = Store::new(dst.path(), true).unwrap();
+        let refused_for_good = |name: &str| {
+            let (_, info, hashes) = described(src.path(), name, 100);
+            match store.begin_download(&info, &hashes, 0) {
+                Ok(_) => panic!("{name:?} was accepted"),
+                Err(e) => e.is::<Unwritable>(),
+            }
+        };
+        sample(dst.path(), "put-there.bin", 10);
+        assert!(
+            !refused_for_good("put-there.bin"),
+            "a file put in the data dir is shared once hashed"
+        );
+        std::fs::create_dir(dst.path().join("dir.bin")).unwrap();
+        std::os::unix::fs::symlink(src.path(), dst.path().join("link")).unwrap();
+        for name in ["dir.bin", "link/x.bin", "../x.bin"] {
+            assert!(refused_for_good(name), "{name}");
+        }
     }
 
     /// Why `store` refuses to begin downloading `info`.
