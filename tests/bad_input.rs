@@ -353,13 +353,7 @@ fn a_daemon_says_once_that_it_will_not_write_a_name_and_stops_trying() {
 fn a_one_shot_get_refuses_an_unsafe_name_without_asking_anyone() {
     let tracker = tracker(&[]);
     let dir = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(PEER)
-        .args(["get", "../escape", "--tracker", &tracker.addr.to_string()])
-        .args(["--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path())
-        .envs(FAST.iter().copied())
-        .output()
-        .unwrap();
+    let out = get_once(tracker.addr, "../escape", dir.path());
     assert_eq!(out.status.code(), Some(1));
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(said.contains("refusing to write \"../escape\""), "{said}");

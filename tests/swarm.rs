@@ -89,22 +89,7 @@ fn later_peers_fetch_from_earlier_downloaders_once_the_seeder_is_gone() {
 
     seeder.kill9();
     let later = dir.path().join("later");
-    let status = std::process::Command::new(PEER)
-        .args([
-            "get",
-            "model.bin",
-            "--tracker",
-            &tracker.addr.to_string(),
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--data-dir")
-        .arg(&later)
-        .envs(FAST.iter().copied())
-        .stdout(std::process::Stdio::null())
-        .status()
-        .unwrap();
-
+    let status = get_once(tracker.addr, "model.bin", &later).status;
     assert!(status.success(), "get exited with {status}");
     assert!(same_bytes(&original, &later.join("model.bin")));
     assert!(
@@ -236,14 +221,7 @@ fn the_menu_asks_again_for_a_blank_name_and_prints_sizes_for_people() {
 
 #[test]
 fn an_empty_file_is_shared_listed_located_and_downloaded() {
-    let tracker = tracker(&[]);
-    let dir = tempfile::tempdir().unwrap();
-    make_file(&dir.path().join("s"), "empty.txt", 0, 1);
-    let _seeder = daemon(tracker.addr, &dir.path().join("s"), "s", &[]);
-    assert!(wait_until(Duration::from_secs(10), || holder_count(
-        tracker.addr,
-        "empty.txt"
-    ) == 1));
+    let (tracker, _seeder, dir, _) = seeded("empty.txt", 0, 1, &[]);
     assert!(file_names(tracker.addr).contains(&"empty.txt".to_string()));
     let loc = locations(tracker.addr, "empty.txt");
     assert_eq!(
@@ -253,14 +231,7 @@ fn an_empty_file_is_shared_listed_located_and_downloaded() {
     );
 
     let got = dir.path().join("got");
-    let status = std::process::Command::new(PEER)
-        .args(["get", "empty.txt", "--tracker", &tracker.addr.to_string()])
-        .args(["--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&got)
-        .envs(FAST.iter().copied())
-        .stdout(std::process::Stdio::null())
-        .status()
-        .unwrap();
+    let status = get_once(tracker.addr, "empty.txt", &got).status;
     assert!(status.success(), "get exited with {status}");
     let left: Vec<_> = std::fs::read_dir(&got)
         .unwrap()

@@ -288,6 +288,18 @@ pub fn placed_peer(
         .stdout(Stdio::null());
 }
 
+/// Runs the one-shot `shoal-peer get NAME` against `tracker` with [`FAST`] settings, landing the
+/// file in `dir`, and returns how it ended.
+pub fn get_once(tracker: SocketAddr, name: &str, dir: &Path) -> std::process::Output {
+    Command::new(PEER)
+        .args(["get", name, "--tracker", &tracker.to_string()])
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .envs(FAST.iter().copied())
+        .output()
+        .unwrap()
+}
+
 /// Writes `len` bytes of deterministic pseudo-random content (varying with `seed`).
 pub fn make_file(dir: &Path, name: &str, len: usize, seed: u64) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
