@@ -842,19 +842,23 @@ impl Job {
             } else {
                 Ok(None)
             };
-            // Only now may another worker pick this chunk again (if it failed).
-            job.sched().settle(index);
-            // The buffer goes back to the pool when `data` drops, after this.
+            // The buffer goes back to the pool when `data` drops, after this. A failed chunk may
+            // be picked again only now; a kept one is settled as it is marked held, under one
+            // lock, so no worker can slip in between and fetch it twice.
             match written {
                 Ok(Some(w)) => {
                     job.record(&addr, index, sent, data.len() as u64, w);
                     Landed::Kept
                 }
                 Ok(None) => {
+                    job.sched().settle(index);
                     job.peer.metrics.verify_failures.inc();
                     Landed::Corrupt(index)
                 }
-                Err(e) => job.fail(e),
+                Err(e) => {
+                    job.sched().settle(index);
+                    job.fail(e)
+                }
             }
         })
     }
@@ -888,6 +892,7 @@ impl Job {
     fn record(&self, addr: &str, index: u32, sent: Instant, bytes: u64, written: Written) {
         let m = &self.peer.metrics;
         if written == Written::Duplicate {
+            self.sched().settle(index);
             m.chunks_duplicate.inc();
             return;
         }
@@ -899,6 +904,7 @@ impl Job {
         self.progress.advance(bytes);
         tracing::trace!(chunk = index, holder = %addr, "chunk verified");
         let mut s = self.sched();
+        s.settle(index);
         s.observe(secs);
         if let Some(h) = s.holders.get_mut(addr) {
             h.delivered += 1;
