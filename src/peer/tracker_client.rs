@@ -135,11 +135,11 @@ impl TrackerClient {
             return Ok(());
         }
         o.held_back += 1;
+        // No "next attempt in": a one-shot command gives up with this very message.
         let why = format!(
-            "{} (down for {:.1}s; next attempt in {:.1}s)",
+            "{} (down for {:.1}s)",
             o.reason,
-            now.duration_since(o.since).as_secs_f64(),
-            o.next_attempt.duration_since(now).as_secs_f64()
+            now.duration_since(o.since).as_secs_f64()
         );
         Err(self.unreachable(why))
     }
@@ -353,7 +353,7 @@ mod tests {
         let first = client.file_list().await.unwrap_err();
         assert!(client.is_down(), "{first}");
         let second = client.file_list().await.unwrap_err().to_string();
-        assert!(second.contains("next attempt in"), "{second}");
+        assert!(second.contains("down for"), "{second}");
         let outage = client.outage();
         let o = outage.as_ref().unwrap();
         assert_eq!((o.failures, o.held_back), (1, 1));
