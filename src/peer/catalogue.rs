@@ -60,7 +60,10 @@ pub async fn watch(peer: Arc<Peer>) {
 /// Watches `dir` recursively; every change to a visible path sends a wake-up (coalesced: the
 /// channel holds one). `None`, after a warning, where inotify is unavailable.
 fn start_watcher(dir: &Path, tx: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
-    let root = dir.to_path_buf();
+    // notify reports the paths of a relative watch joined to the working directory, so a
+    // relative data dir (the default is `.`) must be joined the same way, or no event would
+    // ever look like one of ours.
+    let root = std::env::current_dir().map_or_else(|_| dir.to_path_buf(), |cwd| cwd.join(dir));
     let handler = move |event: notify::Result<notify::Event>| {
         // A download writes its hidden partial files constantly; only visible paths matter.
         let relevant = match event {
@@ -306,5 +309,23 @@ mod tests {
         assert!(!visible(root, Path::new("/data/models/.a.bin.shoal-part")));
         assert!(!visible(root, Path::new("/data/.cache/a.bin")));
         assert!(!visible(root, Path::new("/elsewhere/a.bin")));
+    }
+
+    #[tokio::test]
+    async fn a_relative_data_dir_wakes_the_catalogue_too() {
+        // Not `tempdir()`: its name is hidden, and files under hidden paths wake nothing.
+        let dir = tempfile::Builder::new().prefix("data").tempdir().unwrap();
+        let cwd = std::env::current_dir().unwrap();
+        let up: PathBuf = cwd.components().skip(1).map(|_| "..").collect();
+        let relative = up.join(dir.path().strip_prefix("/").unwrap());
+        let (tx, mut wakes) = mpsc::channel(1);
+        let _watcher = start_watcher(&relative, tx).expect("inotify is available");
+        std::fs::write(dir.path().join("new.bin"), b"data").unwrap();
+        let woke = tokio::time::timeout(Duration::from_secs(10), wakes.recv()).await;
+        assert!(
+            woke.is_ok(),
+            "a new file in {} woke nothing",
+            relative.display()
+        );
     }
 }
