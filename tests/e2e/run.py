@@ -22,6 +22,7 @@ Only the standard library; needs docker and docker-compose (or `docker compose`)
 
 import argparse
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -263,11 +264,15 @@ class Run:
         """{file name: (chunk count, chunk size)}: each seeder picks its files' chunk size."""
         found = {}
         for name in self.originals:
-            out = run(["docker", "exec", self.swarm["seeder2"].id, "/shoal-peer", "locate", name],
-                      quiet=True)
-            m = re.search(r"(\d+) chunks of (\d+) bytes", out)
-            found[name] = (int(m.group(1)), int(m.group(2)))
+            loc = self.located(name)
+            found[name] = (loc["chunks"], loc["chunk_size"])
         return found
+
+    def located(self, name):
+        """The tracker's `locate --json` answer for `name`, asked from inside seeder2."""
+        out = run(["docker", "exec", self.swarm["seeder2"].id, "/shoal-peer", "locate", name,
+                   "--json"], quiet=True)
+        return json.loads(out)
 
     def peer_done(self, c):
         try:
@@ -290,23 +295,14 @@ class Run:
 
     def locate(self, name):
         """(chunk count, {holder name: set of chunk indexes}) as the tracker reports them."""
-        out = run(["docker", "exec", self.swarm["seeder2"].id, "/shoal-peer", "locate", name], quiet=True)
-        lines = out.splitlines()
-        chunks = int(re.search(r"(\d+) chunks of", lines[0]).group(1))
+        loc = self.located(name)
         holders = {}
-        for line in lines[1:]:
-            m = re.match(r"\s*(\S+) \((.*)\) chunks: (.*)$", line)
-            if not m:
-                continue
-            spec = m.group(3).strip()
-            if spec.startswith("all"):
-                held = set(range(chunks))
-            else:
-                held = set()
-                for part in filter(None, spec.split(",")):
-                    a, _, b = part.partition("-")
-                    held.update(range(int(a), int(b or a) + 1))
-            holders[m.group(2)] = held
+        for h in loc["peers"]:
+            held = set()
+            for first, last in h["chunks"]:
+                held.update(range(first, last + 1))
+            holders[h["name"]] = held
+        chunks = loc["chunks"]
         return chunks, holders
 
     def held_elsewhere(self, seeder):
@@ -491,12 +487,9 @@ class Run:
 
     def verify_tracker_view(self):
         """The tracker must know every live holder as complete: `shoal-peer files`."""
-        out = run(["docker", "exec", self.swarm["seeder2"].id, "/shoal-peer", "files"], quiet=True)
-        rows = {}
-        for line in out.splitlines()[1:]:
-            parts = line.split()
-            if len(parts) == 5:
-                rows[parts[0]] = (int(parts[3]), int(parts[4]))
+        out = run(["docker", "exec", self.swarm["seeder2"].id, "/shoal-peer", "files", "--json"],
+                  quiet=True)
+        rows = {f["name"]: (f["peers"], f["seeders"]) for f in json.loads(out)}
         for name in self.originals:
             holders = self.args.peers + (1 if name in SEEDS["seeder2"] else 0)
             got = rows.get(name)
