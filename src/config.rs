@@ -183,6 +183,9 @@ pub struct PeerConfig {
     pub direct_writes: bool,
     /// HTTP address for `/metrics`, `/healthz`, `/readyz`; unset = no HTTP endpoint.
     pub metrics_addr: Option<String>,
+    /// HTTP address of the local file API (`/v1/files`, `/v1/status`); unset = off. It has no
+    /// authentication: bind it to loopback or a node-local address.
+    pub api_addr: Option<String>,
     /// Shared secret for the tracker and for chunk requests between peers.
     pub secret: Option<String>,
     /// Chunk-server connections at once; more are refused with `busy`.
@@ -236,6 +239,7 @@ impl Default for PeerConfig {
             upload_slots: 2,
             direct_writes: true,
             metrics_addr: None,
+            api_addr: None,
             secret: None,
             max_connections: 256,
             max_sources: 32,
@@ -272,6 +276,9 @@ impl Settings for PeerConfig {
         }
         if let Some(m) = &self.metrics_addr {
             parse_addr("SHOAL_METRICS_ADDR", m)?;
+        }
+        if let Some(a) = &self.api_addr {
+            parse_addr("SHOAL_API_ADDR", a)?;
         }
         if self.name.as_deref().is_some_and(|n| n.trim().is_empty()) {
             bail!("SHOAL_NAME is empty: give this peer a name, or unset it to use the host name");

@@ -170,6 +170,9 @@ pub struct PeerMetrics {
     pub versions_published: IntCounter,
     pub files_withdrawn: IntCounter,
     pub chunks_reused: IntCounter,
+    pub api_requests: IntCounterVec,
+    pub api_bytes_sent: IntCounter,
+    pub api_streams: IntGauge,
 }
 
 impl Default for PeerMetrics {
@@ -287,9 +290,41 @@ impl Default for PeerMetrics {
                 "shoal_peer_chunks_reused_total",
                 "Chunks of a download copied from a file already held here instead of fetched.",
             ),
+            api_requests: api_requests(&r),
+            api_bytes_sent: counter(
+                &r,
+                "shoal_api_bytes_sent_total",
+                "File bytes sent to readers of the HTTP API.",
+            ),
+            api_streams: gauge(
+                &r,
+                "shoal_api_streams",
+                "File bodies being sent over the HTTP API now.",
+            ),
             registry: r,
         }
     }
+}
+
+/// The routes of the HTTP API, as the `route` label names them (never a file name).
+pub const API_ROUTES: [&str; 4] = ["files", "file", "status", "other"];
+/// The status codes the HTTP API answers with.
+pub const API_STATUSES: [u16; 10] = [200, 206, 304, 400, 404, 405, 416, 500, 502, 503];
+
+/// HTTP API requests by route and status code, every pair present from the start.
+fn api_requests(reg: &Registry) -> IntCounterVec {
+    let requests = counter_vec(
+        reg,
+        "shoal_api_requests_total",
+        "HTTP API requests answered, by route (files, file, status, other) and status code.",
+        &["route", "status"],
+    );
+    for route in API_ROUTES {
+        for status in API_STATUSES {
+            requests.with_label_values(&[route, &status.to_string()]);
+        }
+    }
+    requests
 }
 
 /// The reasons the download engine bans a holder for (src/peer/download.rs).

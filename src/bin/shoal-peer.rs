@@ -142,6 +142,10 @@ enum Command {
         /// Names to fetch, comma-separated, or * for everything [env: SHOAL_WANT].
         #[arg(long, value_name = "NAMES")]
         want: Option<String>,
+        /// Address of the local HTTP file API, e.g. 127.0.0.1:7480; no auth, keep it node-local
+        /// [env: SHOAL_API_ADDR, default off].
+        #[arg(long, value_name = "IP:PORT")]
+        api_addr: Option<String>,
     },
     /// List the swarm's files: the newest version of each name.
     Files {
@@ -231,11 +235,13 @@ impl Command {
                 identity,
                 sharing,
                 want,
+                api_addr,
             } => {
                 o.set("tracker", &tracker.tracker);
                 identity.add_to(&mut o);
                 sharing.add_to(&mut o);
                 o.set("want", want);
+                o.set("api_addr", api_addr);
             }
             Command::Files { query, .. } | Command::Locate { query, .. } => query.add_to(&mut o),
             Command::Get {

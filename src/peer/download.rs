@@ -5,10 +5,15 @@
 //! A holder that fails is dropped (a liar for good, a dead or slow one for a cool-down) and its
 //! chunks go back to the pool. Near the end, a missing chunk may be asked of a second holder.
 //!
-//! Lock order: `Job::sched` is a leaf lock, held only for in-memory bookkeeping.
+//! Readers of the file (the HTTP API) register in its [`Transfer`]: the chunks just ahead of
+//! each reader's position are asked for before any other, in order.
+//!
+//! Lock order: `Job::sched` is a leaf lock, held only for in-memory bookkeeping; the
+//! transfer's locks are taken and released before it, never under it.
 
 use super::store::{ChunkBuf, Finished, StoredFile, Unwritable, Written};
 use super::tracker_client::TrackerError;
+use super::transfers::{Opened, Transfer};
 use super::Peer;
 use crate::bitfield::Bitfield;
 use crate::connection::{Connection, FrameError, Limits};
@@ -79,6 +84,32 @@ pub enum DownloadError {
     Local(anyhow::Error),
     #[error("stopped before {0:?} was complete")]
     Stopped(String),
+    /// The download this one joined failed so.
+    #[error("{0}")]
+    Shared(Arc<DownloadError>),
+}
+
+impl DownloadError {
+    /// The same error, for everyone else who waited on the download.
+    fn shared(&self) -> DownloadError {
+        match self {
+            DownloadError::NoSuchFile(n) => DownloadError::NoSuchFile(n.clone()),
+            DownloadError::NoHolders {
+                file,
+                missing,
+                tried,
+            } => DownloadError::NoHolders {
+                file: file.clone(),
+                missing: missing.clone(),
+                tried: *tried,
+            },
+            DownloadError::Tracker(e) => DownloadError::Tracker(e.clone()),
+            DownloadError::Unwritable(e) => DownloadError::Unwritable(e.clone()),
+            DownloadError::Local(e) => DownloadError::Local(anyhow::anyhow!("{e:#}")),
+            DownloadError::Stopped(n) => DownloadError::Stopped(n.clone()),
+            DownloadError::Shared(e) => DownloadError::Shared(e.clone()),
+        }
+    }
 }
 
 /// Observes a download's progress (a terminal bar, log lines, or nothing).
@@ -98,7 +129,8 @@ impl Progress for Silent {
 }
 
 /// Downloads version `digest` of `name` (absent: the newest) into the data dir, resuming any
-/// partial copy and replacing an older version held there, and returns its final path.
+/// partial copy and replacing an older version held there, and returns its final path. A
+/// download of that version already running (for an API reader, say) is joined, not repeated.
 pub async fn download(
     peer: &Arc<Peer>,
     name: &str,
@@ -106,8 +138,57 @@ pub async fn download(
     progress: Arc<dyn Progress>,
 ) -> Result<PathBuf, DownloadError> {
     let span = tracing::info_span!("download", file = %name);
+    async {
+        if let Some(f) = peer
+            .store
+            .find(name, digest.as_ref())
+            .filter(|f| f.is_final())
+        {
+            return Ok(f.path());
+        }
+        validate_name(name).map_err(|r| Unwritable {
+            name: name.to_string(),
+            reason: r.message,
+        })?;
+        let first = locate(peer, name, digest, true).await?;
+        if first.file.name != name || digest.is_some_and(|d| d != first.file.digest) {
+            return Err(DownloadError::Local(anyhow::anyhow!(
+                "the tracker answered with {:?} (digest {}) to a request for {name:?}",
+                first.file.name,
+                first.file.digest.to_hex()
+            )));
+        }
+        match peer.transfers.open(&first.file) {
+            Opened::Started(transfer) => drive(peer, &first, &transfer, progress).await,
+            Opened::Joined(transfer) => {
+                tracing::info!("joining the download already running");
+                transfer.finished().await.map_err(DownloadError::Shared)
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Runs the download of the version `first` describes (with its hashes) for `transfer`, which
+/// [`Transfers::open`](super::transfers::Transfers::open) just registered, and closes it with
+/// the outcome.
+pub async fn drive(
+    peer: &Arc<Peer>,
+    first: &LocationsReply,
+    transfer: &Arc<Transfer>,
+    progress: Arc<dyn Progress>,
+) -> Result<PathBuf, DownloadError> {
+    // Versions of one name share its partial file: let those asked for earlier finish first.
+    for earlier in peer.transfers.before(transfer) {
+        tracing::info!(digest = %earlier.info.digest.to_hex(), "waiting for the download of another version of this name");
+        tokio::select! {
+            _ = earlier.finished() => {}
+            _ = peer.stop.cancelled() => {}
+        }
+    }
     let started = Instant::now();
-    let result = run(peer, name, digest, progress).instrument(span).await;
+    let result = run(peer, first, transfer, progress).await;
     match &result {
         Ok(_) => {
             peer.metrics.downloads_completed.inc();
@@ -116,40 +197,32 @@ pub async fn download(
                 .observe(started.elapsed().as_secs_f64());
         }
         Err(DownloadError::Stopped(_)) => {}
-        Err(_) => peer.metrics.downloads_failed.inc(),
+        Err(e) => {
+            peer.metrics.downloads_failed.inc();
+            tracing::debug!(error = %e, "download failed");
+        }
     }
     peer.update_file_gauges();
+    let outcome = match &result {
+        Ok(path) => Ok(path.clone()),
+        Err(e) => Err(Arc::new(e.shared())),
+    };
+    peer.transfers.close(transfer, outcome);
     result
 }
 
 async fn run(
     peer: &Arc<Peer>,
-    name: &str,
-    digest: Option<Hash>,
+    first: &LocationsReply,
+    transfer: &Arc<Transfer>,
     progress: Arc<dyn Progress>,
 ) -> Result<PathBuf, DownloadError> {
-    if let Some(f) = peer
-        .store
-        .find(name, digest.as_ref())
-        .filter(|f| f.is_final())
-    {
-        return Ok(f.path());
-    }
-    validate_name(name).map_err(|r| Unwritable {
-        name: name.to_string(),
-        reason: r.message,
-    })?;
-    let first = locate(peer, name, digest, true).await?;
-    if first.file.name != name || digest.is_some_and(|d| d != first.file.digest) {
-        return Err(DownloadError::Local(anyhow::anyhow!(
-            "the tracker answered with {:?} (digest {}) to a request for {name:?}",
-            first.file.name,
-            first.file.digest.to_hex()
-        )));
-    }
+    let name = &first.file.name;
     for _ in 0..FINAL_CHECKS {
-        let file = begin(peer, &first).await?;
+        let file = begin(peer, first).await?;
+        transfer.opened(file.clone());
         reuse_local(peer, &file).await?;
+        transfer.filled();
         let held = file.have().count() as u64;
         let fetched = file.info.size - (held * u64::from(file.info.chunk_size)).min(file.info.size);
         let started = Instant::now();
@@ -161,8 +234,13 @@ async fn run(
             "download started"
         );
         progress.begin(&file.info, held);
-        let job = Arc::new(Job::new(peer.clone(), file.clone(), progress.clone()));
-        job.update_holders(&first);
+        let job = Arc::new(Job::new(
+            peer.clone(),
+            file.clone(),
+            progress.clone(),
+            transfer.clone(),
+        ));
+        job.update_holders(first);
         let outcome = job.clone().coordinate().await;
         progress.end();
         outcome?;
@@ -242,7 +320,7 @@ async fn reuse_local(peer: &Arc<Peer>, file: &Arc<StoredFile>) -> Result<(), Dow
     Ok(())
 }
 
-async fn locate(
+pub(super) async fn locate(
     peer: &Peer,
     name: &str,
     digest: Option<Hash>,
@@ -395,8 +473,9 @@ impl Scheduler {
     /// The next chunk to ask `addr` for: the rarest missing chunk it holds that nobody is
     /// fetching, from a random starting point. In the endgame (everything missing is requested
     /// somewhere), an overdue request may be duplicated here; there is no cancel message, so a
-    /// duplicate costs the uploader a whole chunk and is kept for stragglers only.
-    fn pick(&mut self, addr: &str, mine: &[u32]) -> Option<u32> {
+    /// duplicate costs the uploader a whole chunk and is kept for stragglers only. Chunks in
+    /// `urgent` (what readers wait for, most urgent first) go before all others.
+    fn pick(&mut self, addr: &str, mine: &[u32], urgent: &[u32]) -> Option<u32> {
         let n = self.have.len();
         if n == 0 {
             return None;
@@ -404,6 +483,15 @@ impl Scheduler {
         let now = Instant::now();
         let endgame = self.endgame();
         let h = &self.holders[addr];
+        let wanted_now = urgent
+            .iter()
+            .map(|&i| i as usize)
+            .find(|&i| i < n && self.inflight[i] == 0 && self.askable(h, i, now, endgame, mine));
+        if let Some(i) = wanted_now {
+            self.inflight[i] += 1;
+            self.requested_at[i].get_or_insert(now);
+            return Some(i as u32);
+        }
         let start = self.rng.gen_range(0..n);
         let mut best: Option<(u32, usize)> = None;
         for i in (0..n).map(|k| (start + k) % n) {
@@ -451,6 +539,8 @@ struct Job {
     peer: Arc<Peer>,
     file: Arc<StoredFile>,
     progress: Arc<dyn Progress>,
+    /// Told of every chunk held and every source used; gives the chunks readers wait for.
+    transfer: Arc<Transfer>,
     sched: Mutex<Scheduler>,
     /// Wakes the coordinator (a source ended or starves, the file completed).
     wake: Notify,
@@ -472,7 +562,12 @@ enum Fault {
 }
 
 impl Job {
-    fn new(peer: Arc<Peer>, file: Arc<StoredFile>, progress: Arc<dyn Progress>) -> Job {
+    fn new(
+        peer: Arc<Peer>,
+        file: Arc<StoredFile>,
+        progress: Arc<dyn Progress>,
+        transfer: Arc<Transfer>,
+    ) -> Job {
         let sched = Mutex::new(Scheduler::new(file.have()));
         let buffers = Arc::new(Buffers::new(file.info.chunk_size));
         Job {
@@ -480,6 +575,7 @@ impl Job {
             peer,
             file,
             progress,
+            transfer,
             sched,
             wake: Notify::new(),
             changed: Notify::new(),
@@ -642,7 +738,9 @@ impl Job {
     async fn worker(self: Arc<Self>, addr: String) {
         let mut queue = VecDeque::new();
         let mut landings = VecDeque::new();
+        self.transfer.source_started(&addr);
         let mut outcome = self.fetch_from(&addr, &mut queue, &mut landings).await;
+        self.transfer.source_ended(&addr);
         // A chunk that arrived whole before the connection ended is still worth keeping.
         for l in landings {
             if let Err(fault) = self.land(l).await {
@@ -719,7 +817,8 @@ impl Job {
         loop {
             while queue.len() < cfg.pipeline_depth {
                 let mine: Vec<u32> = queue.iter().map(|p| p.index).collect();
-                let Some(index) = self.sched().pick(addr, &mine) else {
+                let urgent = self.transfer.urgent();
+                let Some(index) = self.sched().pick(addr, &mine, &urgent) else {
                     break;
                 };
                 let req = ChunkRequest {
@@ -899,9 +998,11 @@ impl Job {
         let secs = sent.elapsed().as_secs_f64();
         m.chunks_downloaded.inc();
         m.bytes_downloaded.inc_by(bytes);
+        self.peer.down.add(bytes);
         m.chunk_transfer_duration.observe(secs);
         self.peer.report_chunk(&self.file, index);
         self.progress.advance(bytes);
+        self.transfer.landed(bytes);
         tracing::trace!(chunk = index, holder = %addr, "chunk verified");
         let mut s = self.sched();
         s.settle(index);
@@ -1079,9 +1180,23 @@ mod tests {
             &[f, f, f],
             &[("a", &[t, t, t]), ("b", &[t, f, t]), ("c", &[t, f, f])],
         );
-        assert_eq!(s.pick("a", &[]), Some(1));
-        assert_eq!(s.pick("a", &[]), Some(2));
-        assert_eq!(s.pick("a", &[]), Some(0));
+        assert_eq!(s.pick("a", &[], &[]), Some(1));
+        assert_eq!(s.pick("a", &[], &[]), Some(2));
+        assert_eq!(s.pick("a", &[], &[]), Some(0));
+    }
+
+    #[test]
+    fn chunks_readers_wait_for_go_first_in_their_order() {
+        let t = true;
+        let f = false;
+        let mut s = sched(&[f, f, t, f], &[("a", &[t, t, t, t]), ("b", &[t, f, t, t])]);
+        assert_eq!(s.pick("a", &[], &[2, 3, 1]), Some(3), "2 is held");
+        assert_eq!(
+            s.pick("b", &[], &[3, 1, 0]),
+            Some(0),
+            "3 is asked, b lacks 1"
+        );
+        assert_eq!(s.pick("a", &[3], &[3, 0]), Some(1), "then the rarest");
     }
 
     #[test]
@@ -1090,22 +1205,22 @@ mod tests {
         let f = false;
         let mut s = sched(&[t, f, f], &[("a", &[t, t, f]), ("b", &[t, t, t])]);
         let mine_a = [1u32];
-        assert_eq!(s.pick("a", &[]), Some(1));
+        assert_eq!(s.pick("a", &[], &[]), Some(1));
         // Chunk 2 is still unrequested (b has it): a must not duplicate anything yet.
-        assert_eq!(s.pick("a", &mine_a), None);
-        assert_eq!(s.pick("b", &[]), Some(2));
+        assert_eq!(s.pick("a", &mine_a, &[]), None);
+        assert_eq!(s.pick("b", &[], &[]), Some(2));
         let mine_b = [2u32];
         // Everything missing is in flight, but nothing is overdue: no duplicate yet.
         assert!(s.endgame());
-        assert_eq!(s.pick("b", &mine_b), None);
+        assert_eq!(s.pick("b", &mine_b, &[]), None);
         assert!(!s.has_work("b", Instant::now()));
         // Once chunk 1's request is overdue, b may duplicate it; a may never repeat itself.
         s.typical_secs = 0.1;
         s.requested_at[1] = Some(Instant::now() - Duration::from_secs(1));
         assert!(s.has_work("b", Instant::now()));
-        assert_eq!(s.pick("a", &mine_a), None);
-        assert_eq!(s.pick("b", &mine_b), Some(1));
-        assert_eq!(s.pick("b", &[2, 1]), None);
+        assert_eq!(s.pick("a", &mine_a, &[]), None);
+        assert_eq!(s.pick("b", &mine_b, &[]), Some(1));
+        assert_eq!(s.pick("b", &[2, 1], &[]), None);
         s.settle(1);
         s.settle(1);
         assert_eq!(s.requested_at[1], None);
@@ -1123,7 +1238,7 @@ mod tests {
             let mut seen = std::collections::HashMap::new();
             let mine: [u32; 0] = [];
             for _ in 0..rounds {
-                let Some(i) = s.pick("h", &mine) else { break };
+                let Some(i) = s.pick("h", &mine, &[]) else { break };
                 let i = i as usize;
                 prop_assert!(!have[i], "picked a chunk already held");
                 prop_assert!(holder[i], "picked a chunk the holder lacks");

@@ -1,14 +1,17 @@
-//! The peer: a chunk [`store`] on disk, a chunk [`server`], a [`download`] engine, a
-//! [`tracker_client`], the [`catalogue`] that follows the data dir, and the front ends in [`cli`]
-//! (the numbered menu, one-shot commands and the daemon). This module holds what they share:
-//! the running peer and its tracker session.
+//! The peer: a chunk [`store`] on disk, a chunk [`server`], a [`download`] engine whose
+//! in-flight [`transfers`] readers can join, a [`tracker_client`], the [`catalogue`] that follows
+//! the data dir, the local HTTP [`api`], and the front ends in [`cli`] (the numbered menu,
+//! one-shot commands and the daemon). This module holds what they share: the running peer and
+//! its tracker session.
 
+pub mod api;
 pub mod catalogue;
 pub mod cli;
 pub mod download;
 pub mod server;
 pub mod store;
 pub mod tracker_client;
+pub mod transfers;
 
 use crate::bitfield::WireBits;
 use crate::config::PeerConfig;
@@ -31,6 +34,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracker_client::{TrackerClient, TrackerError};
+use transfers::{Meter, Transfers};
 
 /// Chunk registrations waiting to be sent; when full, the next sync re-registers everything.
 const REPORT_QUEUE: usize = 8192;
@@ -68,6 +72,12 @@ pub struct Peer {
     reports: mpsc::Sender<Report>,
     /// Wakes the catalogue: a file was found changed on disk while being served.
     pub rescan: tokio::sync::Notify,
+    /// Downloads in flight, which API readers and other callers join.
+    pub transfers: Transfers,
+    /// Bytes of verified chunks landed, for the recent download rate.
+    pub down: Meter,
+    /// Chunk bytes sent to other peers, for the recent upload rate.
+    pub up: Meter,
 }
 
 /// "I now hold chunk `.2` of version `.1` of file `.0`", queued for the tracker.
@@ -130,6 +140,9 @@ impl Peer {
             needs_sync: AtomicBool::new(true),
             reports,
             rescan: tokio::sync::Notify::new(),
+            transfers: Transfers::default(),
+            down: Meter::default(),
+            up: Meter::default(),
             cfg,
         });
         peer.update_file_gauges();
@@ -146,7 +159,15 @@ impl Peer {
                 peer.stop.clone(),
             ));
         }
-        tracing::info!(addr = %listen_addr, metrics = metrics_addr.map(tracing::field::display), peer = %peer.name, files = peer.store.all().len(), "peer listening");
+        let mut api_addr = None;
+        if let Some(addr) = &peer.cfg.api_addr {
+            let http = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} for the HTTP API"))?;
+            api_addr = Some(http.local_addr()?);
+            peer.tasks.spawn(api::serve(peer.clone(), http));
+        }
+        tracing::info!(addr = %listen_addr, metrics = metrics_addr.map(tracing::field::display), api = api_addr.map(tracing::field::display), peer = %peer.name, files = peer.store.all().len(), "peer listening");
         peer.tasks.spawn(server::run(peer.clone(), listener));
         match peer.sync().await {
             // Unreachable: the tracker client has said so, once.
@@ -167,6 +188,11 @@ impl Peer {
 
     fn set_session(&self, s: Option<Session>) {
         *self.session.lock().unwrap_or_else(|p| p.into_inner()) = s;
+    }
+
+    /// Whether the tracker knows this peer now.
+    pub fn is_registered(&self) -> bool {
+        self.session().is_some() && self.ready.get()
     }
 
     pub fn peer_id(&self) -> Option<u64> {

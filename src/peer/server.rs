@@ -355,5 +355,6 @@ async fn send_chunk(
     }
     peer.metrics.chunks_uploaded.inc();
     peer.metrics.bytes_uploaded.inc_by(data.len() as u64);
+    peer.up.add(data.len() as u64);
     Ok(())
 }

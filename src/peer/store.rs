@@ -117,7 +117,7 @@ impl Stamp {
 }
 
 /// A download this store will not write, whatever the swarm does: retrying cannot help.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 #[error("refusing to write {name:?}: {reason}")]
 pub struct Unwritable {
     pub name: String,

@@ -26,7 +26,7 @@ pub const BACKOFF_START: Duration = Duration::from_millis(500);
 /// The longest wait between attempts while the tracker is unreachable.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum TrackerError {
     #[error("tracker {addr} refused: {refusal}")]
     Refused { addr: String, refusal: Refusal },

@@ -34,6 +34,8 @@ pub struct Proc {
     pub log: Arc<Mutex<Vec<String>>>,
     pub addr: SocketAddr,
     pub metrics: Option<SocketAddr>,
+    /// The HTTP API's address, for a peer started with `SHOAL_API_ADDR`.
+    pub api: Option<SocketAddr>,
 }
 
 impl Proc {
@@ -74,11 +76,13 @@ impl Proc {
             .parse()
             .expect("socket addr");
         let metrics = line["metrics"].as_str().and_then(|m| m.parse().ok());
+        let api = line["api"].as_str().and_then(|m| m.parse().ok());
         Proc {
             child,
             log,
             addr,
             metrics,
+            api,
         }
     }
 
@@ -174,6 +178,114 @@ pub fn http_request(addr: SocketAddr, method: &str, path: &str) -> (u16, String,
         .unwrap_or(0);
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     (status, head.to_string(), body.to_string())
+}
+
+/// An HTTP/1.1 response read from a raw socket, body as bytes.
+pub struct HttpReply {
+    pub status: u16,
+    /// Header names in lower case.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// How reading the body ended: `None` at a clean end of the connection.
+    pub error: Option<std::io::Error>,
+}
+
+impl HttpReply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+/// An HTTP/1.1 exchange on one connection (`Connection: close`) whose body can be read bit by
+/// bit, to see bytes arrive before the whole body has.
+pub struct HttpStream {
+    reader: BufReader<TcpStream>,
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+}
+
+impl HttpStream {
+    /// Sends `method path` with `headers` and reads the status line and headers.
+    pub fn open(
+        addr: SocketAddr,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> HttpStream {
+        let mut s = TcpStream::connect(addr).expect("API reachable");
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
+        for (k, v) in headers {
+            req += &format!("{k}: {v}\r\n");
+        }
+        s.write_all(format!("{req}\r\n").as_bytes()).unwrap();
+        let mut reader = BufReader::new(s);
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        let status = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("no status line: {line:?}"));
+        let mut headers = Vec::new();
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            let (k, v) = line.split_once(':').expect("header line");
+            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+        }
+        HttpStream {
+            reader,
+            status,
+            headers,
+        }
+    }
+
+    /// Reads exactly `n` body bytes.
+    pub fn read_exact(&mut self, n: usize) -> std::io::Result<Vec<u8>> {
+        let mut buf = vec![0; n];
+        self.reader.read_exact(&mut buf)?;
+        Ok(buf)
+    }
+
+    /// Reads the rest of the body until the connection ends, cleanly or not.
+    pub fn finish(mut self, mut body: Vec<u8>) -> HttpReply {
+        let mut error = None;
+        let mut buf = vec![0; 1 << 16];
+        loop {
+            match self.reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => body.extend_from_slice(&buf[..n]),
+                Err(e) => {
+                    error = Some(e);
+                    break;
+                }
+            }
+        }
+        HttpReply {
+            status: self.status,
+            headers: self.headers,
+            body,
+            error,
+        }
+    }
+}
+
+/// One whole HTTP/1.1 exchange.
+pub fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> HttpReply {
+    HttpStream::open(addr, method, path, headers).finish(Vec::new())
 }
 
 /// Runs `promtool` (Debian's `prometheus` package) with `args` from the repository root, feeding

@@ -1,0 +1,409 @@
+//! The node's local HTTP API (`SHOAL_API_ADDR`): `GET /v1/files` (the swarm's files and this
+//! node's state of each), `GET|HEAD /v1/files/{name}` (a file's bytes, streamed as its chunks
+//! arrive, with ranges), and `GET /v1/status` (this node). Errors are JSON `{"error": "..."}`.
+//! docs/API.md is the reference. There is no authentication: it is meant for the node itself.
+
+mod stream;
+
+use super::tracker_client::TrackerError;
+use super::transfers::{Resolved, Transfer, WantError};
+use super::Peer;
+use crate::protocol::{FileInfo, Hash};
+use hyper::header::{self, HeaderValue};
+use hyper::{body::Incoming, Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use stream::{Body, Wanted};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tracing::Instrument;
+
+/// Connections served at once; more are closed at once.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// A request's headers must arrive within this time.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long open connections get to finish when the peer stops.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Serves the API on `listener` until the peer stops.
+pub async fn serve(peer: Arc<Peer>, listener: TcpListener) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (stream, remote) = tokio::select! {
+            _ = peer.stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "API accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(remote = %remote, limit = MAX_CONNECTIONS, "API connection refused: too many open");
+            continue;
+        };
+        let span = tracing::debug_span!("api", remote = %remote);
+        let peer = peer.clone();
+        peer.tasks.clone().spawn(
+            async move {
+                connection(peer, stream).await;
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Serves one connection until the client closes it or the peer stops.
+async fn connection(peer: Arc<Peer>, stream: tokio::net::TcpStream) {
+    let stop = peer.stop.clone();
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let peer = peer.clone();
+        async move { Ok::<_, std::convert::Infallible>(handle(&peer, req).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service);
+    let mut conn = std::pin::pin!(conn);
+    let ended = tokio::select! {
+        ended = conn.as_mut() => ended,
+        _ = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            tokio::time::timeout(CLOSE_GRACE, conn.as_mut()).await.unwrap_or(Ok(()))
+        }
+    };
+    match ended {
+        Ok(()) => tracing::debug!("API connection closed"),
+        Err(e) => tracing::debug!(error = %e, "API connection ended with an error"),
+    }
+}
+
+/// The fixed routes, as the metrics label them.
+#[derive(Clone, Copy)]
+enum Route<'a> {
+    Files,
+    File(&'a str),
+    Status,
+    Other,
+}
+
+impl Route<'_> {
+    fn of(path: &str) -> Route<'_> {
+        match path {
+            "/v1/files" => Route::Files,
+            "/v1/status" => Route::Status,
+            p => match p.strip_prefix("/v1/files/") {
+                Some(name) => Route::File(name),
+                None => Route::Other,
+            },
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Route::Files => "files",
+            Route::File(_) => "file",
+            Route::Status => "status",
+            Route::Other => "other",
+        }
+    }
+}
+
+async fn handle(peer: &Arc<Peer>, req: Request<Incoming>) -> Response<Body> {
+    let route = Route::of(req.uri().path());
+    let response = match route {
+        Route::Other => error(
+            StatusCode::NOT_FOUND,
+            "no such endpoint: try /v1/files, /v1/files/{name} or /v1/status",
+        ),
+        _ if req.method() != Method::GET && req.method() != Method::HEAD => {
+            let mut r = error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed: this API answers GET and HEAD only",
+            );
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            r
+        }
+        Route::Files => files(peer).await,
+        Route::Status => status(peer),
+        Route::File(name) => file(peer, &req, name).await,
+    };
+    let code = response.status().as_u16().to_string();
+    peer.metrics
+        .api_requests
+        .with_label_values(&[route.label(), &code])
+        .inc();
+    response
+}
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
+    let mut body = serde_json::to_vec(value).expect("serialisable");
+    body.push(b'\n');
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::whole(body))
+        .expect("valid response")
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response<Body> {
+    json(status, &serde_json::json!({ "error": message.into() }))
+}
+
+/// The status and message for a tracker that could not answer.
+fn tracker_error(e: &TrackerError) -> Response<Body> {
+    let status = match e {
+        TrackerError::Unreachable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        TrackerError::Refused { .. } => StatusCode::BAD_GATEWAY,
+    };
+    error(status, e.to_string())
+}
+
+fn want_error(e: &WantError) -> Response<Body> {
+    match e {
+        WantError::NotFound(why) => error(StatusCode::NOT_FOUND, why.as_str()),
+        WantError::BadName(why) => error(StatusCode::BAD_REQUEST, why.as_str()),
+        WantError::Tracker(e) => tracker_error(e),
+        WantError::Other(why) => error(StatusCode::INTERNAL_SERVER_ERROR, why.as_str()),
+    }
+}
+
+/// This node's state of one file version.
+#[derive(Serialize)]
+struct Held {
+    /// `absent`, `partial` or `complete`.
+    state: &'static str,
+    /// Share of the file's chunks held here, 0 to 100, one decimal.
+    percent: f64,
+    chunks_held: u64,
+}
+
+fn held(peer: &Peer, info: &FileInfo) -> Held {
+    let Some(f) = peer.store.version(&info.name, &info.digest) else {
+        return Held {
+            state: "absent",
+            percent: 0.0,
+            chunks_held: 0,
+        };
+    };
+    let have = f.have();
+    let (count, total) = (have.count() as u64, info.chunks());
+    let percent = match total {
+        0 => 100.0,
+        total => (count as f64 * 1000.0 / total as f64).floor() / 10.0,
+    };
+    let state = if f.is_final() { "complete" } else { "partial" };
+    Held {
+        state,
+        percent,
+        chunks_held: count,
+    }
+}
+
+/// One entry of `GET /v1/files`.
+#[derive(Serialize)]
+struct FileEntry<'a> {
+    #[serde(flatten)]
+    info: &'a FileInfo,
+    chunks: u64,
+    published: u64,
+    latest: bool,
+    peers: u64,
+    seeders: u64,
+    #[serde(flatten)]
+    here: Held,
+}
+
+/// `GET /v1/files`: every version the swarm offers, with this node's state of each.
+async fn files(peer: &Peer) -> Response<Body> {
+    let list = match peer.tracker.list_files(true).await {
+        Ok(list) => list,
+        Err(e) => return tracker_error(&e),
+    };
+    let files: Vec<FileEntry> = list
+        .files
+        .iter()
+        .map(|f| FileEntry {
+            info: &f.info,
+            chunks: f.chunks,
+            published: f.published,
+            latest: f.latest,
+            peers: f.peers,
+            seeders: f.seeders,
+            here: held(peer, &f.info),
+        })
+        .collect();
+    json(StatusCode::OK, &serde_json::json!({ "files": files }))
+}
+
+/// One file of `GET /v1/status`.
+#[derive(Serialize)]
+struct FileStatus<'a> {
+    name: &'a str,
+    digest: Hash,
+    size: u64,
+    #[serde(flatten)]
+    here: Held,
+    /// Whether a download of it is running.
+    downloading: bool,
+    download_bytes_per_second: u64,
+    /// Holders being fetched from now.
+    sources: Vec<String>,
+    /// API readers of it now.
+    readers: usize,
+}
+
+/// `GET /v1/status`: this node, its files, transfers and traffic.
+fn status(peer: &Peer) -> Response<Body> {
+    let transfers: BTreeMap<(String, Hash), Arc<Transfer>> = peer
+        .transfers
+        .all()
+        .into_iter()
+        .map(|t| ((t.info.name.clone(), t.info.digest), t))
+        .collect();
+    let mut infos: BTreeMap<(String, Hash), FileInfo> = peer
+        .store
+        .all()
+        .iter()
+        .map(|f| ((f.info.name.clone(), f.info.digest), f.info.clone()))
+        .collect();
+    for (key, t) in &transfers {
+        infos.entry(key.clone()).or_insert_with(|| t.info.clone());
+    }
+    let files: Vec<FileStatus> = infos
+        .iter()
+        .map(|(key, info)| {
+            let t = transfers.get(key);
+            FileStatus {
+                name: &info.name,
+                digest: info.digest,
+                size: info.size,
+                here: held(peer, info),
+                downloading: t.is_some(),
+                download_bytes_per_second: t.map_or(0, |t| t.down.rate()),
+                sources: t.map(|t| t.sources()).unwrap_or_default(),
+                readers: t.map_or(0, |t| t.reader_count()),
+            }
+        })
+        .collect();
+    let body = serde_json::json!({
+        "peer_id": peer.peer_id(),
+        "name": peer.name,
+        "tracker": peer.tracker.addr(),
+        "registered": peer.is_registered(),
+        "listen": peer.listen_addr.to_string(),
+        "download_bytes_per_second": peer.down.rate(),
+        "upload_bytes_per_second": peer.up.rate(),
+        "upload_limit_bytes_per_second": peer.cfg.upload_limit,
+        "transfers": transfers.len(),
+        "api_streams": peer.metrics.api_streams.get(),
+        "files": files,
+    });
+    json(StatusCode::OK, &body)
+}
+
+/// `GET|HEAD /v1/files/{name}[?digest=D]`.
+async fn file(peer: &Arc<Peer>, req: &Request<Incoming>, raw: &str) -> Response<Body> {
+    let name = match percent_encoding::percent_decode_str(raw).decode_utf8() {
+        Ok(name) => name.into_owned(),
+        Err(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "the name is not UTF-8 once percent-decoded",
+            )
+        }
+    };
+    let digest = match query_digest(req.uri().query()) {
+        Ok(d) => d,
+        Err(why) => return error(StatusCode::BAD_REQUEST, why),
+    };
+    // HEAD only looks; GET starts (or joins) the download of a file not held here.
+    let (info, transfer) = if req.method() == Method::HEAD {
+        match peer.resolve(&name, digest).await {
+            Ok(Resolved::Held(f)) => (f.info.clone(), None),
+            Ok(Resolved::Swarm(loc)) => (loc.file, None),
+            Err(e) => return want_error(&e),
+        }
+    } else {
+        match peer.want(&name, digest).await {
+            Ok(t) => (t.info.clone(), Some(t)),
+            Err(e) => return want_error(&e),
+        }
+    };
+    let etag = format!("\"{}\"", info.digest.to_hex());
+    let mut head = Response::builder()
+        .header(header::ETAG, &etag)
+        .header(header::ACCEPT_RANGES, "bytes");
+    if matches_etag(req, &etag) {
+        return head
+            .status(StatusCode::NOT_MODIFIED)
+            .body(Body::empty())
+            .expect("valid response");
+    }
+    let range = req
+        .headers()
+        .get(header::RANGE)
+        .and_then(|r| r.to_str().ok());
+    let (first, last) = match stream::wanted(range, info.size) {
+        Wanted::Unsatisfiable => {
+            let mut r = error(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                format!(
+                    "the range {range:?} lies outside the file's {} bytes",
+                    info.size
+                ),
+            );
+            let all = HeaderValue::from_str(&format!("bytes */{}", info.size)).expect("ascii");
+            r.headers_mut().insert(header::CONTENT_RANGE, all);
+            return r;
+        }
+        Wanted::Part(first, last) => {
+            let span = format!("bytes {first}-{last}/{}", info.size);
+            head = head
+                .status(StatusCode::PARTIAL_CONTENT)
+                .header(header::CONTENT_RANGE, span);
+            (first, last)
+        }
+        Wanted::Whole => (0, info.size.saturating_sub(1)),
+    };
+    let len = if info.size == 0 { 0 } else { last - first + 1 };
+    let head = head
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::CONTENT_LENGTH, len);
+    let body = match transfer {
+        Some(t) if len > 0 => stream::file_bytes(peer, t, first, last),
+        _ => Body::empty(),
+    };
+    head.body(body).expect("valid response")
+}
+
+/// The version pinned by `?digest=D`, if any.
+fn query_digest(query: Option<&str>) -> Result<Option<Hash>, String> {
+    let Some(query) = query else { return Ok(None) };
+    for pair in query.split('&') {
+        if let Some(value) = pair.strip_prefix("digest=") {
+            return Hash::from_hex(value).map(Some).ok_or_else(|| {
+                format!("digest {value:?} is not 64 hex digits, as /v1/files lists them")
+            });
+        }
+    }
+    Ok(None)
+}
+
+/// Whether `If-None-Match` names this version (or `*`).
+fn matches_etag(req: &Request<Incoming>, etag: &str) -> bool {
+    req.headers()
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().trim_start_matches("W/"))
+        .any(|t| t == etag || t == "*")
+}
