@@ -4,10 +4,12 @@
 
 use bytes::{Buf, BytesMut};
 use std::io;
+use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{timeout, timeout_at, Instant};
+use tokio_util::sync::CancellationToken;
 
 /// Why a frame could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -38,8 +40,8 @@ pub struct Limits {
 /// Binds a listening socket with room for `backlog` connections waiting to be accepted (tokio's
 /// default of 128 overflows when a thousand peers connect at once, and the dropped ones wait a
 /// second for the kernel to retry).
-pub fn listen(addr: &str, backlog: usize) -> io::Result<tokio::net::TcpListener> {
-    let addr: std::net::SocketAddr = addr.parse().map_err(|_| {
+pub fn listen(addr: &str, backlog: usize) -> io::Result<TcpListener> {
+    let addr: SocketAddr = addr.parse().map_err(|_| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("{addr:?} is not ip:port"),
@@ -53,6 +55,26 @@ pub fn listen(addr: &str, backlog: usize) -> io::Result<tokio::net::TcpListener>
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(backlog.clamp(128, 65_535) as u32)
+}
+
+/// Waits for the next connection on `listener`; `None` once `stop` fires. A failed accept
+/// (typically EMFILE) is logged and retried after a short pause instead of spinning.
+pub async fn accept(
+    listener: &TcpListener,
+    stop: &CancellationToken,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return None,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => return Some(a),
+                Err(e) => {
+                    tracing::warn!(addr = ?listener.local_addr().ok(), error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
 }
 
 pub struct Connection {

@@ -377,15 +377,8 @@ pub async fn serve_http(
     stop: CancellationToken,
 ) {
     loop {
-        let (stream, _) = tokio::select! {
-            _ = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics accept failed");
-                    continue;
-                }
-            },
+        let Some((stream, _)) = crate::connection::accept(&listener, &stop).await else {
+            return;
         };
         let registry = registry.clone();
         let ready = ready.clone();

@@ -21,6 +21,31 @@ fn agent(tracker: SocketAddr, dir: &Path, env: &[(&str, &str)]) -> Proc {
     p
 }
 
+/// A tracker, a seeder of one file uploading at most `limit` per second, and an agent.
+struct Capped {
+    tracker: Proc,
+    seeder: Proc,
+    dir: tempfile::TempDir,
+    original: std::path::PathBuf,
+    node: Proc,
+    api: SocketAddr,
+}
+
+fn capped(name: &str, size: usize, seed: u64, limit: &str) -> Capped {
+    let (tracker, seeder, dir, original) =
+        seeded(name, size, seed, &[("SHOAL_UPLOAD_LIMIT", limit)]);
+    let node = agent(tracker.addr, &dir.path().join("a"), &[]);
+    let api = node.api.unwrap();
+    Capped {
+        tracker,
+        seeder,
+        dir,
+        original,
+        node,
+        api,
+    }
+}
+
 /// The digest `shoal-peer files --json` lists for `name`.
 fn listed_digest(tracker: SocketAddr, name: &str) -> String {
     let out = std::process::Command::new(PEER)
@@ -46,10 +71,14 @@ fn node_state(api: SocketAddr, name: &str) -> Value {
 #[test]
 fn a_file_streams_out_while_it_is_still_arriving() {
     let size = 16 * MIB;
-    let capped = [("SHOAL_UPLOAD_LIMIT", "4MiB")];
-    let (tracker, _seeder, dir, original) = seeded("big.bin", size, 71, &capped);
-    let node = agent(tracker.addr, &dir.path().join("a"), &[]);
-    let api = node.api.unwrap();
+    let swarm = capped("big.bin", size, 71, "4MiB");
+    let (tracker, dir, original, node, api) = (
+        &swarm.tracker,
+        &swarm.dir,
+        &swarm.original,
+        &swarm.node,
+        swarm.api,
+    );
     assert_eq!(node_state(api, "big.bin")["state"], "absent");
 
     let mut stream = HttpStream::open(api, "GET", "/v1/files/big.bin", &[]);
@@ -79,14 +108,14 @@ fn a_file_streams_out_while_it_is_still_arriving() {
     let reply = stream.finish(first);
     assert!(reply.error.is_none(), "{:?}", reply.error);
     assert!(
-        reply.body == std::fs::read(&original).unwrap(),
+        reply.body == std::fs::read(original).unwrap(),
         "the body is the file"
     );
     assert!(wait_until(Duration::from_secs(10), || node_state(
         api, "big.bin"
     )["state"]
         == "complete"));
-    assert!(same_bytes(&original, &dir.path().join("a/big.bin")));
+    assert!(same_bytes(original, &dir.path().join("a/big.bin")));
     assert_eq!(node.metric("shoal_api_bytes_sent_total"), size as f64);
     assert_eq!(
         node.metric(r#"shoal_api_requests_total{route="file",status="200"}"#),
@@ -100,7 +129,7 @@ fn ranges_heads_and_errors_answer_exactly() {
     let (tracker, _seeder, dir, original) = seeded("r.bin", size, 72, &[]);
     let node = agent(tracker.addr, &dir.path().join("a"), &[]);
     let api = node.api.unwrap();
-    let bytes = std::fs::read(&original).unwrap();
+    let bytes = std::fs::read(original).unwrap();
     // Middle first, on a node that holds nothing yet: those chunks are fetched first.
     let cases = [
         ("bytes=65000-140000", 65000, 140000),
@@ -247,10 +276,8 @@ fn names_with_directories_and_pinned_versions_are_served() {
 #[test]
 fn concurrent_readers_share_one_download() {
     let size = 8 * MIB;
-    let capped = [("SHOAL_UPLOAD_LIMIT", "4MiB")];
-    let (tracker, seeder, dir, original) = seeded("shared.bin", size, 76, &capped);
-    let node = agent(tracker.addr, &dir.path().join("a"), &[]);
-    let api = node.api.unwrap();
+    let swarm = capped("shared.bin", size, 76, "4MiB");
+    let (seeder, original, api) = (&swarm.seeder, &swarm.original, swarm.api);
     let readers: Vec<_> = (0..2)
         .map(|_| std::thread::spawn(move || http(api, "GET", "/v1/files/shared.bin", &[])))
         .collect();
@@ -267,7 +294,7 @@ fn concurrent_readers_share_one_download() {
         seen["transfers"] == 1 && file["readers"] == 2 && file["downloading"] == true
     });
     assert!(sharing, "two readers of one transfer: {seen}");
-    let bytes = std::fs::read(&original).unwrap();
+    let bytes = std::fs::read(original).unwrap();
     for r in readers {
         let reply = r.join().unwrap();
         assert_eq!(reply.status, 200);
@@ -283,13 +310,12 @@ fn concurrent_readers_share_one_download() {
 #[test]
 fn a_download_that_fails_mid_stream_cuts_the_response_short() {
     let size = 16 * MIB;
-    let capped = [("SHOAL_UPLOAD_LIMIT", "2MiB")];
-    let (tracker, mut seeder, dir, _original) = seeded("gone.bin", size, 77, &capped);
-    let node = agent(tracker.addr, &dir.path().join("a"), &[]);
-    let mut stream = HttpStream::open(node.api.unwrap(), "GET", "/v1/files/gone.bin", &[]);
+    let mut swarm = capped("gone.bin", size, 77, "2MiB");
+    let api = swarm.api;
+    let mut stream = HttpStream::open(api, "GET", "/v1/files/gone.bin", &[]);
     assert_eq!(stream.status, 200);
     let first = stream.read_exact(MIB).expect("the first MiB");
-    seeder.kill9();
+    swarm.seeder.kill9();
     let reply = stream.finish(first);
     assert!(
         reply.body.len() < size,
@@ -297,9 +323,9 @@ fn a_download_that_fails_mid_stream_cuts_the_response_short() {
         reply.body.len()
     );
     assert!(
-        !dir.path().join("a/gone.bin").exists(),
+        !swarm.dir.path().join("a/gone.bin").exists(),
         "nothing incomplete under the final name"
     );
-    let later = http(node.api.unwrap(), "GET", "/v1/status", &[]);
+    let later = http(api, "GET", "/v1/status", &[]);
     assert_eq!(later.status, 200, "the API keeps serving");
 }

@@ -32,16 +32,8 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 pub async fn serve(peer: Arc<Peer>, listener: TcpListener) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let (stream, remote) = tokio::select! {
-            _ = peer.stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "API accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let Some((stream, remote)) = crate::connection::accept(&listener, &peer.stop).await else {
+            return;
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             tracing::warn!(remote = %remote, limit = MAX_CONNECTIONS, "API connection refused: too many open");

@@ -147,10 +147,7 @@ impl Peer {
         });
         peer.update_file_gauges();
         let mut metrics_addr = None;
-        if let Some(addr) = &peer.cfg.metrics_addr {
-            let http = TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on {addr} for metrics"))?;
+        if let Some(http) = bind_http(&peer.cfg.metrics_addr, "metrics").await? {
             metrics_addr = Some(http.local_addr()?);
             peer.tasks.spawn(serve_http(
                 http,
@@ -160,10 +157,7 @@ impl Peer {
             ));
         }
         let mut api_addr = None;
-        if let Some(addr) = &peer.cfg.api_addr {
-            let http = TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on {addr} for the HTTP API"))?;
+        if let Some(http) = bind_http(&peer.cfg.api_addr, "the HTTP API").await? {
             api_addr = Some(http.local_addr()?);
             peer.tasks.spawn(api::serve(peer.clone(), http));
         }
@@ -490,6 +484,15 @@ impl Peer {
             .files_shared
             .set(self.store.complete_count() as i64);
     }
+}
+
+/// Binds the HTTP listener for `what` if its address is set.
+async fn bind_http(addr: &Option<String>, what: &str) -> anyhow::Result<Option<TcpListener>> {
+    let Some(addr) = addr else { return Ok(None) };
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for {what}"))?;
+    Ok(Some(listener))
 }
 
 /// Whether the tracker no longer knows this identity (it restarted, expired us, or the id now

@@ -76,16 +76,8 @@ pub async fn run(peer: Arc<Peer>, listener: TcpListener) {
         frame_timeout: peer.cfg.chunk_timeout,
     };
     loop {
-        let (stream, remote) = tokio::select! {
-            _ = peer.stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let Some((stream, remote)) = crate::connection::accept(&listener, &peer.stop).await else {
+            return;
         };
         let mut conn = Connection::new(stream, limits);
         let Ok(permit) = slots.clone().try_acquire_owned() else {

@@ -433,7 +433,10 @@ impl Peer {
                 let span = tracing::info_span!("download", file = %name);
                 let run = async move {
                     let progress = Arc::new(download::Silent);
-                    let _ = download::drive(&peer, &loc, &started, progress).await;
+                    match download::drive(&peer, &loc, &started, progress).await {
+                        Ok(_) | Err(DownloadError::Stopped(_)) => {}
+                        Err(e) => tracing::warn!(error = %e, "download failed"),
+                    }
                 };
                 self.tasks.spawn(run.instrument(span));
                 Ok(t)

@@ -30,17 +30,8 @@ impl Tracker {
         tasks.spawn(self.clone().expire_leases(stop.clone()));
         let slots = Arc::new(Semaphore::new(self.max_connections));
         loop {
-            let (stream, remote) = tokio::select! {
-                _ = stop.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // Typically EMFILE: back off briefly instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
+            let Some((stream, remote)) = crate::connection::accept(&listener, &stop).await else {
+                break;
             };
             let Ok(permit) = slots.clone().try_acquire_owned() else {
                 tasks.spawn(refuse_busy(stream, self.limits, self.max_connections));

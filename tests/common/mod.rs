@@ -158,26 +158,22 @@ pub fn metric_value(text: &str, sample: &str) -> Option<f64> {
     })
 }
 
-/// A minimal HTTP/1.0 GET: (status, body).
+/// A GET: (status, body as text).
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let (status, _, body) = http_request(addr, "GET", path);
     (status, body)
 }
 
-/// A minimal HTTP/1.0 request without a body: (status, status line and headers, body).
+/// A request without a body: (status, header lines, body as text).
 pub fn http_request(addr: SocketAddr, method: &str, path: &str) -> (u16, String, String) {
-    let mut s = TcpStream::connect(addr).expect("metrics endpoint reachable");
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(s, "{method} {path} HTTP/1.0\r\nHost: test\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    (status, head.to_string(), body.to_string())
+    let reply = http(addr, method, path, &[]);
+    let head: Vec<String> = reply
+        .headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}"))
+        .collect();
+    let body = String::from_utf8_lossy(&reply.body).into_owned();
+    (reply.status, head.join("\r\n"), body)
 }
 
 /// An HTTP/1.1 response read from a raw socket, body as bytes.
