@@ -105,6 +105,14 @@ fn a_file_streams_out_while_it_is_still_arriving() {
         "the first bytes came early: {here}"
     );
     assert!(here["percent"].as_f64().unwrap() < 100.0, "{here}");
+    let status = http(api, "GET", "/v1/status", &[]).json();
+    let file = &status["files"][0];
+    assert_eq!(file["name"], "big.bin", "{status}");
+    assert_eq!(file["downloading"], true, "{status}");
+    assert_eq!(file["readers"], 1, "{status}");
+    let seeder = swarm.seeder.addr.to_string();
+    assert_eq!(file["sources"], serde_json::json!([seeder]), "{status}");
+    assert_eq!(status["api_streams"], 1, "{status}");
     let reply = stream.finish(first);
     assert!(reply.error.is_none(), "{:?}", reply.error);
     assert!(

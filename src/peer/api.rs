@@ -5,6 +5,7 @@
 
 mod stream;
 
+use super::store::StoredFile;
 use super::tracker_client::TrackerError;
 use super::transfers::{Resolved, Transfer, WantError};
 use super::Peer;
@@ -246,6 +247,8 @@ struct FileStatus<'a> {
     /// Whether a download of it is running.
     downloading: bool,
     download_bytes_per_second: u64,
+    /// Its chunk bytes sent to other peers per second, recently.
+    upload_bytes_per_second: u64,
     /// Holders being fetched from now.
     sources: Vec<String>,
     /// API readers of it now.
@@ -254,25 +257,23 @@ struct FileStatus<'a> {
 
 /// `GET /v1/status`: this node, its files, transfers and traffic.
 fn status(peer: &Peer) -> Response<Body> {
-    let transfers: BTreeMap<(String, Hash), Arc<Transfer>> = peer
-        .transfers
-        .all()
-        .into_iter()
-        .map(|t| ((t.info.name.clone(), t.info.digest), t))
-        .collect();
-    let mut infos: BTreeMap<(String, Hash), FileInfo> = peer
-        .store
-        .all()
-        .iter()
-        .map(|f| ((f.info.name.clone(), f.info.digest), f.info.clone()))
-        .collect();
-    for (key, t) in &transfers {
-        infos.entry(key.clone()).or_insert_with(|| t.info.clone());
+    type Key = (String, Hash);
+    let mut held_here: BTreeMap<Key, Arc<StoredFile>> = BTreeMap::new();
+    for f in peer.store.all() {
+        held_here.insert((f.info.name.clone(), f.info.digest), f);
     }
-    let files: Vec<FileStatus> = infos
-        .iter()
-        .map(|(key, info)| {
-            let t = transfers.get(key);
+    let mut transfers: BTreeMap<Key, Arc<Transfer>> = BTreeMap::new();
+    for t in peer.transfers.all() {
+        transfers.insert((t.info.name.clone(), t.info.digest), t);
+    }
+    let mut keys: Vec<&Key> = held_here.keys().chain(transfers.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let files: Vec<FileStatus> = keys
+        .into_iter()
+        .map(|key| {
+            let (f, t) = (held_here.get(key), transfers.get(key));
+            let info = f.map_or_else(|| &t.expect("listed").info, |f| &f.info);
             FileStatus {
                 name: &info.name,
                 digest: info.digest,
@@ -280,11 +281,15 @@ fn status(peer: &Peer) -> Response<Body> {
                 here: held(peer, info),
                 downloading: t.is_some(),
                 download_bytes_per_second: t.map_or(0, |t| t.down.rate()),
+                upload_bytes_per_second: f.map_or(0, |f| f.sent.rate()),
                 sources: t.map(|t| t.sources()).unwrap_or_default(),
                 readers: t.map_or(0, |t| t.reader_count()),
             }
         })
         .collect();
+    let up = peer.up.rate();
+    let limit = peer.cfg.upload_limit;
+    let use_percent = (limit > 0).then(|| (up as f64 * 1000.0 / limit as f64).round() / 10.0);
     let body = serde_json::json!({
         "peer_id": peer.peer_id(),
         "name": peer.name,
@@ -292,8 +297,9 @@ fn status(peer: &Peer) -> Response<Body> {
         "registered": peer.is_registered(),
         "listen": peer.listen_addr.to_string(),
         "download_bytes_per_second": peer.down.rate(),
-        "upload_bytes_per_second": peer.up.rate(),
-        "upload_limit_bytes_per_second": peer.cfg.upload_limit,
+        "upload_bytes_per_second": up,
+        "upload_limit_bytes_per_second": limit,
+        "upload_use_percent": use_percent,
         "transfers": transfers.len(),
         "api_streams": peer.metrics.api_streams.get(),
         "files": files,

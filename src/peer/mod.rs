@@ -1,13 +1,14 @@
 //! The peer: a chunk [`store`] on disk, a chunk [`server`], a [`download`] engine whose
 //! in-flight [`transfers`] readers can join, a [`tracker_client`], the [`catalogue`] that follows
-//! the data dir, the local HTTP [`api`], and the front ends in [`cli`] (the numbered menu,
-//! one-shot commands and the daemon). This module holds what they share: the running peer and
-//! its tracker session.
+//! the data dir, the local HTTP [`api`] (with rates from [`meter`]), and the front ends in [`cli`]
+//! (the numbered menu, one-shot commands and the daemon). This module holds what they share:
+//! the running peer and its tracker session.
 
 pub mod api;
 pub mod catalogue;
 pub mod cli;
 pub mod download;
+pub mod meter;
 pub mod server;
 pub mod store;
 pub mod tracker_client;
@@ -21,6 +22,7 @@ use crate::protocol::{
     Withdraw,
 };
 use anyhow::Context;
+use meter::Meter;
 use server::RateLimiter;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -34,7 +36,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracker_client::{TrackerClient, TrackerError};
-use transfers::{Meter, Transfers};
+use transfers::Transfers;
 
 /// Chunk registrations waiting to be sent; when full, the next sync re-registers everything.
 const REPORT_QUEUE: usize = 8192;

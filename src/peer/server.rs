@@ -151,6 +151,7 @@ async fn serve(peer: &Peer, conn: &mut Connection) -> &'static str {
                 if !matches!(sent, Ok(Ok(()))) {
                     return "write failed or stalled";
                 }
+                file.sent.add(header.length.into());
                 if file
                     .seeding
                     .as_ref()

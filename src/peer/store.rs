@@ -18,6 +18,7 @@
 //! `O_DIRECT` where the file system allows it (see [`ChunkBuf`]): straight from the receive
 //! buffer, without a copy into the page cache.
 
+use super::meter::Meter;
 use crate::bitfield::Bitfield;
 use crate::chunking::{check_chunk_size, hash_file};
 use crate::protocol::{validate_name, version_key, FileInfo, Hash, HashList};
@@ -149,6 +150,8 @@ pub struct StoredFile {
     /// Set when the bytes on disk were found to differ from what was hashed: nothing more is
     /// served from this version, and the catalogue withdraws it and hashes the file again.
     changed: AtomicBool,
+    /// Bytes of it sent to other peers, for its recent upload rate.
+    pub sent: Meter,
 }
 
 /// How long after sending a chunk an origin refers further requests for it to other peers.
@@ -571,6 +574,7 @@ impl Store {
             seeding: Some(InitialSeeding::new(chunks)),
             published: before.published(),
             changed: AtomicBool::new(false),
+            sent: Meter::default(),
         });
         self.insert(stored.clone());
         Ok(stored)
@@ -914,6 +918,7 @@ impl Store {
             seeding: None,
             published,
             changed: AtomicBool::new(false),
+            sent: Meter::default(),
         });
         self.insert(stored.clone());
         Ok(stored)
