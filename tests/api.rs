@@ -241,6 +241,17 @@ fn names_with_directories_and_pinned_versions_are_served() {
     let node = agent(tracker.addr, &dir.path().join("a"), &[]);
     let api = node.api.unwrap();
 
+    let head = http(api, "HEAD", "/v1/files/models/v/weights.bin", &[]);
+    assert_eq!(
+        (head.status, head.header("content-length")),
+        (200, Some("300000"))
+    );
+    assert_eq!(
+        node_state(api, "models/v/weights.bin")["state"],
+        "absent",
+        "HEAD only looks"
+    );
+    assert_eq!(http(api, "GET", "/v1/status", &[]).json()["transfers"], 0);
     let reply = http(api, "GET", "/v1/files/models/v/weights.bin", &[]);
     assert_eq!(reply.status, 200);
     assert!(reply.body == std::fs::read(&nested).unwrap());
