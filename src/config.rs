@@ -153,8 +153,12 @@ impl Settings for TrackerConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct PeerConfig {
-    /// Tracker address, `host:port` (DNS names allowed); a host alone means port 7400.
+    /// Tracker addresses, `host:port` (a host alone means port 7400), comma-separated; a single
+    /// DNS name that resolves to several addresses names one tracker per address.
     pub tracker: String,
+    /// How many trackers own each file (rendezvous hashing of its name over the trackers).
+    #[serde(deserialize_with = "count")]
+    pub tracker_replicas: usize,
     /// Address the chunk server listens on.
     pub listen: String,
     /// `ip:port` other peers should dial; unset = this host's address as the tracker sees it,
@@ -229,6 +233,7 @@ impl Default for PeerConfig {
     fn default() -> Self {
         PeerConfig {
             tracker: format!("127.0.0.1:{DEFAULT_TRACKER_PORT}"),
+            tracker_replicas: 2,
             listen: "0.0.0.0:7401".into(),
             advertise: None,
             name: None,
@@ -270,7 +275,7 @@ impl Settings for PeerConfig {
 
     fn checked(mut self) -> anyhow::Result<Self> {
         parse_addr("SHOAL_LISTEN", &self.listen)?;
-        self.tracker = with_tracker_port(&self.tracker)?;
+        self.tracker = tracker_list(&self.tracker)?;
         if let Some(a) = &self.advertise {
             parse_addr("SHOAL_ADVERTISE", a)?;
         }
@@ -293,6 +298,7 @@ impl Settings for PeerConfig {
             ("SHOAL_MAX_SOURCES", self.max_sources, "holder"),
             ("SHOAL_UPLOAD_SLOTS", self.upload_slots, "slot"),
             ("SHOAL_PIPELINE_DEPTH", self.pipeline_depth, "request"),
+            ("SHOAL_TRACKER_REPLICAS", self.tracker_replicas, "tracker"),
         ] {
             at_least_one(var, n as u64, unit)?;
         }
@@ -336,6 +342,16 @@ impl PeerConfig {
     }
 }
 
+/// Each entry of a comma-separated tracker list with its port (see [`with_tracker_port`]),
+/// joined again by commas.
+fn tracker_list(list: &str) -> anyhow::Result<String> {
+    let entries: Vec<String> = list
+        .split(',')
+        .map(with_tracker_port)
+        .collect::<anyhow::Result<_>>()?;
+    Ok(entries.join(","))
+}
+
 /// `host` alone means `host:7400`; `host:port` must carry a usable port.
 fn with_tracker_port(tracker: &str) -> anyhow::Result<String> {
     let tracker = tracker.trim();
@@ -345,7 +361,10 @@ fn with_tracker_port(tracker: &str) -> anyhow::Result<String> {
     }
     let Some((host, port)) = tracker.rsplit_once(':') else {
         if tracker.is_empty() {
-            bail!("SHOAL_TRACKER is empty: give the tracker as host or host:port");
+            bail!(
+                "SHOAL_TRACKER is empty or has an empty entry: give each tracker as host or \
+                 host:port, separated by commas"
+            );
         }
         return Ok(format!("{tracker}:{DEFAULT_TRACKER_PORT}"));
     };
@@ -901,7 +920,18 @@ mod tests {
         assert_eq!(tracker("::1").unwrap(), "[::1]:7400");
         assert_eq!(tracker("[::1]").unwrap(), "[::1]:7400");
         assert_eq!(tracker("tracker:7500").unwrap(), "tracker:7500");
-        for bad in ["tracker:0", "tracker:99999", ":7400", ""] {
+        assert_eq!(
+            tracker("t1, 10.0.0.6,t3:7500").unwrap(),
+            "t1:7400,10.0.0.6:7400,t3:7500"
+        );
+        for bad in [
+            "tracker:0",
+            "tracker:99999",
+            ":7400",
+            "",
+            "t1,,t2",
+            "t1:0,t2",
+        ] {
             let err = tracker(bad).unwrap_err().to_string();
             assert!(err.starts_with("SHOAL_TRACKER"), "{err}");
         }

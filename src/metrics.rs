@@ -75,6 +75,7 @@ pub struct TrackerMetrics {
     pub request_duration: HistogramVec,
     pub peers: IntGauge,
     pub files: IntGauge,
+    pub files_owned: IntGauge,
     pub leases_expired: IntCounter,
 }
 
@@ -116,6 +117,11 @@ impl Default for TrackerMetrics {
                 &registry,
                 "shoal_tracker_files",
                 "Files currently indexed (held by at least one peer).",
+            ),
+            files_owned: gauge(
+                &registry,
+                "shoal_tracker_files_owned",
+                "File names currently indexed: the names peers placed here (ownership is by name).",
             ),
             leases_expired: counter(
                 &registry,
@@ -173,6 +179,8 @@ pub struct PeerMetrics {
     pub api_requests: IntCounterVec,
     pub api_bytes_sent: IntCounter,
     pub api_streams: IntGauge,
+    pub tracker_requests: IntCounterVec,
+    pub tracker_failovers: IntCounter,
 }
 
 impl Default for PeerMetrics {
@@ -300,6 +308,17 @@ impl Default for PeerMetrics {
                 &r,
                 "shoal_api_streams",
                 "File bodies being sent over the HTTP API now.",
+            ),
+            tracker_requests: counter_vec(
+                &r,
+                "shoal_peer_tracker_requests_total",
+                "Requests sent to each tracker, by outcome (ok, refused, unreachable).",
+                &["tracker", "outcome"],
+            ),
+            tracker_failovers: counter(
+                &r,
+                "shoal_peer_tracker_failovers_total",
+                "Tracker reads answered by another tracker than the file's first-ranked one (it was down, slow or did not know the file).",
             ),
             registry: r,
         }

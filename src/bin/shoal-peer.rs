@@ -76,9 +76,20 @@ impl Sharing {
 /// Where the tracker is.
 #[derive(Args)]
 struct Tracker {
-    /// Tracker host:port, or a host alone for port 7400 [env: SHOAL_TRACKER, default 127.0.0.1:7400].
-    #[arg(long, value_name = "HOST:PORT")]
+    /// Tracker host:port, or a host alone for port 7400; several trackers comma-separated, or
+    /// one DNS name with several addresses [env: SHOAL_TRACKER, default 127.0.0.1:7400].
+    #[arg(long, value_name = "HOST:PORT,...")]
     tracker: Option<String>,
+    /// Trackers that own each file [env: SHOAL_TRACKER_REPLICAS, default 2].
+    #[arg(long, value_name = "N")]
+    tracker_replicas: Option<String>,
+}
+
+impl Tracker {
+    fn add_to(&self, o: &mut Overrides) {
+        o.set("tracker", &self.tracker);
+        o.set("tracker_replicas", &self.tracker_replicas);
+    }
 }
 
 #[derive(Args)]
@@ -212,7 +223,7 @@ struct Query {
 impl Query {
     fn add_to(&self, o: &mut Overrides) {
         self.common.add_to(o);
-        o.set("tracker", &self.tracker.tracker);
+        self.tracker.add_to(o);
         o.set("secret", &self.secret.secret);
     }
 }
@@ -237,7 +248,7 @@ impl Command {
                 want,
                 api_addr,
             } => {
-                o.set("tracker", &tracker.tracker);
+                tracker.add_to(&mut o);
                 identity.add_to(&mut o);
                 sharing.add_to(&mut o);
                 o.set("want", want);

@@ -216,7 +216,7 @@ struct FileEntry<'a> {
 
 /// `GET /v1/files`: every version the swarm offers, with this node's state of each.
 async fn files(peer: &Peer) -> Response<Body> {
-    let list = match peer.tracker.list_files(true).await {
+    let list = match peer.trackers.file_list(true).await {
         Ok(list) => list,
         Err(e) => return tracker_error(&e),
     };
@@ -293,7 +293,7 @@ fn status(peer: &Peer) -> Response<Body> {
     let body = serde_json::json!({
         "peer_id": peer.peer_id(),
         "name": peer.name,
-        "tracker": peer.tracker.addr(),
+        "tracker": peer.cfg.tracker,
         "registered": peer.is_registered(),
         "listen": peer.listen_addr.to_string(),
         "download_bytes_per_second": peer.down.rate(),

@@ -2,10 +2,12 @@
 //! for containers, and the health probe. Output for people goes to stdout; logs go to stderr.
 
 use super::download::{download, DownloadError, Progress};
-use super::tracker_client::{TrackerClient, TrackerError};
+use super::tracker_client::TrackerError;
+use super::trackers::Trackers;
 use super::{catalogue, Peer, Shares};
 use crate::bitfield::Bitfield;
 use crate::config::{PeerConfig, Want};
+use crate::metrics::PeerMetrics;
 use crate::protocol::{version_key, FileInfo, FileListReply, FileSummary, Hash, LocationsReply};
 use crate::units;
 use serde::Serialize;
@@ -63,8 +65,8 @@ pub async fn menu(
                 menu_register(&peer, PathBuf::from(path)).await;
             }
             "2" => print_result(
-                peer.tracker
-                    .file_list()
+                peer.trackers
+                    .file_list(false)
                     .await
                     .map(|l| format_file_list(&l, false)),
             ),
@@ -73,8 +75,8 @@ pub async fn menu(
                     break;
                 };
                 print_result(
-                    peer.tracker
-                        .locations(&name, None, false, None)
+                    peer.trackers
+                        .locations(&name, None, false)
                         .await
                         .map(|l| format_locations(&l)),
                 );
@@ -290,11 +292,18 @@ fn print_json<T: Serialize>(value: &T) {
     println!("{}", serde_json::to_string(value).expect("serialisable"));
 }
 
+/// The trackers of a command that only asks them: the set as resolved now.
+async fn one_shot_trackers(cfg: &PeerConfig) -> Trackers {
+    let trackers = Trackers::new(cfg, &PeerMetrics::default(), &CancellationToken::new());
+    trackers.refresh().await;
+    trackers
+}
+
 /// `shoal-peer files [--json] [--all-versions]`: the JSON form is the message 2 entries
 /// (`name`, `size`, `chunk_size`, `digest`, `chunks`, `peers`, `seeders`, `published`,
 /// `latest`).
 pub async fn files(cfg: PeerConfig, output: Output, all_versions: bool) -> ExitCode {
-    match TrackerClient::new(&cfg).list_files(all_versions).await {
+    match one_shot_trackers(&cfg).await.file_list(all_versions).await {
         Ok(l) if output == Output::Json => {
             print_json(&l.files);
             ExitCode::SUCCESS
@@ -354,8 +363,9 @@ pub async fn locate_cmd(
     digest: Option<Hash>,
     output: Output,
 ) -> ExitCode {
-    match TrackerClient::new(&cfg)
-        .locations(name, digest, false, None)
+    match one_shot_trackers(&cfg)
+        .await
+        .locations(name, digest, false)
         .await
     {
         Ok(l) if output == Output::Json => {
@@ -526,7 +536,7 @@ async fn wanted_versions(peer: &Peer, want: &Want) -> (Vec<FileSummary>, usize) 
     if *want == Want::Nothing {
         return (Vec::new(), 0);
     }
-    let listed = match peer.tracker.file_list().await {
+    let listed = match peer.trackers.file_list(false).await {
         Ok(l) => l.files,
         Err(e) => {
             tracing::debug!(error = %e, "file list failed");

@@ -264,7 +264,7 @@ async fn run(
                 if file.info.chunks() == 0 {
                     // An empty file has no chunk to register with message 4: offer the file
                     // itself, so that this peer is listed as one of its holders.
-                    peer.needs_sync.store(true, Ordering::SeqCst);
+                    peer.resync_later();
                 }
                 return Ok(path);
             }
@@ -326,11 +326,7 @@ pub(super) async fn locate(
     digest: Option<Hash>,
     hashes: bool,
 ) -> Result<LocationsReply, DownloadError> {
-    match peer
-        .tracker
-        .locations(name, digest, hashes, peer.peer_id())
-        .await
-    {
+    match peer.trackers.locations(name, digest, hashes).await {
         Err(e) if e.code() == Some(ErrorCode::UnknownFile) => {
             Err(DownloadError::NoSuchFile(name.to_string()))
         }

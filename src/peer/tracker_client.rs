@@ -1,14 +1,12 @@
-//! The peer's side of the control protocol: one persistent connection to the tracker, reopened
-//! on failure, one request at a time, every await under a timeout. While the tracker cannot be
-//! reached, attempts are spaced by exponential backoff with jitter, and the outage is logged
-//! once when it starts and once when it ends.
+//! The peer's side of the control protocol with one tracker: one persistent connection,
+//! reopened on failure, one request at a time, every await under a timeout. While the tracker
+//! cannot be reached, attempts are spaced by exponential backoff with jitter, and the outage is
+//! logged once when it starts and once when it ends. [`super::trackers`] holds one per tracker.
 
 use crate::config::PeerConfig;
 use crate::connection::{Connection, Limits};
-use crate::protocol::{
-    decode_reply, encode_request, ErrorCode, FileList, FileListReply, Hash, Locations,
-    LocationsReply, Msg, Refusal,
-};
+use crate::protocol::{decode_reply, encode_request, ErrorCode, Msg, Refusal};
+use prometheus::IntCounterVec;
 use rand::Rng;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -58,8 +56,6 @@ struct Outage {
 
 pub struct TrackerClient {
     addr: String,
-    /// The cluster secret, sent with the requests that carry one (1, 2, 3).
-    pub secret: Option<String>,
     limits: Limits,
     connect_timeout: Duration,
     request_timeout: Duration,
@@ -70,24 +66,27 @@ pub struct TrackerClient {
     outage: Mutex<Option<Outage>>,
     /// The longest backoff, in milliseconds (see [`TrackerClient::cap_backoff`]).
     backoff_cap_ms: AtomicU64,
+    /// `shoal_peer_tracker_requests_total`: requests that reached the network, by outcome.
+    requests: IntCounterVec,
 }
 
 impl TrackerClient {
-    pub fn new(cfg: &PeerConfig) -> Self {
+    /// A client of the tracker at `addr` (`host:port`), counting its requests in `requests`.
+    pub fn new(addr: &str, cfg: &PeerConfig, requests: IntCounterVec) -> Self {
         let limits = Limits {
             max_frame: cfg.max_frame_bytes,
             idle_timeout: cfg.request_timeout,
             frame_timeout: cfg.request_timeout,
         };
         TrackerClient {
-            addr: cfg.tracker.clone(),
-            secret: cfg.secret.clone(),
+            addr: addr.to_string(),
             limits,
             connect_timeout: cfg.connect_timeout,
             request_timeout: cfg.request_timeout,
             conn: tokio::sync::Mutex::new(None),
             outage: Mutex::new(None),
             backoff_cap_ms: AtomicU64::new(BACKOFF_MAX.as_millis() as u64),
+            requests,
         }
     }
 
@@ -118,10 +117,20 @@ impl TrackerClient {
     ) -> Result<T, TrackerError> {
         self.wait_for_backoff()?;
         let result = work.await;
-        match &result {
-            Err(TrackerError::Unreachable { reason, .. }) => self.note_failure(reason),
-            _ => self.note_answer(),
+        let outcome = match &result {
+            Err(TrackerError::Unreachable { reason, .. }) => {
+                self.note_failure(reason);
+                "unreachable"
+            }
+            Err(TrackerError::Refused { .. }) => "refused",
+            Ok(_) => "ok",
+        };
+        if !matches!(outcome, "unreachable") {
+            self.note_answer();
         }
+        self.requests
+            .with_label_values(&[self.addr.as_str(), outcome])
+            .inc();
         result
     }
 
@@ -186,40 +195,6 @@ impl TrackerClient {
         }
     }
 
-    /// 2 file list: the newest version of each name.
-    pub async fn file_list(&self) -> Result<FileListReply, TrackerError> {
-        self.list_files(false).await
-    }
-
-    /// 2 file list; with `versions`, every version of every name, newest first within a name.
-    pub async fn list_files(&self, versions: bool) -> Result<FileListReply, TrackerError> {
-        let req = FileList {
-            secret: self.secret.clone(),
-            versions,
-        };
-        self.request(Msg::FileList, &req).await
-    }
-
-    /// 3 file locations of version `digest` of `file` (absent: the newest), leaving `exclude`
-    /// (this peer) out.
-    pub async fn locations(
-        &self,
-        file: &str,
-        digest: Option<Hash>,
-        hashes: bool,
-        exclude: Option<u64>,
-    ) -> Result<LocationsReply, TrackerError> {
-        let req = Locations {
-            file: file.to_string(),
-            digest,
-            hashes,
-            peer_id: exclude,
-            want: None,
-            secret: self.secret.clone(),
-        };
-        self.request(Msg::Locations, &req).await
-    }
-
     pub fn addr(&self) -> &str {
         &self.addr
     }
@@ -278,25 +253,27 @@ impl TrackerClient {
         let frame = encode_request(msg, body);
         let mut guard = self.conn.lock().await;
         for attempt in 0..2 {
-            if guard.is_none() {
-                *guard = Some(self.connect().await?);
-            }
-            let conn = guard.as_mut().expect("just set");
-            match timeout(self.request_timeout, exchange(conn, &frame)).await {
+            // Taken out while in use and put back only after a whole exchange: a caller that
+            // gives up mid-request (a failover that got its answer elsewhere) leaves no
+            // half-read reply behind for the next request to mistake for its own.
+            let mut conn = match guard.take() {
+                Some(c) => c,
+                None => self.connect().await?,
+            };
+            match timeout(self.request_timeout, exchange(&mut conn, &frame)).await {
                 Ok(Ok(line)) => {
+                    *guard = Some(conn);
                     return decode_reply(msg, &line).map_err(|refusal| TrackerError::Refused {
                         addr: self.addr.clone(),
                         refusal,
                     });
                 }
                 Ok(Err(e)) => {
-                    *guard = None;
                     if attempt == 1 {
                         return Err(self.unreachable(e));
                     }
                 }
                 Err(_) => {
-                    *guard = None;
                     return Err(
                         self.unreachable(format!("no reply within {:?}", self.request_timeout))
                     );
@@ -344,20 +321,29 @@ mod tests {
     #[tokio::test]
     async fn an_unreachable_tracker_is_not_dialled_again_before_its_backoff() {
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let cfg = PeerConfig {
-            tracker: closed.local_addr().unwrap().to_string(),
-            ..PeerConfig::default()
-        };
+        let addr = closed.local_addr().unwrap().to_string();
         drop(closed);
-        let client = TrackerClient::new(&cfg);
-        let first = client.file_list().await.unwrap_err();
+        let requests = crate::metrics::PeerMetrics::default().tracker_requests;
+        let client = TrackerClient::new(&addr, &PeerConfig::default(), requests.clone());
+        let body = crate::protocol::FileList {
+            secret: None,
+            versions: false,
+        };
+        let list = || client.request::<_, crate::protocol::FileListReply>(Msg::FileList, &body);
+        let first = list().await.unwrap_err();
         assert!(client.is_down(), "{first}");
-        let second = client.file_list().await.unwrap_err().to_string();
+        let second = list().await.unwrap_err().to_string();
         assert!(second.contains("down for"), "{second}");
         let outage = client.outage();
         let o = outage.as_ref().unwrap();
         assert_eq!((o.failures, o.held_back), (1, 1));
         drop(outage);
+        let sent = requests.with_label_values(&[addr.as_str(), "unreachable"]);
+        assert_eq!(
+            sent.get(),
+            1,
+            "a request held back by the backoff is not counted"
+        );
         client.note_answer();
         assert!(!client.is_down());
     }

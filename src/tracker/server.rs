@@ -173,6 +173,7 @@ impl Tracker {
         let sizes = self.state.sizes();
         self.metrics.peers.set(sizes.peers as i64);
         self.metrics.files.set(sizes.files as i64);
+        self.metrics.files_owned.set(sizes.names as i64);
     }
 
     async fn expire_leases(self: Arc<Self>, stop: CancellationToken) {

@@ -137,7 +137,10 @@ struct PeerEntry {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Sizes {
     pub peers: usize,
+    /// File versions.
     pub files: usize,
+    /// File names (with at least one version).
+    pub names: usize,
 }
 
 impl TrackerState {
@@ -176,6 +179,7 @@ impl TrackerState {
         Sizes {
             peers: ix.peers.len(),
             files: ix.files.len(),
+            names: ix.names.len(),
         }
     }
 
@@ -967,7 +971,14 @@ mod tests {
         );
         assert_eq!(listed(&s, true).len(), 1);
         withdraw(&old, &p.token).expect("a repeated withdraw is harmless");
-        assert_eq!(s.sizes(), Sizes { peers: 2, files: 1 });
+        assert_eq!(
+            s.sizes(),
+            Sizes {
+                peers: 2,
+                files: 1,
+                names: 1
+            }
+        );
     }
 
     #[test]
@@ -1061,7 +1072,14 @@ mod tests {
             Some(ErrorCode::InvalidName),
         ];
         assert_eq!(codes, expected);
-        assert_eq!(s.sizes(), Sizes { peers: 1, files: 0 });
+        assert_eq!(
+            s.sizes(),
+            Sizes {
+                peers: 1,
+                files: 0,
+                names: 0
+            }
+        );
     }
 
     #[test]
@@ -1143,7 +1161,14 @@ mod tests {
             token: r.token,
         })
         .unwrap();
-        assert_eq!(s.sizes(), Sizes { peers: 1, files: 0 });
+        assert_eq!(
+            s.sizes(),
+            Sizes {
+                peers: 1,
+                files: 0,
+                names: 0
+            }
+        );
     }
 
     #[test]
@@ -1161,7 +1186,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.expire(later + Duration::from_millis(1500)), 1);
-        assert_eq!(s.sizes(), Sizes { peers: 1, files: 1 });
+        assert_eq!(
+            s.sizes(),
+            Sizes {
+                peers: 1,
+                files: 1,
+                names: 1
+            }
+        );
         let gone = PeerAuth {
             peer_id: quiet.peer_id,
             token: quiet.token,
@@ -1287,7 +1319,14 @@ mod tests {
         assert!(again.files[0].accepted, "{:?}", again.files[0]);
         assert_eq!((locate(&s, "a").chunks, locate(&s, "b").chunks), (8, 2));
         leave(&s, b);
-        assert_eq!(s.sizes(), Sizes { peers: 1, files: 1 });
+        assert_eq!(
+            s.sizes(),
+            Sizes {
+                peers: 1,
+                files: 1,
+                names: 1
+            }
+        );
         assert_eq!(locate(&s, "a").peers[0].name, "a");
     }
 
@@ -1364,7 +1403,14 @@ mod tests {
         assert_eq!(locate(&s, "empty").total_peers, 2);
         leave(&s, r);
         leave(&s, second);
-        assert_eq!(s.sizes(), Sizes { peers: 0, files: 0 });
+        assert_eq!(
+            s.sizes(),
+            Sizes {
+                peers: 0,
+                files: 0,
+                names: 0
+            }
+        );
     }
 
     #[test]
@@ -1409,7 +1455,14 @@ mod tests {
             refused.message.contains("SHOAL_ALLOW_FOREIGN_ADDR"),
             "{refused}"
         );
-        assert_eq!(s.sizes(), Sizes { peers: 0, files: 0 });
+        assert_eq!(
+            s.sizes(),
+            Sizes {
+                peers: 0,
+                files: 0,
+                names: 0
+            }
+        );
         for own in ["10.1.2.3:7401", "0.0.0.0:7401"] {
             assert!(
                 s.register(claim(own), from, Instant::now()).is_ok(),

@@ -690,3 +690,24 @@ pub fn seeded(
     ) == 1));
     (tracker, seeder, dir, original)
 }
+
+/// `n` trackers on ephemeral ports, with extra `SHOAL_*` settings.
+pub fn trackers(n: usize, env: &[(&str, &str)]) -> Vec<Proc> {
+    (0..n).map(|_| tracker(env)).collect()
+}
+
+/// The `SHOAL_TRACKER` value naming every one of `trackers`.
+pub fn tracker_list(trackers: &[Proc]) -> String {
+    let addrs: Vec<String> = trackers.iter().map(|t| t.addr.to_string()).collect();
+    addrs.join(",")
+}
+
+/// The indices of `trackers` that own file `name` with `replicas` owners each (the peers'
+/// rendezvous order over the listed addresses), when all are up.
+pub fn owners_of(trackers: &[Proc], name: &str, replicas: usize) -> Vec<usize> {
+    let addrs: Vec<String> = trackers.iter().map(|t| t.addr.to_string()).collect();
+    let keys: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    let mut order = shoal::peer::trackers::rendezvous(&keys, name);
+    order.truncate(replicas);
+    order
+}
