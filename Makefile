@@ -3,6 +3,7 @@ SHELL := bash
 .DEFAULT_GOAL := help
 CARGO ?= cargo
 PEERS ?= 6
+TRACKERS ?= 3
 # The compose project: prefixes containers, network and volumes (two users of one Docker host
 # pick different ones). COMPOSE_PROJECT_NAME from the environment is honoured too.
 PROJECT ?= $(or $(COMPOSE_PROJECT_NAME),shoal)
@@ -29,8 +30,8 @@ lint: ## Formatting and clippy, warnings are errors
 image: ## Build the shoal-tracker and shoal-peer container images (static, FROM scratch, offline)
 	bash docker/build.sh
 
-up: image ## Start a tracker, two seeders and PEERS peers with docker compose (detached)
-	bash docker/compose.sh up $(PEERS)
+up: image ## Start TRACKERS trackers, two seeders and PEERS peers with docker compose (detached)
+	bash docker/compose.sh up $(PEERS) $(TRACKERS)
 
 status: ## Show the swarm converging (per-container progress from the metrics)
 	bash docker/compose.sh status

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the compose.yaml swarm as one compose project (default "shoal").
 #
-#   docker/compose.sh up [N]   write sample seed files if absent, start tracker, seeders, N peers
+#   docker/compose.sh up [N [T]]  write sample seed files if absent, start T trackers (3),
+#                              the seeders and N peers (6)
 #   docker/compose.sh status   one line per container from its /metrics, then "K/N peers complete"
 #   docker/compose.sh down     remove the containers, network, volumes and the seed files
 #
@@ -24,7 +25,7 @@ fi
 compose+=(--project-name "$project" --file compose.yaml)
 
 usage() {
-    echo "usage: docker/compose.sh up [PEERS] | status | down" >&2
+    echo "usage: docker/compose.sh up [PEERS [TRACKERS]] | status | down" >&2
     exit 2
 }
 
@@ -51,8 +52,8 @@ write_seed_files() {
 }
 
 cmd_up() {
-    local peers=${1:-6}
-    [[ "$peers" =~ ^[0-9]+$ ]] || usage
+    local peers=${1:-6} trackers=${2:-3}
+    [[ "$peers" =~ ^[0-9]+$ && "$trackers" =~ ^[1-9][0-9]*$ ]] || usage
     for image in shoal-tracker shoal-peer; do
         if ! docker image inspect "$image:${STACK_IMAGE_TAG:-latest}" >/dev/null 2>&1; then
             echo "compose.sh: image $image:${STACK_IMAGE_TAG:-latest} is missing; run make image" >&2
@@ -61,8 +62,8 @@ cmd_up() {
     done
     write_seed_files
     # up waits for the tracker, then the seeders, to be healthy before it starts the peers.
-    "${compose[@]}" up --detach --scale "peer=$peers"
-    echo "started $peers peers; follow them with: make status"
+    "${compose[@]}" up --detach --scale "tracker=$trackers" --scale "peer=$peers"
+    echo "started $trackers trackers and $peers peers; follow them with: make status"
 }
 
 # Prints the value of one metric (no labels) from Prometheus text on stdin; empty if absent.
@@ -86,7 +87,7 @@ ready_at() {
 }
 
 cmd_status() {
-    # The tracker first (its file count defines "complete"), then seeders, then peers by number.
+    # Trackers first, then seeders (the files they share define "complete"), then peers by number.
     local rows
     rows=$(docker ps --all --filter "label=com.docker.compose.project=$project" \
         --format '{{.Label "com.docker.compose.service"}} {{.Names}} {{.State}}' |
@@ -96,7 +97,7 @@ cmd_status() {
         echo "no containers in project $project; start them with: make up"
         return 0
     fi
-    local files="" service name state addr text ready shared wanted down up
+    local files=0 service name state addr text ready shared wanted down up
     local peers=0 complete=0
     local format='%-22s %-8s %6s %6s %9s %9s %-5s %s\n'
     # shellcheck disable=SC2059
@@ -112,9 +113,8 @@ cmd_status() {
             [[ -n "$text" ]] && ready=$(ready_at "$addr")
         fi
         if [[ "$service" == tracker ]]; then
-            files=$(metric shoal_tracker_files <<<"$text")
             # shellcheck disable=SC2059
-            printf "$format" "$name" "$state" "${files:--}" - - - "$ready" \
+            printf "$format" "$name" "$state" "$(metric shoal_tracker_files_owned <<<"$text")" - - - "$ready" \
                 "$(metric shoal_tracker_peers <<<"$text") peers registered"
             continue
         fi
@@ -125,11 +125,15 @@ cmd_status() {
         fi
         shared=$(metric shoal_peer_files_shared <<<"$text")
         wanted=$(metric shoal_peer_files_wanted <<<"$text")
+        # The seeders share disjoint files: together, what a peer must end with.
+        if [[ "$service" == seeder* ]]; then
+            files=$((files + ${shared%.*}))
+        fi
         down=$(metric shoal_peer_downloaded_bytes_total <<<"$text")
         up=$(metric shoal_peer_uploaded_bytes_total <<<"$text")
         # shellcheck disable=SC2059
         printf "$format" "$name" "$state" "$shared" "$wanted" "$(mib "$down")" "$(mib "$up")" "$ready" ""
-        if [[ "$service" == peer && "${files:-0}" -gt 0 && "$shared" == "$files" && "$wanted" == 0 ]]; then
+        if [[ "$service" == peer && "$files" -gt 0 && "${shared%.*}" -ge "$files" && "$wanted" == 0 ]]; then
             complete=$((complete + 1))
         fi
     done <<<"$rows"

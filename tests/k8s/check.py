@@ -24,7 +24,7 @@ USER = 65532
 # Settings each binary reads (the contract in k8s/README.md); anything else SHOAL_* is a typo.
 TRACKER_ENV = {"SHOAL_LISTEN", "SHOAL_METRICS_ADDR", "SHOAL_ANNOUNCE_INTERVAL", "SHOAL_SECRET",
                "SHOAL_LOG", "SHOAL_LOG_FORMAT"}
-PEER_ENV = {"SHOAL_TRACKER", "SHOAL_LISTEN", "SHOAL_ADVERTISE", "SHOAL_NAME", "SHOAL_DATA_DIR",
+PEER_ENV = {"SHOAL_TRACKER", "SHOAL_TRACKER_REPLICAS", "SHOAL_LISTEN", "SHOAL_ADVERTISE", "SHOAL_NAME", "SHOAL_DATA_DIR",
             "SHOAL_WANT", "SHOAL_CHUNK_SIZE", "SHOAL_UPLOAD_LIMIT", "SHOAL_METRICS_ADDR",
             "SHOAL_SECRET", "SHOAL_LOG", "SHOAL_LOG_FORMAT"}
 ENV_BY_IMAGE = {"shoal-tracker": TRACKER_ENV, "shoal-peer": PEER_ENV}
@@ -33,7 +33,8 @@ ENV_BY_IMAGE = {"shoal-tracker": TRACKER_ENV, "shoal-peer": PEER_ENV}
 COUNTERS_AND_GAUGES = {
     "shoal_tracker_registrations_total", "shoal_tracker_chunk_registrations_total",
     "shoal_tracker_requests_total", "shoal_tracker_peers", "shoal_tracker_files",
-    "shoal_tracker_leases_expired_total",
+    "shoal_tracker_leases_expired_total", "shoal_tracker_files_owned",
+    "shoal_peer_tracker_requests_total", "shoal_peer_tracker_failovers_total",
     "shoal_peer_downloaded_chunks_total", "shoal_peer_uploaded_chunks_total",
     "shoal_peer_downloaded_bytes_total", "shoal_peer_uploaded_bytes_total",
     "shoal_peer_chunk_verify_failures_total", "shoal_peer_downloads_completed_total",
@@ -289,7 +290,8 @@ def check_base(report, docs):
     workloads = [d for d in docs if d["kind"] in WORKLOAD_KINDS]
 
     problems = []
-    for want in ("Namespace/shoal", "Deployment/shoal-tracker", "Service/shoal-tracker",
+    for want in ("Namespace/shoal", "StatefulSet/shoal-tracker", "Service/shoal-tracker",
+                 "PodDisruptionBudget/shoal-tracker",
                  "StatefulSet/shoal-seeder", "Service/shoal-seeder", "Deployment/shoal-peer",
                  "Service/shoal-peer", "PodDisruptionBudget/shoal-seeder",
                  "PodDisruptionBudget/shoal-peer"):
@@ -322,15 +324,26 @@ def check_base(report, docs):
         problems.append("ConfigMap SHOAL_ANNOUNCE_INTERVAL is not a duration")
     report.check("base: ConfigMap carries the swarm settings", problems)
 
-    tracker = by_kn.get("Deployment/shoal-tracker")
+    if "SHOAL_TRACKER_REPLICAS" not in settings:
+        report.check("base: ConfigMap sets SHOAL_TRACKER_REPLICAS", ["missing"])
+    tracker = by_kn.get("StatefulSet/shoal-tracker")
     if tracker:
-        report.check("base: tracker runs one replica", [] if tracker["spec"].get("replicas") == 1
-                     else [f"replicas is {tracker['spec'].get('replicas')}"])
+        report.check("base: trackers run as 3 replicas (each file on 2 of them)",
+                     tracker_replica_problems(tracker, settings))
     service = by_kn.get("Service/shoal-tracker")
     if service:
         ports = {p["name"]: p["port"] for p in service["spec"]["ports"]}
-        report.check("base: tracker Service exposes 7400 and 9400",
-                     [] if ports == {"shoal": 7400, "metrics": 9400} else [f"ports are {ports}"])
+        problems = [] if ports == {"shoal": 7400, "metrics": 9400} else [f"ports are {ports}"]
+        if service["spec"].get("clusterIP") != "None":
+            problems.append("not headless (clusterIP: None): peers must see every tracker's address")
+        if service["spec"].get("publishNotReadyAddresses"):
+            problems.append("publishNotReadyAddresses would hand out trackers that are not ready")
+        report.check("base: tracker Service is headless and exposes 7400 and 9400", problems)
+    pdb = by_kn.get("PodDisruptionBudget/shoal-tracker")
+    if pdb:
+        report.check("base: a drain takes at most one tracker at a time",
+                     [] if pdb["spec"].get("maxUnavailable") == 1
+                     else [f"maxUnavailable is {pdb['spec'].get('maxUnavailable')}"])
 
     # Services and PDBs must select pods, and a Service's named target ports must exist on them.
     for doc in docs:
@@ -364,6 +377,29 @@ def check_base(report, docs):
     for w in workloads:
         check_workload(report, "base", w, configmaps)
     return configmaps
+
+
+def tracker_replica_problems(tracker, settings):
+    """What keeps the tracker StatefulSet from surviving the loss of one tracker or node."""
+    spec = tracker["spec"]
+    problems = []
+    replicas = spec.get("replicas")
+    owners = int(settings.get("SHOAL_TRACKER_REPLICAS", "2"))
+    if replicas != 3:
+        problems.append(f"replicas is {replicas}, want 3")
+    if not 2 <= owners <= (replicas or 0):
+        problems.append(f"SHOAL_TRACKER_REPLICAS is {owners}: a file needs 2 owners, at most {replicas}")
+    if spec.get("serviceName") != "shoal-tracker":
+        problems.append("serviceName is not the headless Service shoal-tracker")
+    anti = pod_spec(tracker).get("affinity", {}).get("podAntiAffinity", {})
+    terms = [t.get("podAffinityTerm", t) for key in ("preferredDuringSchedulingIgnoredDuringExecution",
+                                                      "requiredDuringSchedulingIgnoredDuringExecution")
+             for t in anti.get(key, [])]
+    labels = pod_meta(tracker).get("labels", {})
+    if not any(t.get("topologyKey") == "kubernetes.io/hostname"
+               and selects(t.get("labelSelector", {}).get("matchLabels", {}), labels) for t in terms):
+        problems.append("no pod anti-affinity spreading the trackers over nodes")
+    return problems
 
 
 def crd_header_problems(doc):
