@@ -1,19 +1,24 @@
 #!/usr/bin/env python3
 """Shoal container end-to-end test: a real swarm under compose, with faults.
 
-Starts compose.yaml under its own project name (so its own network and volumes): a tracker
-announcing every second, two seeders with tens of MiB of random files (one file on both), and
---peers peers that want everything. While the transfers run it
+Starts compose.yaml under its own project name (so its own network and volumes): --trackers
+trackers (3) announcing every second, each file owned by two of them, two seeders with tens of
+MiB of random files (one file on both), and --peers peers that want everything. While the
+transfers run it
 
   1. kills seeder1 (`docker kill`) once every chunk of its files is held by someone else,
-  2. restarts the tracker (`docker restart`); peers must register again on their own,
-  3. cuts a peer off the network until the tracker expires its lease, then reconnects it,
+  2. kills tracker-2 (`docker kill`) for good, sampling every unfinished peer's progress every
+     half second: none may stall (its downloaded bytes must keep rising),
+  3. restarts tracker-1 (`docker restart`); peers must register again with it on their own,
+  4. cuts a peer off the network until the trackers expire its lease, then reconnects it,
 
 then waits until every peer holds every file, byte-identical to the originals, and checks that
 the metrics agree with what happened. Finally it stops one peer to see it leave cleanly.
 The exit code is the verdict; everything the run created is removed, also on failure or Ctrl-C.
 
-    python3 tests/e2e/run.py [--peers N] [--keep] [--timeout SECONDS] [--build]
+    python3 tests/e2e/run.py [--peers N] [--trackers N] [--keep] [--timeout SECONDS] [--build]
+
+The project is named COMPOSE_PROJECT_NAME-e2e-PID (shoal-e2e-PID without it).
 
 E2E_LOG, if set, is the containers' SHOAL_LOG (default info), e.g. "info,shoal::peer::server=debug".
 
@@ -45,6 +50,7 @@ SEEDS = {
 }
 ANNOUNCE_INTERVAL = "1s"
 LEASE_SECONDS = 3  # the tracker forgets a peer after three silent announce intervals
+STALL_LIMIT = 5.0  # seconds an unfinished peer may go without a new byte after a tracker dies
 
 
 class Failure(Exception):
@@ -107,7 +113,7 @@ class Container:
         self.id = cid
         self.service = service
         self.number = number
-        self.name = service if service != "peer" else f"peer-{number}"
+        self.name = f"{service}-{number}" if service in ("peer", "tracker") else service
         self.port = {"tracker": 9400}.get(service, 9401)
         self._addr = None
 
@@ -171,8 +177,9 @@ class Swarm:
         self.containers = {}
         self.network = None
 
-    def up(self, peers):
-        run(self.compose + ["up", "--detach", "--scale", f"peer={peers}"], timeout=240, env=self.env)
+    def up(self, peers, trackers):
+        run(self.compose + ["up", "--detach", "--scale", f"tracker={trackers}", "--scale", f"peer={peers}"],
+            timeout=240, env=self.env)
         out = run(["docker", "ps", "--all", "--filter", f"label=com.docker.compose.project={self.project}",
                    "--format", '{{.ID}} {{.Label "com.docker.compose.service"}} '
                                '{{.Label "com.docker.compose.container-number"}}'])
@@ -180,13 +187,17 @@ class Swarm:
             cid, service, number = line.split()
             c = Container(cid, service, int(number))
             self.containers[c.name] = c
-        self.network = self["tracker"].inspect("{{range $k, $v := .NetworkSettings.Networks}}{{$k}}{{end}}")
+        self.network = self["tracker-1"].inspect("{{range $k, $v := .NetworkSettings.Networks}}{{$k}}{{end}}")
 
     def __getitem__(self, name):
         return self.containers[name]
 
     def peers(self):
         return sorted((c for c in self.containers.values() if c.is_peer), key=lambda c: c.number)
+
+    def trackers(self):
+        return sorted((c for c in self.containers.values() if c.service == "tracker"),
+                      key=lambda c: c.number)
 
     def logs(self, c, lines=25):
         p = subprocess.run(["docker", "logs", "--tail", str(lines), c.id], capture_output=True, text=True)
@@ -213,9 +224,10 @@ class Run:
         self.faults = []  # (seconds since start, description, peers complete at that moment)
         self.checks = []  # (ok, description)
         self.notes = []  # lines for the summary
-        self.project = f"shoal-e2e-{os.getpid()}"
+        self.project = f"{os.environ.get('COMPOSE_PROJECT_NAME') or 'shoal'}-e2e-{os.getpid()}"
         self.swarm = None
         self.partitioned = None
+        self.killed_tracker = None
         self.seeder1_uploaded = 0
 
     # ---- set-up ----------------------------------------------------------------------------
@@ -242,8 +254,9 @@ class Run:
 
     def start(self, dirs):
         self.swarm = Swarm(self.project, dirs, self.args)
-        log(f"starting project {self.project}: tracker, seeder1, seeder2, {self.args.peers} peers")
-        self.swarm.up(self.args.peers)
+        log(f"starting project {self.project}: {self.args.trackers} trackers, seeder1, seeder2, "
+            f"{self.args.peers} peers")
+        self.swarm.up(self.args.peers, self.args.trackers)
 
         def all_healthy():
             states = [c.inspect("{{.State.Status}}/{{if .State.Health}}{{.State.Health.Status}}{{end}}")
@@ -291,7 +304,8 @@ class Run:
         log(f"FAULT: {description} ({done}/{self.args.peers} peers complete)")
 
     def tracker_metric(self, name):
-        return self.swarm["tracker"].metrics().get(name, 0)
+        """A metric of tracker-1, which lives through the run (it is restarted, not killed)."""
+        return self.swarm["tracker-1"].metrics().get(name, 0)
 
     def locate(self, name):
         """(chunk count, {holder name: set of chunk indexes}) as the tracker reports them."""
@@ -325,12 +339,42 @@ class Run:
         run(["docker", "kill", seeder.id])
         wait_for("seeder1 to be dead", lambda: seeder.inspect("{{.State.Status}}") == "exited", 20)
 
+    def kill_tracker(self):
+        """Kills tracker-2 for good and watches every unfinished peer keep downloading."""
+        victim = self.swarm["tracker-2"]
+        self.killed_tracker = victim.name
+        self.fault(f"docker kill {victim.name} (the files it owned have one owner left)")
+        run(["docker", "kill", victim.id])
+        last = {}  # peer name -> (bytes, when they last rose)
+        worst = {}
+        until = time.monotonic() + 20
+        while time.monotonic() < until:
+            now = time.monotonic()
+            unfinished = [c for c in self.swarm.peers() if not self.peer_done(c)]
+            if not unfinished:
+                break
+            for c in unfinished:
+                got = c.metrics().get("shoal_peer_downloaded_bytes_total", 0)
+                seen, since = last.get(c.name, (-1, now))
+                if got > seen:
+                    last[c.name] = (got, now)
+                    since = now
+                worst[c.name] = max(worst.get(c.name, 0), now - since)
+            time.sleep(0.5)
+        longest = max(worst.values(), default=0)
+        staller = max(worst, key=worst.get, default="-")
+        self.notes.append(f"after {victim.name} was killed, the longest pause of an unfinished peer "
+                          f"was {longest:.1f}s ({staller})")
+        self.check(longest < STALL_LIMIT,
+                   f"no peer stalled after {victim.name} was killed: longest pause {longest:.1f}s "
+                   f"(< {STALL_LIMIT:.0f}s, sampled every 0.5s)")
+
     def restart_tracker(self):
-        tracker = self.swarm["tracker"]
-        self.fault("docker restart tracker (it forgets every peer and file)")
+        tracker = self.swarm["tracker-1"]
+        self.fault("docker restart tracker-1 (it forgets every peer and file)")
         run(["docker", "restart", "--time", "10", tracker.id], timeout=60)
         live = self.args.peers + 1  # the peers and seeder2
-        wait_for(f"all {live} live peers to register again with the restarted tracker",
+        wait_for(f"all {live} live peers to register again with the restarted tracker-1",
                  lambda: self.tracker_metric("shoal_tracker_peers") == live, 60)
         log(f"tracker restarted; {live} peers registered again on their own")
 
@@ -377,7 +421,8 @@ class Run:
 
     def quiet_metrics(self):
         """Scrapes every live container until two scrapes 2s apart agree (transfers settled)."""
-        live = [c for c in self.swarm.containers.values() if c.name != "seeder1"]
+        live = [c for c in self.swarm.containers.values()
+                if c.name not in ("seeder1", self.killed_tracker)]
 
         def scrape():
             return {c.name: c.metrics() for c in live}
@@ -418,7 +463,7 @@ class Run:
         total, chunks = self.total_bytes(), sum(n for n, _ in layout.values())
         largest_chunk = max(size for _, size in layout.values())
         restarted = {c.name for c in self.swarm.containers.values()
-                     if c.name != "tracker" and c.inspect("{{.RestartCount}}") != "0"}
+                     if c.service != "tracker" and c.inspect("{{.RestartCount}}") != "0"}
         self.check(not restarted, f"no container crashed and was restarted ({sorted(restarted) or 'none'})")
         down_sum = up_sum = peer_up = duplicates = 0
         for c in self.swarm.peers():
@@ -472,21 +517,30 @@ class Run:
         self.check(up_sum <= received,
                    f"uploads of the surviving containers ({up_sum / MIB:.1f} MiB) <= downloads plus "
                    f"endgame duplicates ({received / MIB:.1f} MiB)")
-        t = scraped["tracker"]
         live = self.args.peers + 1
-        self.check(t.get("shoal_tracker_files") == n_files,
-                   f"tracker: files == {n_files} (got {t.get('shoal_tracker_files', 0):.0f})")
-        self.check(t.get("shoal_tracker_peers") == live,
-                   f"tracker: peers == {live} live holders (got {t.get('shoal_tracker_peers', 0):.0f})")
-        self.check(t.get("shoal_tracker_registrations_total", 0) >= live,
-                   f"tracker: at least {live} registrations since its restart "
-                   f"(got {t.get('shoal_tracker_registrations_total', 0):.0f})")
-        self.check(t.get("shoal_tracker_leases_expired_total", 0) >= 1,
-                   "tracker: the partitioned peer's lease expired (leases_expired_total >= 1)")
+        trackers = [c.name for c in self.swarm.trackers() if c.name != self.killed_tracker]
+        # Every peer registers with every tracker. Each file has two owners among the live
+        # trackers, so with two left each indexes every file.
+        owners = min(2, len(trackers))
+        for name in trackers:
+            t = scraped[name]
+            if owners == len(trackers):
+                self.check(t.get("shoal_tracker_files") == n_files,
+                           f"{name}: files == {n_files} (got {t.get('shoal_tracker_files', 0):.0f})")
+            self.check(t.get("shoal_tracker_peers") == live,
+                       f"{name}: peers == {live} live holders (got {t.get('shoal_tracker_peers', 0):.0f})")
+            self.check(t.get("shoal_tracker_registrations_total", 0) >= live,
+                       f"{name}: at least {live} registrations since it started "
+                       f"(got {t.get('shoal_tracker_registrations_total', 0):.0f})")
+            self.check(t.get("shoal_tracker_leases_expired_total", 0) >= 1,
+                       f"{name}: the partitioned peer's lease expired (leases_expired_total >= 1)")
+        owned = sum(scraped[name].get("shoal_tracker_files_owned", 0) for name in trackers)
+        self.check(owned >= owners * n_files,
+                   f"trackers: each file indexed by {owners} live trackers (names owned in all: {owned:.0f})")
         self.verify_tracker_view()
 
     def verify_tracker_view(self):
-        """The tracker must know every live holder as complete: `shoal-peer files`."""
+        """The trackers must know every live holder as complete: `shoal-peer files` (merged)."""
         out = run(["docker", "exec", self.swarm["seeder2"].id, "/shoal-peer", "files", "--json"],
                   quiet=True)
         rows = {f["name"]: (f["peers"], f["seeders"]) for f in json.loads(out)}
@@ -521,6 +575,7 @@ class Run:
         self.start(dirs)
         deadline = time.monotonic() + self.args.timeout
         self.kill_seeder(deadline)
+        self.kill_tracker()
         self.restart_tracker()
         self.partition_peer()
         self.converge(deadline)
@@ -616,6 +671,7 @@ def ensure_images(args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--peers", type=int, default=10, help="peers besides the two seeders (10)")
+    parser.add_argument("--trackers", type=int, default=3, help="trackers (3; one is killed)")
     parser.add_argument("--keep", action="store_true", help="leave the swarm running for debugging")
     parser.add_argument("--timeout", type=float, default=480,
                         help="seconds from start-up until every peer must be complete (480)")
@@ -632,6 +688,8 @@ def main():
     args = parser.parse_args()
     if args.peers < 2:
         parser.error("--peers must be at least 2")
+    if args.trackers < 3:
+        parser.error("--trackers must be at least 3: one is killed, one restarted")
 
     signal.signal(signal.SIGTERM, interrupt)  # clean up as on Ctrl-C
     os.makedirs(os.path.join(ROOT, "target"), exist_ok=True)
@@ -651,7 +709,7 @@ def main():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if test.swarm and not ok and test.swarm.containers:
-            for name in ("tracker", test.partitioned.name if test.partitioned else "peer-1"):
+            for name in ("tracker-1", test.partitioned.name if test.partitioned else "peer-1"):
                 if name in test.swarm.containers:
                     print(f"\n---- last log lines of {name} ----")
                     print(test.swarm.logs(test.swarm[name]))
