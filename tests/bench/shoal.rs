@@ -49,12 +49,13 @@ impl Scale {
 
 type Scenario = fn(Scale) -> anyhow::Result<Outcome>;
 
-const SCENARIOS: [(&str, Scenario); 5] = [
+const SCENARIOS: [(&str, Scenario); 6] = [
     ("swarm", swarm::run),
     ("transfer", transfer::raw),
     ("tracker_throughput", tracker::throughput),
     ("tracker_memory", tracker::memory),
     ("peer_memory", transfer::peer_memory),
+    ("tracker_replicas", tracker::replicas),
 ];
 
 fn main() -> ExitCode {

@@ -1,12 +1,14 @@
 //! Scenarios 3 and 4, the tracker alone under the load generator of [`crate::load`] (running
 //! on the same cores): request throughput with many concurrent persistent connections, and
-//! resident memory per registered (peer, file) pair. Each phase ends with [`load::verify`].
+//! resident memory per registered (peer, file) pair, on one tracker and spread over several.
+//! Each phase ends with [`load::verify`].
 
 use crate::load::{self, Catalog, Plan, Report};
 use crate::report::{Goal, Outcome, Table};
 use crate::{memory_of, start_tracker, Scale, MIB};
 use anyhow::bail;
 use serde_json::{json, Value};
+use shoal::peer::trackers::rendezvous;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -205,5 +207,104 @@ fn report_json(r: &Report) -> Value {
         "connections": r.plan.connections, "peers": r.plan.connections * r.plan.peers_per_connection,
         "pipeline": r.plan.pipeline, "setup_seconds": r.setup.as_secs_f64(),
         "seconds": r.elapsed.as_secs_f64(), "chunks_recorded": r.recorded, "messages": messages,
+    })
+}
+
+/// Scenario 6: the same index spread over 1, 3 and 5 trackers, each file owned by two of them
+/// (one with a single tracker) as peers place it: every simulated peer registers each file with
+/// the file's owners only. The figure is each tracker's resident memory per (peer, file) pair
+/// of the whole cluster, which should fall to about `owners / trackers` of one tracker's.
+pub fn replicas(scale: Scale) -> anyhow::Result<Outcome> {
+    const FILES: usize = 20;
+    let peers_per_connection = scale.pick(5, 40);
+    let connections = scale.pick(20, 250);
+    load::require_open_files(connections);
+    let peers = connections * peers_per_connection;
+    let pairs = (peers * FILES) as f64;
+    let catalog = Catalog::new("rep", FILES, 1024, MIB as u32);
+    let mut rows = Vec::new();
+    let mut data = Vec::new();
+    let mut single = None;
+    let mut goals = Vec::new();
+    for count in [1, 3, 5] {
+        let owners = count.min(2);
+        let trackers: Vec<_> = (0..count).map(|_| start_tracker()).collect();
+        let addrs: Vec<String> = trackers.iter().map(|t| t.addr.to_string()).collect();
+        let keys: Vec<&str> = addrs.iter().map(String::as_str).collect();
+        let mut grown = Vec::new();
+        for (i, tracker) in trackers.iter().enumerate() {
+            let owned: Vec<_> = catalog
+                .files
+                .iter()
+                .filter(|f| rendezvous(&keys, &f.info.name)[..owners].contains(&i))
+                .cloned()
+                .collect();
+            if owned.is_empty() {
+                grown.push(0.0);
+                continue;
+            }
+            let part = Arc::new(Catalog { files: owned });
+            load::seed(tracker.addr, &part);
+            let before = memory_of(tracker.pid(), "VmRSS");
+            let plan = Plan {
+                label: "replicas",
+                connections,
+                peers_per_connection,
+                chunk_registers: part.files.len(),
+                chunks_per_register: 1024,
+                locations: 0,
+                locations_want: None,
+                pipeline: 8,
+                time_limit: Duration::from_secs(300),
+            };
+            let report = load::run(tracker.addr, &part, &plan);
+            let after = memory_of(tracker.pid(), "VmRSS");
+            checked(load::verify(tracker, &part, &[&report]))?;
+            grown.push(after.saturating_sub(before) as f64);
+        }
+        let busiest = grown.iter().copied().fold(0.0, f64::max) / pairs;
+        let mean = grown.iter().sum::<f64>() / count as f64 / pairs;
+        let base = *single.get_or_insert(busiest);
+        let expected = owners as f64 / count as f64;
+        rows.push(vec![
+            count.to_string(),
+            owners.to_string(),
+            format!("{pairs:.0}"),
+            format!("{busiest:.0}"),
+            format!("{mean:.0}"),
+            format!("{:.2}", busiest / base),
+            format!("{expected:.2}"),
+        ]);
+        if count > 1 {
+            goals.push(Goal::new(
+                format!(
+                    "{count} trackers: the busiest holds ≤ 1.5 × {owners}/{count} of one tracker's memory (is {:.2})",
+                    busiest / base
+                ),
+                busiest / base <= 1.5 * expected,
+            ));
+        }
+        data.push(json!({
+            "trackers": count, "owners": owners, "pairs": pairs,
+            "rss_growth_bytes": grown, "busiest_bytes_per_pair": busiest,
+            "mean_bytes_per_pair": mean,
+        }));
+    }
+    Ok(Outcome {
+        name: "tracker_replicas",
+        title: "6. Tracker memory with replicas",
+        settings: vec![
+            format!("{FILES} files × 1,024 chunks; {peers} peers each register every chunk of every file with the file's owners only (rendezvous hashing of its name over the trackers, two owners, one with a single tracker)"),
+            "per tracker: resident memory (VmRSS) growth while the peers register, divided by the (peer, file) pairs of the whole cluster".into(),
+        ],
+        table: Table {
+            head: vec![
+                "trackers", "owners per file", "cluster pairs", "busiest B/pair",
+                "mean B/pair", "busiest vs 1 tracker", "owners / trackers",
+            ],
+            rows,
+        },
+        goals,
+        data: json!({ "runs": data }),
     })
 }
