@@ -122,6 +122,14 @@ fn killing_one_of_three_trackers_mid_swarm_stalls_no_peer_and_it_is_refilled() {
         .iter()
         .any(|(p, _)| metric_value(&p.metrics_text(), &sample).unwrap_or(0.0) > 0.0));
 
+    assert!(
+        wait_until(Duration::from_secs(10), || holder_count(
+            trackers[spare].addr,
+            FILE
+        ) == 14),
+        "the next tracker in the file's ranking stands in for the killed owner"
+    );
+
     // Restarted empty, it is refilled by the peers' announces: every holder is back.
     let restarted = tracker_at(killed_addr, &[]);
     assert!(
@@ -132,6 +140,15 @@ fn killing_one_of_three_trackers_mid_swarm_stalls_no_peer_and_it_is_refilled() {
     );
     assert_eq!(names_set(killed_addr), BTreeSet::from([FILE.to_string()]));
     assert_eq!(restarted.metric("shoal_tracker_files_owned"), 1.0);
+    // The tracker that stood in for it meanwhile owns the file no more: the peers withdrew it.
+    assert!(
+        wait_until(Duration::from_secs(10), || holder_count(
+            trackers[spare].addr,
+            FILE
+        ) == 0),
+        "still listed by the stand-in: {} holders",
+        holder_count(trackers[spare].addr, FILE)
+    );
 }
 
 /// Names `count` small files in `dir` (`f00.bin`, ...), each with its own content.

@@ -13,7 +13,7 @@ use crate::protocol::{
 use prometheus::{IntCounter, IntCounterVec};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -55,6 +55,9 @@ pub struct Member {
     reports: mpsc::Sender<Report>,
     /// Taken by the tracker's upkeep task. Held briefly, never across an await.
     report_rx: Mutex<Option<mpsc::Receiver<Report>>>,
+    /// The file versions this peer told the tracker it holds, so that the ones it stops owning
+    /// are withdrawn rather than left there for as long as this peer announces. Held briefly.
+    placed: Mutex<HashSet<(String, Hash)>>,
 }
 
 impl Member {
@@ -90,6 +93,26 @@ impl Member {
         if self.reports.try_send(report).is_err() {
             self.needs_sync.store(true, Ordering::SeqCst);
         }
+    }
+
+    /// Notes that the tracker was told this peer holds version `digest` of `name`.
+    pub fn note_placed(&self, name: &str, digest: Hash) {
+        self.lock_placed().insert((name.to_string(), digest));
+    }
+
+    /// Notes that the tracker no longer lists this peer for version `digest` of `name`.
+    pub fn forget_placed(&self, name: &str, digest: Hash) {
+        self.lock_placed().remove(&(name.to_string(), digest));
+    }
+
+    /// Makes `now` what the tracker was told; returns what it was told before and not now.
+    pub fn replace_placed(&self, now: HashSet<(String, Hash)>) -> Vec<(String, Hash)> {
+        let before = std::mem::replace(&mut *self.lock_placed(), now.clone());
+        before.into_iter().filter(|k| !now.contains(k)).collect()
+    }
+
+    fn lock_placed(&self) -> MutexGuard<'_, HashSet<(String, Hash)>> {
+        self.placed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The queued chunk reports, for the one task that sends them.
@@ -215,6 +238,7 @@ impl Trackers {
         Member {
             reports,
             report_rx: Mutex::new(Some(report_rx)),
+            placed: Mutex::new(HashSet::new()),
             client: TrackerClient::new(addr, &self.cfg, self.requests.clone()),
             session: Mutex::new(None),
             needs_sync: AtomicBool::new(true),

@@ -101,6 +101,10 @@ impl Peer {
             .filter(|f| self.trackers.is_owner(m, &f.info.name))
             .filter_map(|f| offer(f))
             .collect();
+        let owned = offers
+            .iter()
+            .map(|o| (o.info.name.clone(), o.info.digest))
+            .collect();
         let batches = batch_offers(offers);
         let addr = self.advertised().await?;
         let mut replies = Vec::new();
@@ -136,7 +140,38 @@ impl Peer {
         if let Some(r) = replies.first() {
             tracing::info!(peer_id = r.peer_id, addr = %r.addr, files = replies.iter().map(|r| r.files.len()).sum::<usize>(), tracker = %m.addr(), "registered with tracker");
         }
+        for (file, digest) in m.replace_placed(owned) {
+            // Best effort: otherwise the entry lasts until this peer leaves.
+            match self.withdraw_from(m, &file, digest).await {
+                Ok(()) => tracing::debug!(tracker = %m.addr(), file, "moved to its new owners"),
+                Err(e) => {
+                    tracing::debug!(tracker = %m.addr(), file, error = %e, "former owner not told")
+                }
+            }
+        }
         Ok(replies)
+    }
+
+    /// Sends 8 withdraw for version `digest` of `file` to tracker `m`: it stops listing this
+    /// peer as a holder.
+    async fn withdraw_from(
+        &self,
+        m: &Member,
+        file: &str,
+        digest: Hash,
+    ) -> Result<(), TrackerError> {
+        m.forget_placed(file, digest);
+        let Some(s) = m.session() else { return Ok(()) };
+        let req = Withdraw {
+            peer_id: s.peer_id,
+            token: s.token,
+            file: file.to_string(),
+            digest,
+        };
+        m.client
+            .request::<_, Acknowledged>(Msg::Withdraw, &req)
+            .await
+            .map(|_| ())
     }
 
     /// Queues "I now hold chunk `index` of `file`" for the file's owners (sent in batches).
@@ -191,6 +226,7 @@ impl Peer {
             chunks,
         };
         let reply: ChunksRecorded = m.client.request(Msg::ChunkRegister, &req).await?;
+        m.note_placed(file, digest);
         Ok(reply.recorded)
     }
 
@@ -324,33 +360,21 @@ impl Peer {
         self.metrics.files_withdrawn.inc();
         self.update_file_gauges();
         tracing::info!(file = %file.info.name, digest = %file.info.digest.to_hex(), "withdrawn");
-        let mut told = JoinSet::new();
         for m in self.trackers.members() {
-            let Some(s) = m.session() else { continue };
-            let req = Withdraw {
-                peer_id: s.peer_id,
-                token: s.token,
-                file: file.info.name.clone(),
-                digest: file.info.digest,
-            };
-            told.spawn(async move {
-                let result = m
-                    .client
-                    .request::<_, Acknowledged>(Msg::Withdraw, &req)
-                    .await;
-                (m, result)
-            });
-        }
-        while let Some(Ok((m, result))) = told.join_next().await {
-            let owner = self.trackers.is_owner(&m, &file.info.name);
+            if m.session().is_none() {
+                continue;
+            }
+            let result = self
+                .withdraw_from(&m, &file.info.name, file.info.digest)
+                .await;
             match result {
-                Err(e) if owner => {
+                Err(e) if self.trackers.is_owner(&m, &file.info.name) => {
                     tracing::warn!(file = %file.info.name, error = %e, "the tracker did not hear the withdrawal; it lists this peer until its lease ends")
                 }
                 Err(e) => {
-                    tracing::debug!(file = %file.info.name, error = %e, "withdrawal not heard by a tracker that does not own the file")
+                    tracing::debug!(tracker = %m.addr(), file = %file.info.name, error = %e, "a tracker that does not own the file did not hear its withdrawal")
                 }
-                Ok(_) => {}
+                Ok(()) => {}
             }
         }
     }
