@@ -727,6 +727,15 @@ pub fn sample_holders<'a, T: Copy, R: Rng>(
 mod tests {
     use super::*;
 
+    /// The sizes of an index holding one version of each name.
+    fn sized(peers: usize, files: usize) -> Sizes {
+        Sizes {
+            peers,
+            files,
+            names: files,
+        }
+    }
+
     fn state() -> TrackerState {
         let limits = IndexLimits {
             max_peers: 10,
@@ -971,14 +980,7 @@ mod tests {
         );
         assert_eq!(listed(&s, true).len(), 1);
         withdraw(&old, &p.token).expect("a repeated withdraw is harmless");
-        assert_eq!(
-            s.sizes(),
-            Sizes {
-                peers: 2,
-                files: 1,
-                names: 1
-            }
-        );
+        assert_eq!(s.sizes(), sized(2, 1));
     }
 
     #[test]
@@ -1072,14 +1074,7 @@ mod tests {
             Some(ErrorCode::InvalidName),
         ];
         assert_eq!(codes, expected);
-        assert_eq!(
-            s.sizes(),
-            Sizes {
-                peers: 1,
-                files: 0,
-                names: 0
-            }
-        );
+        assert_eq!(s.sizes(), sized(1, 0));
     }
 
     #[test]
@@ -1161,14 +1156,7 @@ mod tests {
             token: r.token,
         })
         .unwrap();
-        assert_eq!(
-            s.sizes(),
-            Sizes {
-                peers: 1,
-                files: 0,
-                names: 0
-            }
-        );
+        assert_eq!(s.sizes(), sized(1, 0));
     }
 
     #[test]
@@ -1186,14 +1174,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.expire(later + Duration::from_millis(1500)), 1);
-        assert_eq!(
-            s.sizes(),
-            Sizes {
-                peers: 1,
-                files: 1,
-                names: 1
-            }
-        );
+        assert_eq!(s.sizes(), sized(1, 1));
         let gone = PeerAuth {
             peer_id: quiet.peer_id,
             token: quiet.token,
@@ -1319,14 +1300,7 @@ mod tests {
         assert!(again.files[0].accepted, "{:?}", again.files[0]);
         assert_eq!((locate(&s, "a").chunks, locate(&s, "b").chunks), (8, 2));
         leave(&s, b);
-        assert_eq!(
-            s.sizes(),
-            Sizes {
-                peers: 1,
-                files: 1,
-                names: 1
-            }
-        );
+        assert_eq!(s.sizes(), sized(1, 1));
         assert_eq!(locate(&s, "a").peers[0].name, "a");
     }
 
@@ -1403,14 +1377,7 @@ mod tests {
         assert_eq!(locate(&s, "empty").total_peers, 2);
         leave(&s, r);
         leave(&s, second);
-        assert_eq!(
-            s.sizes(),
-            Sizes {
-                peers: 0,
-                files: 0,
-                names: 0
-            }
-        );
+        assert_eq!(s.sizes(), sized(0, 0));
     }
 
     #[test]
@@ -1455,14 +1422,7 @@ mod tests {
             refused.message.contains("SHOAL_ALLOW_FOREIGN_ADDR"),
             "{refused}"
         );
-        assert_eq!(
-            s.sizes(),
-            Sizes {
-                peers: 0,
-                files: 0,
-                names: 0
-            }
-        );
+        assert_eq!(s.sizes(), sized(0, 0));
         for own in ["10.1.2.3:7401", "0.0.0.0:7401"] {
             assert!(
                 s.register(claim(own), from, Instant::now()).is_ok(),

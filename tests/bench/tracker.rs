@@ -5,7 +5,7 @@
 
 use crate::load::{self, Catalog, Plan, Report};
 use crate::report::{Goal, Outcome, Table};
-use crate::{memory_of, start_tracker, Scale, MIB};
+use crate::{memory_of, start_tracker, Proc, Scale, MIB};
 use anyhow::bail;
 use serde_json::{json, Value};
 use shoal::peer::trackers::rendezvous;
@@ -125,24 +125,9 @@ pub fn memory(scale: Scale) -> anyhow::Result<Outcome> {
     let tracker = start_tracker();
     let started = memory_of(tracker.pid(), "VmRSS");
     let catalog = Arc::new(Catalog::new("mem", FILES, 1024, MIB as u32));
-    load::seed(tracker.addr, &catalog);
-    let before = memory_of(tracker.pid(), "VmRSS");
-    // Every peer registers every chunk of every file, one message 4 per file.
-    let plan = Plan {
-        label: "mem",
-        connections,
-        peers_per_connection,
-        chunk_registers: FILES,
-        chunks_per_register: 1024,
-        locations: 0,
-        locations_want: None,
-        pipeline: 8,
-        time_limit: Duration::from_secs(300),
-    };
-    let report = load::run(tracker.addr, &catalog, &plan);
-    let after = memory_of(tracker.pid(), "VmRSS");
+    let (before, after, report) =
+        register_everything(&tracker, &catalog, connections, peers_per_connection)?;
     let peak = memory_of(tracker.pid(), "VmHWM");
-    checked(load::verify(&tracker, &catalog, &[&report]))?;
     let peers = connections * peers_per_connection;
     let pairs = (peers * FILES) as f64;
     let per_pair = (after as f64 - before as f64) / pairs;
@@ -182,6 +167,35 @@ pub fn memory(scale: Scale) -> anyhow::Result<Outcome> {
             "load": report_json(&report),
         }),
     })
+}
+
+/// Registers `catalog` with `tracker` (hash lists included), then has `connections` ×
+/// `peers_per_connection` peers register every chunk of every file of it, one message 4 per
+/// file, and checks the tracker's state. Returns the resident memory before the peers and
+/// after them, and the load run.
+fn register_everything(
+    tracker: &Proc,
+    catalog: &Arc<Catalog>,
+    connections: usize,
+    peers_per_connection: usize,
+) -> anyhow::Result<(u64, u64, Report)> {
+    load::seed(tracker.addr, catalog);
+    let before = memory_of(tracker.pid(), "VmRSS");
+    let plan = Plan {
+        label: "mem",
+        connections,
+        peers_per_connection,
+        chunk_registers: catalog.files.len(),
+        chunks_per_register: 1024,
+        locations: 0,
+        locations_want: None,
+        pipeline: 8,
+        time_limit: Duration::from_secs(300),
+    };
+    let report = load::run(tracker.addr, catalog, &plan);
+    let after = memory_of(tracker.pid(), "VmRSS");
+    checked(load::verify(tracker, catalog, &[&report]))?;
+    Ok((before, after, report))
 }
 
 fn checked(problems: Vec<String>) -> anyhow::Result<()> {
@@ -244,22 +258,8 @@ pub fn replicas(scale: Scale) -> anyhow::Result<Outcome> {
                 continue;
             }
             let part = Arc::new(Catalog { files: owned });
-            load::seed(tracker.addr, &part);
-            let before = memory_of(tracker.pid(), "VmRSS");
-            let plan = Plan {
-                label: "replicas",
-                connections,
-                peers_per_connection,
-                chunk_registers: part.files.len(),
-                chunks_per_register: 1024,
-                locations: 0,
-                locations_want: None,
-                pipeline: 8,
-                time_limit: Duration::from_secs(300),
-            };
-            let report = load::run(tracker.addr, &part, &plan);
-            let after = memory_of(tracker.pid(), "VmRSS");
-            checked(load::verify(tracker, &part, &[&report]))?;
+            let (before, after, _) =
+                register_everything(tracker, &part, connections, peers_per_connection)?;
             grown.push(after.saturating_sub(before) as f64);
         }
         let busiest = grown.iter().copied().fold(0.0, f64::max) / pairs;
