@@ -117,20 +117,10 @@ impl TrackerClient {
     ) -> Result<T, TrackerError> {
         self.wait_for_backoff()?;
         let result = work.await;
-        let outcome = match &result {
-            Err(TrackerError::Unreachable { reason, .. }) => {
-                self.note_failure(reason);
-                "unreachable"
-            }
-            Err(TrackerError::Refused { .. }) => "refused",
-            Ok(_) => "ok",
-        };
-        if !matches!(outcome, "unreachable") {
-            self.note_answer();
+        match &result {
+            Err(TrackerError::Unreachable { reason, .. }) => self.note_failure(reason),
+            _ => self.note_answer(),
         }
-        self.requests
-            .with_label_values(&[self.addr.as_str(), outcome])
-            .inc();
         result
     }
 
@@ -242,7 +232,19 @@ impl TrackerClient {
         msg: Msg,
         body: &T,
     ) -> Result<R, TrackerError> {
-        self.attempt(self.exchange_reopening(msg, body)).await
+        self.attempt(async {
+            let result = self.exchange_reopening(msg, body).await;
+            let outcome = match &result {
+                Ok(_) => "ok",
+                Err(TrackerError::Refused { .. }) => "refused",
+                Err(TrackerError::Unreachable { .. }) => "unreachable",
+            };
+            self.requests
+                .with_label_values(&[self.addr.as_str(), outcome])
+                .inc();
+            result
+        })
+        .await
     }
 
     async fn exchange_reopening<T: Serialize, R: DeserializeOwned>(

@@ -396,7 +396,10 @@ impl Trackers {
                 }
             }
         }
-        Err(failure.expect("at least one tracker was asked"))
+        Err(failure.unwrap_or_else(|| TrackerError::Unreachable {
+            addr: self.cfg.tracker.clone(),
+            reason: "no tracker answered".into(),
+        }))
     }
 
     fn first_in_rendezvous(&self, name: &str) -> Option<String> {
