@@ -67,20 +67,36 @@ fn longest_stall(
 
 #[test]
 fn killing_one_of_three_trackers_mid_swarm_stalls_no_peer_and_it_is_refilled() {
-    let mut trackers = trackers(3, &[]);
+    kill_the_first_owner_mid_swarm(3);
+}
+
+#[test]
+fn killing_one_of_five_trackers_mid_swarm_stalls_no_peer_and_it_is_refilled() {
+    kill_the_first_owner_mid_swarm(5);
+}
+
+/// `count` trackers, two owners per file, a dozen daemons swarming one file: the file's
+/// first-ranked owner is killed mid-swarm, a peer joins afterwards, and the tracker is
+/// restarted empty.
+fn kill_the_first_owner_mid_swarm(count: usize) {
+    let mut trackers = trackers(count, &[]);
     let list = tracker_list(&trackers);
     let dir = tempfile::tempdir().unwrap();
     let original = make_file(&dir.path().join("seed"), FILE, 2 * MIB, 17);
     let _seeder = replica_daemon(&list, dir.path().join("seed"), "seed", "");
-    let owners = owners_of(&trackers, FILE, 2);
+    let ranking = owners_of(&trackers, FILE, count);
+    let owners = &ranking[..2];
     assert!(wait_until(Duration::from_secs(10), || owners
         .iter()
         .all(|&i| holder_count(trackers[i].addr, FILE) == 1)));
-    let spare = (0..3).find(|i| !owners.contains(i)).unwrap();
-    assert!(
-        names_set(trackers[spare].addr).is_empty(),
-        "only the file's owners index it"
-    );
+    // The next in the file's ranking, which stands in while an owner is away.
+    let spare = ranking[2];
+    for i in &ranking[2..] {
+        assert!(
+            names_set(trackers[*i].addr).is_empty(),
+            "only the file's owners index it"
+        );
+    }
 
     let peers: Vec<(Proc, PathBuf)> = (0..12)
         .map(|i| {
