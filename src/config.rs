@@ -223,6 +223,16 @@ pub struct PeerConfig {
     /// changed for this long (a file renamed in with an older mtime is shared at once).
     #[serde(with = "duration")]
     pub settle_time: Duration,
+    /// Base URL of an HTTP origin (`http://host:port[/prefix]`): a wanted name that no peer
+    /// shares is fetched from `{origin}/{name}` with range requests. Unset = no origin.
+    pub origin: Option<String>,
+    /// Requests to the origin in flight at once from this peer.
+    #[serde(deserialize_with = "count")]
+    pub origin_concurrency: usize,
+    /// One origin request (connect, headers and body) must finish within this time, or it is
+    /// retried (a few times, with backoff).
+    #[serde(with = "duration")]
+    pub origin_timeout: Duration,
     /// Log filter, tracing `EnvFilter` syntax.
     pub log: String,
     /// Log lines as readable text or JSON objects.
@@ -256,6 +266,9 @@ impl Default for PeerConfig {
             idle_timeout: Duration::from_secs(120),
             refresh_interval: Duration::from_secs(2),
             settle_time: Duration::from_secs(1),
+            origin: None,
+            origin_concurrency: 4,
+            origin_timeout: Duration::from_secs(30),
             log: "info".into(),
             log_format: LogFormat::Text,
         }
@@ -299,6 +312,11 @@ impl Settings for PeerConfig {
             ("SHOAL_UPLOAD_SLOTS", self.upload_slots, "slot"),
             ("SHOAL_PIPELINE_DEPTH", self.pipeline_depth, "request"),
             ("SHOAL_TRACKER_REPLICAS", self.tracker_replicas, "tracker"),
+            (
+                "SHOAL_ORIGIN_CONCURRENCY",
+                self.origin_concurrency,
+                "request",
+            ),
         ] {
             at_least_one(var, n as u64, unit)?;
         }
@@ -309,8 +327,13 @@ impl Settings for PeerConfig {
             ("SHOAL_REQUEST_TIMEOUT", self.request_timeout),
             ("SHOAL_IDLE_TIMEOUT", self.idle_timeout),
             ("SHOAL_REFRESH_INTERVAL", self.refresh_interval),
+            ("SHOAL_ORIGIN_TIMEOUT", self.origin_timeout),
         ] {
             nonzero(var, d)?;
+        }
+        if let Some(origin) = &self.origin {
+            crate::peer::origin::OriginUrl::parse(origin)
+                .map_err(|e| anyhow!("SHOAL_ORIGIN: {e}"))?;
         }
         if let Want::Names(names) = self.want() {
             for n in names {

@@ -12,7 +12,8 @@
 //! - [`metrics`]: Prometheus metric handles and the `/metrics` `/healthz` `/readyz` server.
 //! - [`shutdown`]: the shared stop signal (SIGINT/SIGTERM).
 //! - [`tracker`]: the tracker's state (files, peers, leases) and its server.
-//! - [`peer`]: the peer's chunk store, chunk server, download engine, trackers and front ends.
+//! - [`peer`]: the peer's chunk store, chunk server, download engine, origin pull-through,
+//!   trackers and front ends.
 //! - [`units`]: byte sizes and counts as people write and read them.
 
 pub mod args;

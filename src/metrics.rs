@@ -77,6 +77,8 @@ pub struct TrackerMetrics {
     pub files: IntGauge,
     pub files_owned: IntGauge,
     pub leases_expired: IntCounter,
+    pub origin_files: IntGauge,
+    pub origin_claims: IntGauge,
 }
 
 impl Default for TrackerMetrics {
@@ -127,6 +129,16 @@ impl Default for TrackerMetrics {
                 &registry,
                 "shoal_tracker_leases_expired_total",
                 "Peers forgotten because they stopped announcing.",
+            ),
+            origin_files: gauge(
+                &registry,
+                "shoal_tracker_origin_files",
+                "Files being pulled from an HTTP origin whose digest is not known yet (message 9).",
+            ),
+            origin_claims: gauge(
+                &registry,
+                "shoal_tracker_origin_claims",
+                "Chunks of origin files claimed by a peer fetching them from the origin now.",
             ),
             requests,
             request_duration,
@@ -181,6 +193,9 @@ pub struct PeerMetrics {
     pub api_streams: IntGauge,
     pub tracker_requests: IntCounterVec,
     pub tracker_failovers: IntCounter,
+    pub origin_bytes: IntCounter,
+    pub origin_requests: IntCounter,
+    pub origin_errors: IntCounterVec,
 }
 
 impl Default for PeerMetrics {
@@ -320,6 +335,25 @@ impl Default for PeerMetrics {
                 "shoal_peer_tracker_failovers_total",
                 "Tracker reads answered by another tracker than the file's first-ranked one (it was down, slow or did not know the file).",
             ),
+            origin_bytes: counter(
+                &r,
+                "shoal_peer_origin_bytes_total",
+                "Bytes of chunks fetched from the HTTP origin (SHOAL_ORIGIN).",
+            ),
+            origin_requests: counter(
+                &r,
+                "shoal_peer_origin_requests_total",
+                "Requests sent to the HTTP origin (HEAD and range GET, retries included).",
+            ),
+            origin_errors: at_zero(
+                counter_vec(
+                    &r,
+                    "shoal_peer_origin_errors_total",
+                    "Failed origin requests, by kind (not_found, server_error, timeout, changed, connect).",
+                    &["kind"],
+                ),
+                ORIGIN_ERROR_KINDS,
+            ),
             registry: r,
         }
     }
@@ -345,6 +379,9 @@ fn api_requests(reg: &Registry) -> IntCounterVec {
     }
     requests
 }
+/// The kinds of failed origin requests (src/peer/origin/http.rs).
+const ORIGIN_ERROR_KINDS: [&str; 5] =
+    ["not_found", "server_error", "timeout", "changed", "connect"];
 
 /// The reasons the download engine bans a holder for (src/peer/download.rs).
 const BAN_REASONS: [&str; 2] = ["corrupt_chunk", "wrong_header"];

@@ -21,7 +21,8 @@ pub const MAX_NAME_BYTES: usize = 1024;
 /// Longest component of a file name (between two `/`), in bytes of UTF-8.
 pub const MAX_COMPONENT_BYTES: usize = 255;
 
-/// The message numbers. 1-4, 6 and 8 go to the tracker; 5 goes to a peer; 7 is the lease renewal.
+/// The message numbers. 1-4, 6, 8 and 9 go to the tracker; 5 goes to a peer; 7 is the lease
+/// renewal.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Msg {
     Register = 1,
@@ -32,6 +33,7 @@ pub enum Msg {
     Leave = 6,
     Announce = 7,
     Withdraw = 8,
+    Origin = 9,
 }
 
 impl Msg {
@@ -45,6 +47,7 @@ impl Msg {
             6 => Msg::Leave,
             7 => Msg::Announce,
             8 => Msg::Withdraw,
+            9 => Msg::Origin,
             _ => return None,
         })
     }
@@ -60,6 +63,7 @@ impl Msg {
             Msg::Leave => "leave",
             Msg::Announce => "announce",
             Msg::Withdraw => "withdraw",
+            Msg::Origin => "origin",
         }
     }
 }
@@ -741,6 +745,83 @@ pub struct Withdraw {
     pub digest: Hash,
 }
 
+/// 9 origin: a file fetched from an HTTP origin, before its digest is known. It is identified
+/// by its name, size and origin `validator` (ETag or Last-Modified). The peer publishes the
+/// hash of each chunk it fetched from the origin, renews its claims, and asks for up to `want`
+/// more chunks to fetch. The reply is [`OriginGrant`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OriginClaim {
+    pub peer_id: u64,
+    pub token: String,
+    pub file: String,
+    pub size: u64,
+    pub validator: String,
+    /// The chunk size this peer would cut the file into; the first claim of a file sets it.
+    pub chunk_size: u32,
+    /// The version stamp the file gets once complete (see [`FileOffer::published`]): the
+    /// origin's Last-Modified, else the time of the claim. The first claim of a file sets it.
+    #[serde(default)]
+    pub published: u64,
+    /// Chunks this peer fetched from the origin and now holds, with their hashes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hashes: Vec<ChunkHash>,
+    /// How many more chunks this peer would fetch from the origin now.
+    #[serde(default)]
+    pub want: u32,
+    /// How many chunks this peer would fetch from other peers now (chunks whose hash is known
+    /// and that another peer holds); the reply's `sources` say which and where.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub fetch: u32,
+    /// This peer gives the file up (its pull failed): its claims end, and the chunks only it
+    /// published lose their hash and are granted again.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub abandon: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkHash {
+    pub index: u32,
+    pub hash: Hash,
+}
+
+/// A chunk of an origin file to fetch from another peer (message 5 without `digest`), and the
+/// hash it must have.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkSource {
+    pub index: u32,
+    pub hash: Hash,
+    pub addr: String,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// Reply to 9. Once every chunk hash is known, `digest` is set: the file is then an ordinary
+/// version (name, digest) and is fetched like any other.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OriginGrant {
+    /// The chunk size of the file (set by its first claim); use this one.
+    pub chunk_size: u32,
+    pub chunks: u64,
+    /// Chunks whose hash is known.
+    pub known: u64,
+    /// Chunks this peer may now fetch from the origin, and must publish within `claim_ms`.
+    #[serde(default)]
+    pub granted: Vec<u32>,
+    /// Published chunks whose hash differs from the one published first: not recorded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<u32>,
+    /// Chunks to fetch from other peers while the origin transfer runs (see
+    /// [`OriginClaim::fetch`]), in index order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<ChunkSource>,
+    /// How long a claim lasts unless renewed by another message 9 of its holder.
+    pub claim_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<Hash>,
+}
+
 /// Reply to 6, 7 and 8.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Acknowledged {
@@ -868,6 +949,42 @@ mod tests {
                 token: "t".into(),
                 file: "models/a.bin".into(),
                 digest: Hash([4; 32]),
+            },
+        );
+        round_trip(
+            Msg::Origin,
+            OriginClaim {
+                peer_id: 9,
+                token: "t".into(),
+                file: "models/a.bin".into(),
+                size: 3 << 20,
+                validator: "\"abc\"".into(),
+                chunk_size: 1 << 20,
+                published: 1_700_000_000_000,
+                hashes: vec![ChunkHash {
+                    index: 1,
+                    hash: Hash([3; 32]),
+                }],
+                want: 4,
+                fetch: 2,
+                abandon: true,
+            },
+        );
+        round_trip(
+            Msg::Origin,
+            OriginGrant {
+                chunk_size: 1 << 20,
+                chunks: 3,
+                known: 1,
+                granted: vec![0, 2],
+                refused: vec![],
+                sources: vec![ChunkSource {
+                    index: 1,
+                    hash: Hash([3; 32]),
+                    addr: "10.0.0.2:7401".into(),
+                }],
+                claim_ms: 3000,
+                digest: Some(Hash([5; 32])),
             },
         );
         round_trip(

@@ -253,6 +253,14 @@ fn the_limits_table_gives_the_real_defaults() {
             "Largest chunk size",
             u64::from(shoal::chunking::MAX_CHUNK_SIZE),
         ),
+        (
+            "Chunks granted per origin reply",
+            u64::from(shoal::tracker::origin::MAX_GRANT),
+        ),
+        (
+            "Origin validator length",
+            shoal::tracker::origin::MAX_VALIDATOR_BYTES as u64,
+        ),
     ]);
     let rows = table_rows(doc.section("## Limits"));
     assert!(rows.len() >= 15, "the limits table looks truncated");
@@ -377,6 +385,7 @@ fn reencode_request(msg: Msg, line: &[u8]) -> Result<Vec<u8>, Refusal> {
         Msg::ChunkRequest => encode_request(msg, &decode_body::<ChunkRequest>(line)?),
         Msg::Leave | Msg::Announce => encode_request(msg, &decode_body::<PeerAuth>(line)?),
         Msg::Withdraw => encode_request(msg, &decode_body::<Withdraw>(line)?),
+        Msg::Origin => encode_request(msg, &decode_body::<OriginClaim>(line)?),
     })
 }
 
@@ -390,6 +399,7 @@ fn reencode_reply(msg: Msg, line: &[u8]) -> Result<Vec<u8>, Refusal> {
         Msg::Leave | Msg::Announce | Msg::Withdraw => {
             encode_reply(msg, &decode_reply::<Acknowledged>(msg, line)?)
         }
+        Msg::Origin => encode_reply(msg, &decode_reply::<OriginGrant>(msg, line)?),
     })
 }
 

@@ -2,6 +2,7 @@
 //! for containers, and the health probe. Output for people goes to stdout; logs go to stderr.
 
 use super::download::{download, DownloadError, Progress};
+use super::origin::Failure;
 use super::tracker_client::TrackerError;
 use super::trackers::Trackers;
 use super::{catalogue, Peer, Shares};
@@ -32,6 +33,7 @@ pub mod exit {
 fn code_for(e: &DownloadError) -> u8 {
     match e {
         DownloadError::NoSuchFile(_) => exit::NOT_FOUND,
+        DownloadError::Origin(e) if e.failure == Failure::NotFound => exit::NOT_FOUND,
         DownloadError::Tracker(TrackerError::Unreachable { .. }) => exit::TRACKER_UNREACHABLE,
         _ => exit::FAILED,
     }
@@ -477,20 +479,24 @@ pub async fn daemon(cfg: PeerConfig, stop: CancellationToken) -> anyhow::Result<
             false
         });
         let now = tokio::time::Instant::now();
-        let mut pending = unlisted;
-        for version in wanted {
-            let name = version.info.name.clone();
-            if holds_current(&peer, &version) || is_refused(&refused, &name) {
+        let mut pending = unlisted.len();
+        // A name the swarm does not offer comes from the origin, if there is one.
+        let from_origin = unlisted.into_iter().filter(|_| peer.origin.is_some());
+        let versions = wanted.into_iter().map(|v| {
+            let current = holds_current(&peer, &v);
+            (v.info.name, Some(v.info.digest), current)
+        });
+        for (name, digest, current) in versions.chain(from_origin.map(|n| (n, None, false))) {
+            if current || is_refused(&refused, &name) {
                 continue;
             }
-            pending += 1;
+            pending += usize::from(digest.is_some());
             if running.contains_key(&name) || backoff.get(&name).is_some_and(|t| *t > now) {
                 continue;
             }
             let p = peer.clone();
             let n = name.clone();
             let (finished, refused) = (finished.clone(), refused.clone());
-            let digest = Some(version.info.digest);
             let task = tokio::spawn(async move {
                 match download(&p, &n, digest, Arc::new(LogProgress::new(&n))).await {
                     Ok(_) | Err(DownloadError::Stopped(_)) => {}
@@ -531,10 +537,10 @@ fn is_refused(refused: &Mutex<HashSet<String>>, name: &str) -> bool {
 }
 
 /// What the daemon should hold now: the newest version of each wanted name the swarm offers,
-/// and how many wanted names it does not offer yet (and are not held here either).
-async fn wanted_versions(peer: &Peer, want: &Want) -> (Vec<FileSummary>, usize) {
+/// and the wanted names it does not offer yet (and are not held here either).
+async fn wanted_versions(peer: &Peer, want: &Want) -> (Vec<FileSummary>, Vec<String>) {
     if *want == Want::Nothing {
-        return (Vec::new(), 0);
+        return (Vec::new(), Vec::new());
     }
     let listed = match peer.trackers.file_list(false).await {
         Ok(l) => l.files,
@@ -549,14 +555,15 @@ async fn wanted_versions(peer: &Peer, want: &Want) -> (Vec<FileSummary>, usize) 
                 .iter()
                 .filter(|n| !listed.iter().any(|f| f.info.name == **n))
                 .filter(|n| peer.store.get(n).is_none_or(|f| !f.is_complete()))
-                .count();
+                .cloned()
+                .collect();
             let wanted = listed
                 .into_iter()
                 .filter(|f| names.contains(&f.info.name))
                 .collect();
             (wanted, unlisted)
         }
-        _ => (listed, 0),
+        _ => (listed, Vec::new()),
     }
 }
 

@@ -11,6 +11,7 @@
 //! Lock order: `Job::sched` is a leaf lock, held only for in-memory bookkeeping; the
 //! transfer's locks are taken and released before it, never under it.
 
+use super::origin::{self, Origin};
 use super::store::{ChunkBuf, Finished, StoredFile, Unwritable, Written};
 use super::tracker_client::TrackerError;
 use super::transfers::{Opened, Transfer};
@@ -87,6 +88,9 @@ pub enum DownloadError {
     /// The download this one joined failed so.
     #[error("{0}")]
     Shared(Arc<DownloadError>),
+    /// The HTTP origin failed for good (not found, changed, or unavailable after retries).
+    #[error(transparent)]
+    Origin(#[from] origin::OriginError),
 }
 
 impl DownloadError {
@@ -108,6 +112,7 @@ impl DownloadError {
             DownloadError::Local(e) => DownloadError::Local(anyhow::anyhow!("{e:#}")),
             DownloadError::Stopped(n) => DownloadError::Stopped(n.clone()),
             DownloadError::Shared(e) => DownloadError::Shared(e.clone()),
+            DownloadError::Origin(e) => DownloadError::Origin(e.clone()),
         }
     }
 }
@@ -150,7 +155,7 @@ pub async fn download(
             name: name.to_string(),
             reason: r.message,
         })?;
-        let first = locate(peer, name, digest, true).await?;
+        let first = locate_or_pull(peer, name, digest).await?;
         if first.file.name != name || digest.is_some_and(|d| d != first.file.digest) {
             return Err(DownloadError::Local(anyhow::anyhow!(
                 "the tracker answered with {:?} (digest {}) to a request for {name:?}",
@@ -278,6 +283,58 @@ async fn run(
          its partial file in {}; stop whatever writes there",
         peer.store.dir().display()
     )))
+}
+
+/// The tracker's view of version `digest` of `name` (absent: the newest), with its hashes. A
+/// name no peer shares is first pulled from the origin, if this peer has one (see [`origin`]).
+pub(super) async fn locate_or_pull(
+    peer: &Arc<Peer>,
+    name: &str,
+    digest: Option<Hash>,
+) -> Result<LocationsReply, DownloadError> {
+    let found = locate(peer, name, digest, true).await;
+    match (&found, &peer.origin) {
+        (Err(DownloadError::NoSuchFile(_)), Some(origin)) if digest.is_none() => {
+            pull_from_origin(peer, origin, name).await
+        }
+        _ => found,
+    }
+}
+
+/// Pulls this peer's share of `name` from the origin until the tracker knows the version, and
+/// opens what it fetched as the partial download of that version (its chunks re-checked and
+/// reported as held). One pull of a name at a time here: a second caller waits for the first
+/// and then finds the version.
+async fn pull_from_origin(
+    peer: &Arc<Peer>,
+    origin: &Arc<Origin>,
+    name: &str,
+) -> Result<LocationsReply, DownloadError> {
+    let _turn = origin.turn(name).await;
+    match locate(peer, name, None, true).await {
+        Err(DownloadError::NoSuchFile(_)) => {}
+        found => return found,
+    }
+    let pulled = origin::pull(peer, origin, name).await?;
+    let loc = locate(peer, name, Some(pulled.digest), true).await?;
+    let hashes = loc.hashes.clone().unwrap_or_default();
+    if loc.file.size != pulled.size || hashes.digest() != loc.file.digest {
+        return Err(DownloadError::Local(anyhow::anyhow!(
+            "the tracker's version {} of {name:?} does not match what the origin sent",
+            loc.file.digest.to_hex()
+        )));
+    }
+    let have = origin::held_bits(&pulled.held, loc.file.chunks() as usize);
+    let (p, info, published) = (peer.clone(), loc.file.clone(), loc.published);
+    blocking(move || p.store.adopt_origin_part(&info, &hashes, published, &have)).await?;
+    let file = begin(peer, &loc).await?;
+    // Chunks that landed as the version completed were never published: say so now. The
+    // other owners of the name (several trackers) learn the version from the re-registration.
+    for index in file.have().ones() {
+        peer.report_chunk(&file, index as u32);
+    }
+    peer.resync_later();
+    Ok(loc)
 }
 
 /// Opens the partial download (blocking work, so on a blocking thread).
@@ -664,7 +721,11 @@ impl Job {
                     if workers.is_empty() && self.eligible_count() == 0 {
                         fruitless += 1;
                         if fruitless >= FRUITLESS_REFRESHES {
-                            return Err(self.no_holders());
+                            let Some(origin) = self.peer.origin.clone() else {
+                                return Err(self.no_holders());
+                            };
+                            self.fill_from_origin(&origin).await?;
+                            fruitless = 0;
                         }
                     } else {
                         fruitless = 0;
@@ -672,6 +733,37 @@ impl Job {
                 }
             }
         }
+    }
+
+    /// The last resort for the chunks no usable holder has (their holders all left): the
+    /// origin, each chunk checked against its published hash, so only the same content passes.
+    async fn fill_from_origin(self: &Arc<Self>, origin: &Arc<Origin>) -> Result<(), DownloadError> {
+        let orphans: Vec<u32> = {
+            let s = self.sched();
+            (0..s.have.len())
+                .filter(|&i| !s.have.get(i) && s.availability[i] == 0 && s.inflight[i] == 0)
+                .map(|i| i as u32)
+                .collect()
+        };
+        if orphans.is_empty() {
+            return Err(self.no_holders());
+        }
+        tracing::info!(
+            chunks = orphans.len(),
+            "no peer holds these chunks any more; fetching them from the origin"
+        );
+        let info = &self.file.info;
+        let remote = origin::head(&self.peer, origin, &info.name).await?;
+        for index in orphans {
+            let sent = Instant::now();
+            let hash = self.file.hashes.0[index as usize];
+            let data = origin::fetch_known(&self.peer, origin, info, &remote, index, hash).await?;
+            let bytes = data.len() as u64;
+            let file = self.file.clone();
+            let written = blocking(move || file.write_chunk(index, &data)).await?;
+            self.record("origin", index, sent, bytes, written);
+        }
+        Ok(())
     }
 
     /// Holders that hold some chunk we miss, now or once their in-flight requests settle.

@@ -1,14 +1,16 @@
 //! The peer: a chunk [`store`] on disk, a chunk [`server`], a [`download`] engine whose
-//! in-flight [`transfers`] readers can join, its [`trackers`] (one [`tracker_client`] each) kept
-//! up to date by [`upkeep`], the [`catalogue`] that follows the data dir, the local HTTP [`api`]
-//! (with rates from [`meter`]), and the front ends in [`cli`] (the numbered menu, one-shot
-//! commands and the daemon). This module holds what they share: the running peer.
+//! in-flight [`transfers`] readers can join, the pull-through from an HTTP [`origin`], its
+//! [`trackers`] (one [`tracker_client`] each) kept up to date by [`upkeep`], the [`catalogue`]
+//! that follows the data dir, the local HTTP [`api`] (with rates from [`meter`]), and the front
+//! ends in [`cli`] (the numbered menu, one-shot commands and the daemon). This module holds what
+//! they share: the running peer.
 
 pub mod api;
 pub mod catalogue;
 pub mod cli;
 pub mod download;
 pub mod meter;
+pub mod origin;
 pub mod server;
 pub mod store;
 pub mod tracker_client;
@@ -57,6 +59,8 @@ pub struct Peer {
     pub down: Meter,
     /// Chunk bytes sent to other peers, for the recent upload rate.
     pub up: Meter,
+    /// Where files no peer shares are pulled from (`SHOAL_ORIGIN`), if anywhere.
+    pub origin: Option<Arc<origin::Origin>>,
 }
 
 /// Which files a starting peer shares.
@@ -100,6 +104,14 @@ impl Peer {
         let metrics = PeerMetrics::default();
         let trackers = Trackers::new(&cfg, &metrics, &stop);
         trackers.refresh().await;
+        let origin = match &cfg.origin {
+            Some(url) => {
+                let url = origin::OriginUrl::parse(url)
+                    .map_err(|e| anyhow::anyhow!("SHOAL_ORIGIN: {e}"))?;
+                Some(Arc::new(origin::Origin::new(url, cfg.origin_concurrency)))
+            }
+            None => None,
+        };
         let peer = Arc::new(Peer {
             name,
             store,
@@ -116,6 +128,7 @@ impl Peer {
             transfers: Transfers::default(),
             down: Meter::default(),
             up: Meter::default(),
+            origin,
             cfg,
         });
         peer.update_file_gauges();

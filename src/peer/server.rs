@@ -7,6 +7,7 @@
 //! timeout, so a requester that vanished (a network partition) holds a slot for that long at
 //! most instead of queueing everyone behind it.
 
+use super::origin::PullPart;
 use super::store::{ReadError, StoredFile};
 use super::Peer;
 use crate::connection::{Connection, FrameError, Limits};
@@ -128,17 +129,17 @@ async fn serve(peer: &Peer, conn: &mut Connection) -> &'static str {
             Err(_) => return "read failed or timed out",
         };
         let answer = match check(peer, &line) {
-            Ok((req, file)) => match upload_slot(peer, conn).await {
-                Ok(slot) => load(peer, &req, &file, &mut buf)
+            Ok((req, source)) => match upload_slot(peer, conn).await {
+                Ok(slot) => load(peer, &req, &source, &mut buf)
                     .await
-                    .map(|header| (header, file, req.peer_id, slot)),
+                    .map(|header| (header, source, req.peer_id, slot)),
                 Err(Queued::Refused(refused)) => Err(refused),
                 Err(Queued::Ended(reason)) => return reason,
             },
             Err(refused) => Err(refused),
         };
         match answer {
-            Ok((header, file, requester, _slot)) => {
+            Ok((header, source, requester, _slot)) => {
                 let active = Active::new(&peer.metrics.active_transfers);
                 // The requester reads a whole chunk within the chunk timeout; a send that takes
                 // longer is wasted, and its slot is better given to someone who is listening.
@@ -151,12 +152,14 @@ async fn serve(peer: &Peer, conn: &mut Connection) -> &'static str {
                 if !matches!(sent, Ok(Ok(()))) {
                     return "write failed or stalled";
                 }
-                file.sent.add(header.length.into());
-                if file
-                    .seeding
-                    .as_ref()
-                    .is_some_and(|s| s.sent(header.index, requester, Instant::now()))
-                {
+                let seeding = match &source {
+                    Source::Stored(file) => {
+                        file.sent.add(header.length.into());
+                        file.seeding.as_ref()
+                    }
+                    Source::Pulled(_) => None,
+                };
+                if seeding.is_some_and(|s| s.sent(header.index, requester, Instant::now())) {
                     tracing::info!(file = %header.file, "every chunk has gone out once; serving freely");
                 }
                 tracing::trace!(file = %header.file, chunk = header.index, "chunk sent");
@@ -234,15 +237,40 @@ async fn upload_slot<'a>(
     }
 }
 
+/// What a chunk is read from: a file this peer holds (shared or downloading), or the hidden
+/// data of a pull from the origin whose digest is not known yet.
+enum Source {
+    Stored(Arc<StoredFile>),
+    Pulled(Arc<PullPart>),
+}
+
 /// Checks a request line against the store: the request, and the file it names, whose chunk
-/// this peer holds verified.
-fn check(peer: &Peer, line: &[u8]) -> Result<(ChunkRequest, Arc<StoredFile>), (u64, Refusal)> {
+/// this peer holds verified. A request without a digest for a name this peer is pulling from
+/// the origin is served from that pull.
+fn check(peer: &Peer, line: &[u8]) -> Result<(ChunkRequest, Source), (u64, Refusal)> {
     let req = parse_request(line, peer.cfg.secret.as_deref())?;
     let n = Msg::ChunkRequest as u64;
+    let origin = peer.origin.as_ref();
+    if let Some(part) = origin.and_then(|o| o.part(&req.file)) {
+        if req.digest.is_none() && peer.store.get(&req.file).is_none() {
+            if !part.holds(req.index) {
+                let why = format!("chunk {} is not here yet", req.index);
+                return Err((n, Refusal::new(ErrorCode::NotFound, why)));
+            }
+            return Ok((req, Source::Pulled(part)));
+        }
+    }
+    let pulling = origin.is_some_and(|o| o.is_pulling(&req.file));
     let file = peer
         .store
         .find(&req.file, req.digest.as_ref())
         .ok_or_else(|| {
+            if pulling {
+                // The tracker may list this peer a moment before its pull from the origin
+                // turns into a download that serves: not here yet, rather than unknown.
+                let why = format!("{:?} is still arriving from the origin", req.file);
+                return (n, Refusal::new(ErrorCode::NotFound, why));
+            }
             let version = req
                 .digest
                 .map(|d| format!("version {} of ", d.to_hex()))
@@ -273,7 +301,7 @@ fn check(peer: &Peer, line: &[u8]) -> Result<(ChunkRequest, Arc<StoredFile>), (u
             ),
         ));
     }
-    Ok((req, file))
+    Ok((req, Source::Stored(file)))
 }
 
 /// With an upload slot held: the chunk's header, with its bytes read into `buf` and checked
@@ -283,9 +311,13 @@ fn check(peer: &Peer, line: &[u8]) -> Result<(ChunkRequest, Arc<StoredFile>), (u
 async fn load(
     peer: &Peer,
     req: &ChunkRequest,
-    file: &Arc<StoredFile>,
+    source: &Source,
     buf: &mut Vec<u8>,
 ) -> Result<ChunkHeader, (u64, Refusal)> {
+    let file = match source {
+        Source::Stored(file) => file,
+        Source::Pulled(part) => return load_pulled(req, part, buf).await,
+    };
     let n = Msg::ChunkRequest as u64;
     if file
         .seeding
@@ -332,6 +364,38 @@ async fn load(
         hash: file.hashes.0[index as usize],
     };
     Ok(header)
+}
+
+/// With an upload slot held: a chunk of a pull from the origin, read and checked against the
+/// hash this peer published for it.
+async fn load_pulled(
+    req: &ChunkRequest,
+    part: &Arc<PullPart>,
+    buf: &mut Vec<u8>,
+) -> Result<ChunkHeader, (u64, Refusal)> {
+    let n = Msg::ChunkRequest as u64;
+    let mut owned = std::mem::take(buf);
+    let (index, part) = (req.index, part.clone());
+    let (hash, back) = tokio::task::spawn_blocking(move || {
+        let hash = part.read_verified(index, &mut owned);
+        (hash, owned)
+    })
+    .await
+    .map_err(|e| {
+        let why = format!("read task failed: {e}");
+        (n, Refusal::new(ErrorCode::Internal, why))
+    })?;
+    *buf = back;
+    let hash = hash.ok_or_else(|| {
+        let why = format!("chunk {index} cannot be read back as it was published");
+        (n, Refusal::new(ErrorCode::NotFound, why))
+    })?;
+    Ok(ChunkHeader {
+        file: req.file.clone(),
+        index,
+        length: buf.len() as u32,
+        hash,
+    })
 }
 
 async fn send_chunk(

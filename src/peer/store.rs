@@ -792,17 +792,7 @@ impl Store {
         hashes: &HashList,
         published: u64,
     ) -> anyhow::Result<Arc<StoredFile>> {
-        let part = self.hidden(&info.name, PART);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&part)
-            .with_context(|| format!("cannot create {}", part.display()))?;
-        file.set_len(info.size)
-            .with_context(|| format!("cannot size {} to {} bytes", part.display(), info.size))?;
+        let file = self.create_part(&info.name, info.size)?;
         let chunks = info.chunks() as usize;
         let have = Bitfield::new(chunks);
         write_durably(&self.hidden(&info.name, HAVE), have.as_bytes())?;
@@ -814,6 +804,57 @@ impl Store {
         // Written last: metadata on disk means the data file and the bitmap exist.
         write_durably(&self.hidden(&info.name, META), &serde_json::to_vec(&meta)?)?;
         self.insert_partial(meta, file, have)
+    }
+
+    /// Creates the hidden data file of a download of `name`, `size` bytes, empty.
+    fn create_part(&self, name: &str, size: u64) -> anyhow::Result<File> {
+        let part = self.hidden(name, PART);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&part)
+            .with_context(|| format!("cannot create {}", part.display()))?;
+        file.set_len(size)
+            .with_context(|| format!("cannot size {} to {} bytes", part.display(), size))?;
+        Ok(file)
+    }
+
+    /// Starts the hidden data file of a pull of `name` from an origin (its digest is not known
+    /// yet): `size` bytes, empty, where a download of `name` keeps its data. Partial downloads
+    /// of other versions of `name` give way, as in [`Store::begin_download`].
+    pub fn origin_part(&self, name: &str, size: u64) -> anyhow::Result<File> {
+        validate_name(name).map_err(|r| unwritable(name, r.message))?;
+        for other in self.versions(name) {
+            if !other.is_final() {
+                self.remove(&other);
+            }
+        }
+        self.make_parents(name)?;
+        self.check_target(name)?;
+        self.remove_hidden(name, &[META, HAVE])?;
+        self.create_part(name, size)
+    }
+
+    /// Describes what a pull from an origin left in the hidden data file of `info.name` as a
+    /// partial download of that version holding `have`, so that [`Store::begin_download`]
+    /// resumes it (hashing each of those chunks again) instead of starting over.
+    pub fn adopt_origin_part(
+        &self,
+        info: &FileInfo,
+        hashes: &HashList,
+        published: u64,
+        have: &Bitfield,
+    ) -> anyhow::Result<()> {
+        write_durably(&self.hidden(&info.name, HAVE), have.as_bytes())?;
+        let meta = Meta {
+            info: info.clone(),
+            published,
+            hashes: hashes.clone(),
+        };
+        write_durably(&self.hidden(&info.name, META), &serde_json::to_vec(&meta)?)
     }
 
     /// Loads the partial download of `name` left by an earlier run, trusting nothing on disk it

@@ -5,6 +5,7 @@
 
 use super::download::{self, locate, DownloadError};
 use super::meter::Meter;
+use super::origin::Failure;
 use super::store::StoredFile;
 use super::tracker_client::TrackerError;
 use super::Peer;
@@ -298,6 +299,17 @@ pub enum Resolved {
     Swarm(LocationsReply),
 }
 
+/// Why a pull from the origin gave no version: a name the origin lacks too is not found.
+fn pull_failure(e: DownloadError) -> WantError {
+    match e {
+        DownloadError::Origin(o) if o.failure == Failure::NotFound => {
+            WantError::NotFound(o.to_string())
+        }
+        DownloadError::Tracker(e) => WantError::Tracker(e),
+        e => WantError::Other(e.to_string()),
+    }
+}
+
 impl Peer {
     /// Finds what `name` (version `digest`, or the newest) is, without starting anything: the
     /// file held here, or the tracker's view of it. A file held here is served even while the
@@ -345,9 +357,18 @@ impl Peer {
         name: &str,
         digest: Option<Hash>,
     ) -> Result<Arc<Transfer>, WantError> {
-        match self.resolve(name, digest).await? {
-            Resolved::Held(f) => Ok(Transfer::held(f)),
-            Resolved::Swarm(loc) => self.fetch(loc).await,
+        match self.resolve(name, digest).await {
+            Ok(Resolved::Held(f)) => Ok(Transfer::held(f)),
+            Ok(Resolved::Swarm(loc)) => self.fetch(loc).await,
+            // A name no peer shares comes from the origin, if there is one: once the pulling
+            // peers know every chunk hash, it is an ordinary version, fetched like any other.
+            Err(WantError::NotFound(_)) if digest.is_none() && self.origin.is_some() => {
+                let loc = download::locate_or_pull(self, name, None)
+                    .await
+                    .map_err(pull_failure)?;
+                self.fetch(loc).await
+            }
+            Err(e) => Err(e),
         }
     }
 

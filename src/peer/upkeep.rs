@@ -83,7 +83,7 @@ impl Peer {
 
     /// Tells tracker `m` the files it owns: a fresh registration if it has no session for this
     /// peer (or forgot it), otherwise an idempotent re-offer under the existing one.
-    async fn sync_with(&self, m: &Member) -> Result<Vec<Registered>, TrackerError> {
+    pub(crate) async fn sync_with(&self, m: &Member) -> Result<Vec<Registered>, TrackerError> {
         m.needs_sync.store(false, Ordering::SeqCst);
         let result = self.register_offers(m).await;
         if result.is_err() {
@@ -423,7 +423,7 @@ impl Peer {
 
 /// Whether the tracker no longer knows this identity (it restarted, expired us, or the id now
 /// belongs to someone else): the cure is a fresh registration.
-fn forgotten(e: &TrackerError) -> bool {
+pub(crate) fn forgotten(e: &TrackerError) -> bool {
     matches!(
         e.code(),
         Some(ErrorCode::UnknownPeer | ErrorCode::Forbidden)

@@ -1,7 +1,9 @@
 //! The tracker: [`state`] is the index (domain logic, no I/O), [`server`] delivers it over TCP,
-//! and `holders` is the index's slab of each file's holders and the chunks they hold.
+//! `holders` is the index's slab of each file's holders and the chunks they hold, and `origin`
+//! follows the files peers pull from an HTTP origin until their digest is known.
 
 mod holders;
+pub mod origin;
 pub mod server;
 pub mod state;
 

@@ -158,6 +158,7 @@ impl Tracker {
                 tracing::info!(peer_id = req.peer_id, file = %req.file, digest = req.digest.to_hex(), "version withdrawn");
                 encode_reply(msg, &ack)
             }
+            Msg::Origin => encode_reply(msg, &self.state.origin(&decode_body(line)?, now)?),
             Msg::ChunkRequest => {
                 return Err(Refusal::new(
                     ErrorCode::UnknownMsg,
@@ -174,6 +175,8 @@ impl Tracker {
         self.metrics.peers.set(sizes.peers as i64);
         self.metrics.files.set(sizes.files as i64);
         self.metrics.files_owned.set(sizes.names as i64);
+        self.metrics.origin_files.set(sizes.origin_files as i64);
+        self.metrics.origin_claims.set(sizes.origin_claims as i64);
     }
 
     async fn expire_leases(self: Arc<Self>, stop: CancellationToken) {

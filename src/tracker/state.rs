@@ -7,12 +7,14 @@
 //! an `.await` (there is none in this module), which is why a blocking mutex is right here.
 
 use super::holders::Holders;
+use super::origin::{ClaimLimits, Completed, Origins};
 use crate::bitfield::{Bitfield, WireBits};
 use crate::chunking::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 use crate::protocol::{
-    secret_matches, validate_name, version_key, Acknowledged, ChunkRegister, ChunksRecorded,
-    ErrorCode, FileInfo, FileList, FileListReply, FileOffer, FileSummary, FileVerdict, Hash,
-    HashList, Holder, Locations, LocationsReply, PeerAuth, Refusal, Register, Registered, Withdraw,
+    secret_matches, validate_name, version_key, Acknowledged, ChunkRegister, ChunkSource,
+    ChunksRecorded, ErrorCode, FileInfo, FileList, FileListReply, FileOffer, FileSummary,
+    FileVerdict, Hash, HashList, Holder, Locations, LocationsReply, OriginClaim, OriginGrant,
+    PeerAuth, Refusal, Register, Registered, Withdraw,
 };
 use rand::seq::SliceRandom;
 use rand::Rng;
@@ -58,6 +60,8 @@ struct Index {
     /// Starts every token this run of the tracker issues, so that a token from an earlier run
     /// is told apart from a wrong one (`unknown_peer`, not `forbidden`).
     run_tag: String,
+    /// Files being pulled from an HTTP origin, not indexed until their digest is known.
+    origins: Origins,
 }
 
 impl Index {
@@ -134,13 +138,16 @@ struct PeerEntry {
 }
 
 /// Counts for the gauges.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Sizes {
     pub peers: usize,
     /// File versions.
     pub files: usize,
     /// File names (with at least one version).
     pub names: usize,
+    /// Files being pulled from an origin, and their live chunk claims.
+    pub origin_files: usize,
+    pub origin_claims: usize,
 }
 
 impl TrackerState {
@@ -176,10 +183,13 @@ impl TrackerState {
 
     pub fn sizes(&self) -> Sizes {
         let ix = self.lock();
+        let (origin_files, origin_claims) = ix.origins.counts(Instant::now());
         Sizes {
             peers: ix.peers.len(),
             files: ix.files.len(),
             names: ix.names.len(),
+            origin_files,
+            origin_claims,
         }
     }
 
@@ -510,9 +520,83 @@ impl TrackerState {
         })
     }
 
+    /// 9 origin: publishes the hashes of chunks the peer fetched from the origin, renews its
+    /// claims and grants it more; indexes the file as an ordinary version once every chunk
+    /// hash is known. The peer's lease is renewed too.
+    pub fn origin(&self, req: &OriginClaim, now: Instant) -> Result<OriginGrant, Refusal> {
+        validate_name(&req.file)?;
+        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&req.chunk_size) {
+            let why = format!(
+                "chunk_size {} is outside {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE}",
+                req.chunk_size
+            );
+            return Err(Refusal::new(ErrorCode::BadRequest, why));
+        }
+        let lease = self.lease(now);
+        let mut ix = self.lock();
+        authorised(&mut ix, req.peer_id, &req.token)?.expires = lease;
+        let limits = ClaimLimits {
+            max_files: self.limits.max_files,
+            max_chunks: self.limits.max_chunks_per_file,
+        };
+        let claim_lease = lease - now;
+        let claimed = ix.origins.claim(req, &limits, claim_lease, now)?;
+        if let Some(done) = claimed.completed {
+            self.index_completed(&mut ix, done);
+        }
+        let sources = claimed
+            .sources
+            .into_iter()
+            .filter_map(|(index, hash, holder)| {
+                let addr = ix.peers.get(&holder)?.addr.to_string();
+                Some(ChunkSource { index, hash, addr })
+            })
+            .collect();
+        Ok(OriginGrant {
+            chunk_size: claimed.chunk_size,
+            chunks: claimed.chunks,
+            known: claimed.known,
+            granted: claimed.granted,
+            sources,
+            refused: claimed.refused,
+            claim_ms: claim_lease.as_millis() as u64,
+            digest: claimed.digest,
+        })
+    }
+
+    /// Indexes an origin file whose every hash is now known, with the stamp its first claim
+    /// gave and the peers that published its chunks as their holders.
+    fn index_completed(&self, ix: &mut Index, done: Completed) {
+        let published = done.published;
+        let id = match ix.file(&done.info.name, Some(done.info.digest)) {
+            Some((id, _)) => {
+                restamp(ix, id, published);
+                id
+            }
+            None => ix.add_file(FileEntry {
+                holders: Holders::new(done.info.chunks() as usize),
+                info: done.info,
+                published,
+                hashes: Arc::new(done.hashes),
+            }),
+        };
+        for (peer_id, have) in done.holders {
+            if !ix.peers.contains_key(&peer_id) || self.check_room(ix, peer_id, Some(id)).is_err() {
+                continue;
+            }
+            hold(ix, peer_id, id).union_with(&have);
+        }
+        if ix.files[&id].holders.is_empty() {
+            // Its holders all left meanwhile: nothing to offer.
+            ix.remove_file(id);
+        }
+    }
+
     /// Forgets every peer whose lease ran out before `now`; returns how many.
     pub fn expire(&self, now: Instant) -> usize {
         let mut ix = self.lock();
+        let lease = self.lease(now) - now;
+        ix.origins.expire(lease, now);
         let expired: Vec<u64> = ix
             .peers
             .iter()
@@ -592,6 +676,7 @@ fn authorised<'a>(
 }
 
 fn remove_peer(ix: &mut Index, peer_id: u64) {
+    ix.origins.forget_peer(peer_id);
     let Some(peer) = ix.peers.remove(&peer_id) else {
         return;
     };
@@ -733,6 +818,7 @@ mod tests {
             peers,
             files,
             names: files,
+            ..Sizes::default()
         }
     }
 

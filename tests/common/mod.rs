@@ -3,6 +3,8 @@
 //! sleeps to synchronise: every wait polls a condition with a deadline.
 #![allow(dead_code)] // each test file uses a different subset
 
+pub mod origin;
+
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -399,11 +401,21 @@ pub fn placed_peer(
 /// Runs the one-shot `shoal-peer get NAME` against `tracker` with [`FAST`] settings, landing the
 /// file in `dir`, and returns how it ended.
 pub fn get_once(tracker: SocketAddr, name: &str, dir: &Path) -> std::process::Output {
+    get_with(tracker, name, dir, &[])
+}
+
+/// [`get_once`] with extra `SHOAL_*` settings after the [`FAST`] ones.
+pub fn get_with(
+    tracker: SocketAddr,
+    name: &str,
+    dir: &Path,
+    env: &[(&str, &str)],
+) -> std::process::Output {
     Command::new(PEER)
         .args(["get", name, "--tracker", &tracker.to_string()])
         .args(["--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir)
-        .envs(FAST.iter().copied())
+        .envs(FAST.iter().chain(env).copied())
         .output()
         .unwrap()
 }

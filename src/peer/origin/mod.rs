@@ -1,0 +1,279 @@
+//! Pull-through from an HTTP origin (`SHOAL_ORIGIN`). A wanted name that no peer shares is
+//! fetched from `{origin}/{name}` in chunks, with range requests, coordinated through the
+//! tracker (message 9) so that peers asking at once split the file between them: each peer
+//! fetches only the chunks it was granted, hashes each as it lands and publishes the hash, and
+//! meanwhile fetches chunks others published from them (checked against those hashes). Once
+//! every hash is known the tracker indexes the file as an ordinary version; [`pull`] returns
+//! its digest and the download engine fetches whatever is still missing.
+//!
+//! Until then the data sits in the download's hidden `.shoal-part` file, never under the
+//! file's name; a failure leaves only that, and the next attempt starts it afresh.
+
+mod http;
+mod part;
+mod pull;
+
+pub use http::{Failure, OriginUrl, Remote};
+pub use part::PullPart;
+
+use super::download::DownloadError;
+use super::Peer;
+use crate::bitfield::Bitfield;
+use crate::chunking::auto_chunk_size;
+use crate::protocol::{FileInfo, Hash};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Semaphore;
+
+/// Tries of one origin request before a transient failure (5xx, timeout, connection) ends
+/// the pull.
+pub const ATTEMPTS: u32 = 4;
+/// Wait before the second try; it doubles before each further one.
+const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+
+/// A failed origin transfer: which URL, what went wrong, after how many tries.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{url}: {failure}{}", tries(*attempts))]
+pub struct OriginError {
+    pub url: String,
+    pub failure: Failure,
+    pub attempts: u32,
+}
+
+fn tries(attempts: u32) -> String {
+    if attempts > 1 {
+        format!(" (gave up after {attempts} tries)")
+    } else {
+        String::new()
+    }
+}
+
+/// This peer's way to its origin: the URL, the cap on requests in flight, and the names being
+/// pulled now (one pull of a name at a time; a request for a chunk of one is answered from the
+/// pull, or "not here yet" rather than "unknown").
+pub struct Origin {
+    pub url: OriginUrl,
+    slots: Semaphore,
+    /// Name -> its turn: one pull of a name runs here at a time (the daemon's, the API's and
+    /// others wait for it). Held for a map operation only, never across an await.
+    pulling: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Name -> the data of its pull while the digest is not known, served to other pullers.
+    /// Held for a map operation only.
+    parts: Mutex<HashMap<String, Arc<PullPart>>>,
+}
+
+impl Origin {
+    pub fn new(url: OriginUrl, concurrency: usize) -> Origin {
+        Origin {
+            url,
+            slots: Semaphore::new(concurrency),
+            pulling: Mutex::new(HashMap::new()),
+            parts: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether `name` is being pulled from the origin here (or waits for its turn).
+    pub fn is_pulling(&self, name: &str) -> bool {
+        self.lock().contains_key(name)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<tokio::sync::Mutex<()>>>> {
+        self.pulling.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The data of the pull of `name` running here, if one is.
+    pub fn part(&self, name: &str) -> Option<Arc<PullPart>> {
+        let parts = self.parts.lock().unwrap_or_else(|p| p.into_inner());
+        parts.get(name).cloned()
+    }
+
+    fn set_part(&self, name: &str, part: Option<Arc<PullPart>>) {
+        let mut parts = self.parts.lock().unwrap_or_else(|p| p.into_inner());
+        match part {
+            Some(part) => parts.insert(name.to_string(), part),
+            None => parts.remove(name),
+        };
+    }
+
+    /// Waits until no other pull of `name` runs here; `name` counts as pulled until the guard
+    /// drops.
+    pub async fn turn<'a>(&'a self, name: &str) -> Turn<'a> {
+        let lock = self.lock().entry(name.to_string()).or_default().clone();
+        Turn {
+            origin: self,
+            name: name.to_string(),
+            held: Some(lock.lock_owned().await),
+        }
+    }
+}
+
+pub struct Turn<'a> {
+    origin: &'a Origin,
+    name: String,
+    held: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        self.held.take();
+        let mut pulling = self.origin.lock();
+        // Only the map still holds the lock: nobody pulls this name or waits to.
+        if pulling
+            .get(&self.name)
+            .is_some_and(|l| Arc::strong_count(l) == 1)
+        {
+            pulling.remove(&self.name);
+        }
+    }
+}
+
+/// What a pull leaves for the download engine: the version's digest, and which chunks of the
+/// hidden partial file this peer fetched (the engine checks them again before trusting them).
+pub struct Pulled {
+    pub digest: Hash,
+    pub size: u64,
+    pub held: Vec<u32>,
+}
+
+/// Fetches this peer's share of `name` from the origin until the tracker knows every chunk
+/// hash (see the module comment).
+pub async fn pull(
+    peer: &Arc<Peer>,
+    origin: &Arc<Origin>,
+    name: &str,
+) -> Result<Pulled, DownloadError> {
+    let url = origin.url.url_of(name);
+    let remote = head(peer, origin, name).await?;
+    tracing::info!(url = %url, size = remote.size, validator = %remote.validator(), "pulling from the origin");
+    let file = {
+        let (peer, name, size) = (peer.clone(), name.to_string(), remote.size);
+        tokio::task::spawn_blocking(move || peer.store.origin_part(&name, size))
+            .await
+            .map_err(|e| DownloadError::Local(e.into()))?
+            .map_err(DownloadError::Local)?
+    };
+    let chunk_size = peer
+        .cfg
+        .chunk_size
+        .unwrap_or_else(|| auto_chunk_size(remote.size));
+    let part = Arc::new(PullPart::new(file, remote.size, chunk_size));
+    let job = Arc::new(pull::Job {
+        peer: peer.clone(),
+        origin: origin.clone(),
+        url,
+        name: name.to_string(),
+        published: remote.modified_ms().unwrap_or_else(now_ms),
+        remote,
+        part: part.clone(),
+        tracker: Mutex::new(None),
+    });
+    origin.set_part(name, Some(part));
+    let pulled = job.run().await;
+    origin.set_part(name, None);
+    if let Err(e) = &pulled {
+        if !matches!(e, DownloadError::Stopped(_)) {
+            job.abandon().await;
+        }
+    }
+    pulled
+}
+
+/// What the origin says of `name` now (size and validators), retried like every request.
+pub async fn head(peer: &Peer, origin: &Origin, name: &str) -> Result<Remote, OriginError> {
+    let url = origin.url.url_of(name);
+    let timeout = peer.cfg.origin_timeout;
+    retried(peer, &url, || http::head(&origin.url, name, timeout)).await
+}
+
+/// Fetches chunk `index` of the known version `info` from the origin (described by `remote`)
+/// and checks it against its published `hash`.
+pub async fn fetch_known(
+    peer: &Peer,
+    origin: &Origin,
+    info: &FileInfo,
+    remote: &Remote,
+    index: u32,
+    hash: Hash,
+) -> Result<Vec<u8>, OriginError> {
+    let url = origin.url.url_of(&info.name);
+    let changed = |why: String| OriginError {
+        url: url.clone(),
+        failure: Failure::Changed(why),
+        attempts: 1,
+    };
+    if remote.size != info.size {
+        let why = format!(
+            "it has {} bytes, version {} has {}",
+            remote.size,
+            info.digest.to_hex(),
+            info.size
+        );
+        return Err(changed(why));
+    }
+    let _slot = origin.slots.acquire().await.expect("never closed");
+    let timeout = peer.cfg.origin_timeout;
+    let span = info.chunk_span(index);
+    let data = retried(peer, &url, || {
+        http::range(&origin.url, &info.name, remote, span, timeout)
+    })
+    .await?;
+    peer.metrics.origin_bytes.inc_by(data.len() as u64);
+    if Hash::of(&data) != hash {
+        let why = format!(
+            "its chunk {index} is not that of version {}",
+            info.digest.to_hex()
+        );
+        return Err(changed(why));
+    }
+    Ok(data)
+}
+
+/// Runs one origin request until it succeeds, fails for good (404, a changed file, an unusable
+/// answer) or fails [`ATTEMPTS`] times, waiting longer after each failure. Counts requests and
+/// errors by kind.
+async fn retried<T, F, Fut>(peer: &Peer, url: &str, mut request: F) -> Result<T, OriginError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Failure>>,
+{
+    let mut backoff = FIRST_BACKOFF;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        peer.metrics.origin_requests.inc();
+        let failure = match request().await {
+            Ok(answer) => return Ok(answer),
+            Err(failure) => failure,
+        };
+        peer.metrics
+            .origin_errors
+            .with_label_values(&[failure.kind()])
+            .inc();
+        if !failure.transient() || attempt >= ATTEMPTS {
+            return Err(OriginError {
+                url: url.to_string(),
+                failure,
+                attempts: attempt,
+            });
+        }
+        tracing::info!(url, attempt, error = %failure, retry_in = ?backoff, "origin request failed; retrying");
+        tokio::time::sleep(backoff).await;
+        backoff *= 2;
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The chunks of a pull as a bitfield of `chunks`.
+pub fn held_bits(held: &[u32], chunks: usize) -> Bitfield {
+    let mut bits = Bitfield::new(chunks);
+    for &i in held {
+        bits.set(i as usize);
+    }
+    bits
+}
