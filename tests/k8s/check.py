@@ -42,6 +42,8 @@ COUNTERS_AND_GAUGES = {
     "shoal_peer_active_transfers", "shoal_peer_duplicate_chunks_total",
     "shoal_peer_holders_dropped_total", "shoal_peer_holders_banned_total",
     "shoal_peer_chunk_requests_refused_total", "shoal_build_info",
+    "shoal_peer_origin_bytes_total", "shoal_peer_origin_requests_total",
+    "shoal_peer_origin_errors_total", "shoal_tracker_origin_files", "shoal_tracker_origin_claims",
 }
 HISTOGRAMS = {"shoal_tracker_request_duration_seconds",
               "shoal_peer_chunk_transfer_duration_seconds", "shoal_peer_download_duration_seconds"}
