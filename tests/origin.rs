@@ -203,6 +203,31 @@ fn an_empty_file_at_the_origin_lands_empty() {
 }
 
 #[test]
+fn an_api_reader_gets_a_file_only_the_origin_has() {
+    let len = 300_000;
+    let (src, original) = origin_dir(len);
+    let origin = TestOrigin::start(src.path());
+    let tracker = tracker(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let url = origin.url();
+    let env = [("SHOAL_API_ADDR", "127.0.0.1:0"), ("SHOAL_ORIGIN", &url)];
+    let node = daemon(tracker.addr, dir.path(), "agent", &env);
+    let api = node.api.expect("the API address is logged");
+    let missing = http(api, "GET", "/v1/files/models/absent.bin", &[]);
+    assert_eq!(missing.status, 404, "not at the origin either");
+    let got = http(api, "GET", &format!("/v1/files/{NAME}"), &[]);
+    assert_eq!(got.status, 200, "{}", String::from_utf8_lossy(&got.body));
+    assert!(got.error.is_none());
+    assert_eq!(got.body, std::fs::read(&original).unwrap());
+    let (info, _) = shoal::chunking::hash_file(&original, NAME, Some(65536)).unwrap();
+    assert_eq!(
+        got.header("etag"),
+        Some(format!("\"{}\"", info.digest.to_hex()).as_str())
+    );
+    assert_eq!(origin.bytes_sent(), len as u64);
+}
+
+#[test]
 fn a_name_the_origin_does_not_have_fails_at_once_without_retries() {
     let (src, _) = origin_dir(100_000);
     let origin = TestOrigin::start(src.path());
