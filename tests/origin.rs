@@ -254,6 +254,26 @@ fn a_name_the_origin_does_not_have_fails_at_once_without_retries() {
 }
 
 #[test]
+fn a_daemon_says_once_that_a_wanted_name_is_nowhere_and_asks_the_origin_again_later() {
+    let (src, _) = origin_dir(1000);
+    let origin = TestOrigin::start(src.path());
+    let tracker = tracker(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let url = origin.url();
+    let env = [
+        ("SHOAL_ORIGIN", url.as_str()),
+        ("SHOAL_WANT", "models/absent.bin"),
+    ];
+    let node = daemon(tracker.addr, dir.path(), "d", &env);
+    let requests = || origin.origin.stats.requests.load(Ordering::SeqCst);
+    assert!(wait_until(Duration::from_secs(20), || requests() >= 2));
+    let said = "neither the swarm nor the origin has it";
+    let lines = node.log_text().lines().filter(|l| l.contains(said)).count();
+    assert_eq!(lines, 1, "{}", node.log_text());
+    assert!(!dir.path().join("models/absent.bin").exists());
+}
+
+#[test]
 fn transient_server_errors_are_retried_and_the_pull_succeeds() {
     let (src, original) = origin_dir(200_000);
     let origin = TestOrigin::start(src.path());

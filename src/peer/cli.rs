@@ -465,6 +465,9 @@ pub async fn daemon(cfg: PeerConfig, stop: CancellationToken) -> anyhow::Result<
     // Names this peer will never write (invalid, or their path taken by something that is not
     // this peer's): said once, never retried. A newer version of a name held here is fetched.
     let refused = Arc::new(Mutex::new(HashSet::new()));
+    // Names neither the swarm nor the origin has: said once, asked again less often (the file
+    // may appear at the origin later).
+    let absent = Arc::new(Mutex::new(HashSet::new()));
     let finished = Arc::new(tokio::sync::Notify::new());
     loop {
         let (wanted, unlisted) = wanted_versions(&peer, &want).await;
@@ -472,10 +475,13 @@ pub async fn daemon(cfg: PeerConfig, stop: CancellationToken) -> anyhow::Result<
             if !task.is_finished() {
                 return true;
             }
-            backoff.insert(
-                name.clone(),
-                tokio::time::Instant::now() + peer.cfg.refresh_interval * 2,
-            );
+            let rounds = if listed(&absent, name) {
+                ABSENT_RETRY_ROUNDS
+            } else {
+                2
+            };
+            let retry = tokio::time::Instant::now() + peer.cfg.refresh_interval * rounds;
+            backoff.insert(name.clone(), retry);
             false
         });
         let now = tokio::time::Instant::now();
@@ -487,7 +493,7 @@ pub async fn daemon(cfg: PeerConfig, stop: CancellationToken) -> anyhow::Result<
             (v.info.name, Some(v.info.digest), current)
         });
         for (name, digest, current) in versions.chain(from_origin.map(|n| (n, None, false))) {
-            if current || is_refused(&refused, &name) {
+            if current || listed(&refused, &name) {
                 continue;
             }
             pending += usize::from(digest.is_some());
@@ -496,10 +502,23 @@ pub async fn daemon(cfg: PeerConfig, stop: CancellationToken) -> anyhow::Result<
             }
             let p = peer.clone();
             let n = name.clone();
-            let (finished, refused) = (finished.clone(), refused.clone());
+            let (finished, refused, absent) = (finished.clone(), refused.clone(), absent.clone());
             let task = tokio::spawn(async move {
                 match download(&p, &n, digest, Arc::new(LogProgress::new(&n))).await {
-                    Ok(_) | Err(DownloadError::Stopped(_)) => {}
+                    Ok(_) | Err(DownloadError::Stopped(_)) => {
+                        absent.lock().unwrap_or_else(|p| p.into_inner()).remove(&n);
+                    }
+                    Err(DownloadError::Origin(e)) if e.failure == Failure::NotFound => {
+                        let first = absent
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(n.clone());
+                        if first {
+                            tracing::warn!(file = %n, error = %e, "neither the swarm nor the origin has it; asking again now and then");
+                        } else {
+                            tracing::debug!(file = %n, error = %e, "still not at the origin");
+                        }
+                    }
                     // The tracker client logs an outage once; one line per retry is noise.
                     Err(DownloadError::Tracker(e)) if e.code().is_none() => {
                         tracing::debug!(file = %n, error = %e, "download waits for the tracker")
@@ -528,9 +547,12 @@ pub async fn daemon(cfg: PeerConfig, stop: CancellationToken) -> anyhow::Result<
     Ok(())
 }
 
-/// Whether the daemon gave up on `name` for good.
-fn is_refused(refused: &Mutex<HashSet<String>>, name: &str) -> bool {
-    refused
+/// Refresh intervals a daemon waits before asking the origin again for a name it lacks.
+const ABSENT_RETRY_ROUNDS: u32 = 15;
+
+/// Whether `name` is among `names` (given up on for good, or absent everywhere).
+fn listed(names: &Mutex<HashSet<String>>, name: &str) -> bool {
+    names
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .contains(name)
