@@ -20,4 +20,5 @@ fuzz_target!(|line: &[u8]| {
     }
     let _ = decode_reply::<ChunksRecorded>(Msg::ChunkRegister, line);
     let _ = decode_reply::<Acknowledged>(Msg::Announce, line);
+    let _ = decode_reply::<OriginGrant>(Msg::Origin, line);
 });
