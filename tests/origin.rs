@@ -113,6 +113,31 @@ fn eight_peers_wanting_a_new_file_get_one_copy_from_the_origin_then_the_swarm_ke
 }
 
 #[test]
+fn with_three_trackers_pullers_meet_at_one_and_the_file_reaches_both_owners() {
+    let len = 16 * 65536;
+    let (src, original) = origin_dir(len);
+    let origin = TestOrigin::start(src.path());
+    let trackers = trackers(3, &[]);
+    let list = tracker_list(&trackers);
+    let dirs = tempfile::tempdir().unwrap();
+    let extra = [
+        ("SHOAL_TRACKER", list.as_str()),
+        ("SHOAL_TRACKER_REPLICAS", "2"),
+    ];
+    let peers = pullers(&trackers[0], dirs.path(), 4, &origin, &extra);
+    assert_all_land(&original, dirs.path(), &peers, 0);
+    assert!(origin.bytes_sent() as f64 <= 1.2 * len as f64);
+    for owner in owners_of(&trackers, NAME, 2) {
+        let addr = trackers[owner].addr;
+        assert!(
+            wait_until(Duration::from_secs(20), || file_names(addr)
+                .contains(&NAME.to_string())),
+            "owner {addr} does not list {NAME}"
+        );
+    }
+}
+
+#[test]
 fn pulling_peers_pass_chunks_to_each_other_before_the_origin_transfer_ends() {
     let len = 16 * 65536;
     let (src, original) = origin_dir(len);
