@@ -1,5 +1,5 @@
 //! `shoal-peer <tracker_port> <listen_port> <name> [files...]` (the interactive menu), or
-//! `shoal-peer run|files|locate|get|health|completions|man`. Settings come from defaults, a
+//! `shoal-peer run|files|locate|get|fetch|health|completions|man`. Settings come from defaults, a
 //! settings file, `SHOAL_*` variables and the flags below, in rising precedence.
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
@@ -9,6 +9,7 @@ use shoal::peer::cli::{self, Output};
 use shoal::protocol::Hash;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(
@@ -198,6 +199,23 @@ enum Command {
         #[command(flatten)]
         serve: Serve,
     },
+    /// Read a file from a node agent's HTTP API into PATH (no swarm membership needed).
+    Fetch {
+        /// The file's name in the swarm.
+        name: String,
+        /// The node agent's API, e.g. http://127.0.0.1:7480 (its SHOAL_API_ADDR).
+        #[arg(long, value_name = "URL")]
+        agent: String,
+        /// Where to write the file; it appears under this name only when complete.
+        #[arg(long, short, value_name = "PATH")]
+        output: PathBuf,
+        /// Fetch this version (64 hex digits, from `files --json`); exit 4 if the swarm lacks it.
+        #[arg(long, value_parser = cli::parse_digest)]
+        digest: Option<Hash>,
+        /// Give up when the agent sends nothing for this long, e.g. 30s or 5m.
+        #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = cli::parse_duration)]
+        idle_timeout: Duration,
+    },
     /// Exit 0 if this host's peer answers /healthz on SHOAL_METRICS_ADDR (container HEALTHCHECK).
     Health {
         #[command(flatten)]
@@ -269,7 +287,7 @@ impl Command {
                 file.add_to(&mut o);
                 o.set("metrics_addr", &metrics.metrics_addr);
             }
-            Command::Manual(_) => {}
+            Command::Fetch { .. } | Command::Manual(_) => {}
         }
         o
     }
@@ -319,6 +337,26 @@ fn main() -> ExitCode {
             }
         };
     }
+    // fetch reads no settings: it is a plain HTTP client of the agent, often run where the
+    // environment holds another program's variables.
+    if let Some(Command::Fetch {
+        name,
+        agent,
+        output,
+        digest,
+        idle_timeout,
+    }) = &command
+    {
+        let req = cli::FetchRequest {
+            agent,
+            name,
+            digest: *digest,
+            output,
+            idle_timeout: *idle_timeout,
+        };
+        let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+        return runtime.block_on(async { cli::fetch(&req, shoal::shutdown::on_signals()).await });
+    }
     let cfg = match config::load::<PeerConfig>(overrides.file.as_deref(), &overrides.flags) {
         Ok(c) => c,
         Err(e) => {
@@ -360,7 +398,9 @@ fn main() -> ExitCode {
             Some(Command::Get { files, digest, .. }) => {
                 return cli::get(cfg, files, digest, stop).await
             }
-            Some(Command::Health { .. } | Command::Manual(_)) => unreachable!("handled above"),
+            Some(Command::Health { .. } | Command::Fetch { .. } | Command::Manual(_)) => {
+                unreachable!("handled above")
+            }
             None => cli::menu(cfg, files, stop).await,
         };
         match result {

@@ -2,6 +2,7 @@
 //! for containers, and the health probe. Output for people goes to stdout; logs go to stderr.
 
 use super::download::{download, DownloadError, Progress};
+pub use super::fetch::FetchRequest;
 use super::origin::Failure;
 use super::tracker_client::TrackerError;
 use super::trackers::Trackers;
@@ -427,6 +428,28 @@ fn report_failure(name: &str, digest: Option<Hash>, e: &DownloadError) -> u8 {
         _ => eprintln!("shoal-peer: {e}"),
     }
     code_for(e)
+}
+
+/// Parses a duration flag: a number with a unit, as the settings take them (`30s`, `5m`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|_| {
+        format!("{text:?} is not a duration: write a number with a unit, e.g. 30s or 5m")
+    })
+}
+
+/// `shoal-peer fetch NAME --agent URL --output PATH`: prints the path written, or says why
+/// not and exits with the code of the failure.
+pub async fn fetch(req: &FetchRequest<'_>, stop: CancellationToken) -> ExitCode {
+    match super::fetch::fetch(req, &stop).await {
+        Ok(_) => {
+            println!("{}", req.output.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("shoal-peer: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
 }
 
 /// `shoal-peer health` / `shoal-tracker health`: probes `/healthz` on the metrics address.

@@ -1,14 +1,16 @@
 //! The peer: a chunk [`store`] on disk, a chunk [`server`], a [`download`] engine whose
 //! in-flight [`transfers`] readers can join, the pull-through from an HTTP [`origin`], its
 //! [`trackers`] (one [`tracker_client`] each) kept up to date by [`upkeep`], the [`catalogue`]
-//! that follows the data dir, the local HTTP [`api`] (with rates from [`meter`]), and the front
-//! ends in [`cli`] (the numbered menu, one-shot commands and the daemon). This module holds what
-//! they share: the running peer.
+//! that follows the data dir, the local HTTP [`api`] (with rates from [`meter`]), the front ends
+//! in [`cli`] (the numbered menu, one-shot commands and the daemon) and [`fetch`], the API's
+//! client for programs that do not join the swarm. This module holds what they share: the
+//! running peer.
 
 pub mod api;
 pub mod catalogue;
 pub mod cli;
 pub mod download;
+pub mod fetch;
 pub mod meter;
 pub mod origin;
 pub mod server;
