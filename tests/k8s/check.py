@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Offline checks of Shoal's Kubernetes manifests (run by tests/k8s/validate.sh).
 
-Renders k8s/ and k8s/monitoring with `kubectl kustomize`, validates every built-in resource
+Renders k8s/, k8s/monitoring and k8s/node-agent with `kubectl kustomize`, validates every built-in resource
 strictly (unknown fields rejected) against the schemas kubernetes-validate ships, checks the
 ServiceMonitor's and PrometheusRule's shape by hand (no schema ships for CRDs; the rules must be
-docker/alerts.yml's), holds every pod to Shoal's policy, and checks the Grafana dashboard against
+docker/alerts.yml's), holds every pod to Shoal's policy, checks that the node agents' pieces
+(DaemonSet, node-local Service, NetworkPolicy, PriorityClass, example reader) fit together, and
+checks the Grafana dashboard against
 the metric names the binaries export. Prints one line per
 check and ends with "k8s-check: N passed, M failed"; exits 1 if anything failed.
 """
@@ -19,6 +21,7 @@ from pathlib import Path
 import yaml
 
 NAMESPACE = "shoal"
+AGENT_NAMESPACE = "shoal-node"
 USER = 65532
 
 # Settings each binary reads (the contract in k8s/README.md); anything else SHOAL_* is a typo.
@@ -26,7 +29,8 @@ TRACKER_ENV = {"SHOAL_LISTEN", "SHOAL_METRICS_ADDR", "SHOAL_ANNOUNCE_INTERVAL", 
                "SHOAL_LOG", "SHOAL_LOG_FORMAT"}
 PEER_ENV = {"SHOAL_TRACKER", "SHOAL_TRACKER_REPLICAS", "SHOAL_LISTEN", "SHOAL_ADVERTISE", "SHOAL_NAME", "SHOAL_DATA_DIR",
             "SHOAL_WANT", "SHOAL_CHUNK_SIZE", "SHOAL_UPLOAD_LIMIT", "SHOAL_METRICS_ADDR",
-            "SHOAL_SECRET", "SHOAL_LOG", "SHOAL_LOG_FORMAT"}
+            "SHOAL_SECRET", "SHOAL_LOG", "SHOAL_LOG_FORMAT", "SHOAL_API_ADDR", "SHOAL_ORIGIN",
+            "SHOAL_ORIGIN_CONCURRENCY"}
 ENV_BY_IMAGE = {"shoal-tracker": TRACKER_ENV, "shoal-peer": PEER_ENV}
 
 # Metrics the binaries export; histograms are queried through their series suffixes.
@@ -42,6 +46,7 @@ COUNTERS_AND_GAUGES = {
     "shoal_peer_active_transfers", "shoal_peer_duplicate_chunks_total",
     "shoal_peer_holders_dropped_total", "shoal_peer_holders_banned_total",
     "shoal_peer_chunk_requests_refused_total", "shoal_build_info",
+    "shoal_api_requests_total", "shoal_api_bytes_sent_total",
     "shoal_peer_origin_bytes_total", "shoal_peer_origin_requests_total",
     "shoal_peer_origin_errors_total", "shoal_tracker_origin_files", "shoal_tracker_origin_claims",
 }
@@ -170,6 +175,8 @@ def check_container(c, pod_sc, spec, configmaps, is_service):
             problems.append(f"{key} is {effective(key)}, want {USER}")
     if sc.get("readOnlyRootFilesystem") is not True:
         problems.append("readOnlyRootFilesystem is not true")
+    if sc.get("privileged"):
+        problems.append("privileged is set")
     if sc.get("allowPrivilegeEscalation") is not False:
         problems.append("allowPrivilegeEscalation is not false")
     if "ALL" not in sc.get("capabilities", {}).get("drop", []):
@@ -220,7 +227,10 @@ def check_container(c, pod_sc, spec, configmaps, is_service):
         if name.startswith("SHOAL_") and name not in allowed:
             problems.append(f"env {name} is not a setting of {image_name(image)}")
     ports = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
-    for setting, port_name in (("SHOAL_LISTEN", "shoal"), ("SHOAL_METRICS_ADDR", "metrics")):
+    listeners = [("SHOAL_LISTEN", "shoal"), ("SHOAL_METRICS_ADDR", "metrics")]
+    if "SHOAL_API_ADDR" in env_by_name:
+        listeners.append(("SHOAL_API_ADDR", "api"))
+    for setting, port_name in listeners:
         value = env_by_name.get(setting, {}).get("value", "")
         if port_name not in ports:
             problems.append(f"no container port named {port_name!r}")
@@ -542,6 +552,208 @@ def check_dashboard(report, path):
     return text
 
 
+# The node agent overlay: what it adds, and the base's objects the agents replace.
+AGENT_OBJECTS = ("Namespace/shoal-node", "PriorityClass/shoal-node-agent", "DaemonSet/shoal-agent",
+                 "Service/shoal-agent", "NetworkPolicy/shoal-agent", "Job/shoal-example-reader")
+REPLACED_BY_AGENTS = ("Deployment/shoal-peer", "Service/shoal-peer",
+                      "PodDisruptionBudget/shoal-peer")
+
+
+def flag_value(args, flag):
+    """The value after `flag` in a container's args, or None."""
+    return args[args.index(flag) + 1] if flag in args and args.index(flag) + 1 < len(args) else None
+
+
+def host_exposure(doc):
+    """hostPath volumes (name -> spec) and hostPorts of a workload's pods."""
+    spec = pod_spec(doc)
+    paths = {v["name"]: v["hostPath"] for v in spec.get("volumes", []) if "hostPath" in v}
+    ports = [p["hostPort"] for c in spec.get("initContainers", []) + spec["containers"]
+             for p in c.get("ports", []) if p.get("hostPort")]
+    return paths, ports
+
+
+def check_agent_daemonset(report, ds, by_kn, configmaps_by_ns):
+    spec = pod_spec(ds)
+    container = spec["containers"][0]
+    env = {v["name"]: v for v in container.get("env", [])}
+    problems = []
+    ns = ds["metadata"].get("namespace")
+    for var in container.get("env", []):
+        ref = var.get("valueFrom", {}).get("configMapKeyRef")
+        if ref and ref["name"] not in configmaps_by_ns.get(ns, {}):
+            problems.append(f"env {var['name']} reads ConfigMap {ref['name']}, which is not in "
+                            f"the pod's namespace {ns}")
+    data_dir = env.get("SHOAL_DATA_DIR", {}).get("value")
+    mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+    paths, host_ports = host_exposure(ds)
+    host_path = paths.get(mounts.get(data_dir))
+    if not host_path:
+        problems.append(f"the data dir {data_dir} is not a hostPath volume")
+    elif host_path.get("type") != "Directory":
+        problems.append("the data dir's hostPath type is not Directory (a kubelet-created "
+                        "directory belongs to root, which the agent cannot write)")
+    if len(paths) > 1:
+        problems.append(f"more hostPath volumes than the data dir: {sorted(paths)}")
+    if host_ports:
+        problems.append(f"hostPorts {host_ports}: the API is reached through the node-local Service")
+    if "SHOAL_API_ADDR" not in env:
+        problems.append("SHOAL_API_ADDR is not set: the node's programs could not read from it")
+    tolerations = spec.get("tolerations", [])
+    if not any(t.get("operator") == "Exists" and not t.get("key") for t in tolerations):
+        problems.append("no toleration of every taint (operator Exists, no key): some nodes "
+                        "would have no agent")
+    rolling = ds["spec"].get("updateStrategy", {}).get("rollingUpdate", {})
+    if rolling.get("maxSurge", 0) not in (0, "0%"):
+        problems.append("maxSurge is not 0: two agents would share one node's data dir")
+    priority = by_kn.get(f"PriorityClass/{spec.get('priorityClassName')}")
+    if not priority:
+        problems.append(f"priorityClassName {spec.get('priorityClassName')!r} names no "
+                        "PriorityClass of the overlay")
+    elif not 0 < priority.get("value", 0) < 1_000_000_000 or priority.get("globalDefault"):
+        problems.append("the PriorityClass must rank above workloads (value > 0), below the "
+                        "system classes (< 1000000000), and not be the global default")
+    report.check(f"node-agent: {kn(ds)} runs on every node with a hostPath data dir, its API on, "
+                 f"a priority class and no surge", problems)
+
+
+def check_agent_service(report, service, ds):
+    problems = []
+    labels = pod_meta(ds).get("labels", {})
+    if not selects(service["spec"].get("selector", {}), labels):
+        problems.append(f"selector does not match {kn(ds)}'s pods")
+    if service["spec"].get("internalTrafficPolicy") != "Local":
+        problems.append("internalTrafficPolicy is not Local: a pod's reads could go to another "
+                        "node's agent")
+    ports = {p.get("name") for c in pod_spec(ds)["containers"] for p in c.get("ports", [])}
+    targets = [p.get("targetPort") for p in service["spec"]["ports"]]
+    if targets != ["api"] or "api" not in ports:
+        problems.append(f"target ports {targets}, want only the agent's port named api")
+    report.check(f"node-agent: {kn(service)} sends each pod to its own node's agent API", problems)
+
+
+def check_agent_network_policy(report, policy, ds, allowed_namespaces):
+    """The chunk and API ports may be reached only from Shoal's namespaces."""
+    problems = []
+    if not selects(policy["spec"].get("podSelector", {}).get("matchLabels", {}),
+                   pod_meta(ds).get("labels", {})):
+        problems.append(f"podSelector does not match {kn(ds)}'s pods")
+    if "Ingress" not in policy["spec"].get("policyTypes", []):
+        problems.append("policyTypes does not include Ingress")
+    opened = set()
+    for rule in policy["spec"].get("ingress", []):
+        ports = {p.get("port") for p in rule.get("ports", [])}
+        if not ports:
+            problems.append("a rule without ports opens every port")
+        opened |= ports
+        guarded = ports & {"shoal", "api", 7401, 7480}
+        if not guarded:
+            continue
+        peers = rule.get("from", [])
+        if not peers:
+            problems.append(f"ports {sorted(map(str, guarded))} are open to every pod")
+        for peer in peers:
+            ns = peer.get("namespaceSelector", {}).get("matchLabels", {})
+            if "ipBlock" in peer or ns.get("kubernetes.io/metadata.name") not in allowed_namespaces:
+                problems.append(f"ports {sorted(map(str, guarded))} are open to {peer}, not only "
+                                f"to pods of {sorted(allowed_namespaces)}")
+    for needed in ("shoal", "api"):
+        if needed not in opened:
+            problems.append(f"port {needed} is allowed from nowhere")
+    report.check(f"node-agent: {kn(policy)} keeps the chunk and API ports within "
+                 f"{', '.join(sorted(allowed_namespaces))}", problems)
+    return {peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+            for rule in policy["spec"].get("ingress", [])
+            if {p.get("port") for p in rule.get("ports", [])} & {"api", 7480}
+            for peer in rule.get("from", []) if "namespaceSelector" in peer}
+
+
+def check_example_reader(report, job, service, api_namespaces):
+    """The init container fetches through the node-local Service into a volume the program reads."""
+    spec = pod_spec(job)
+    problems = []
+    fetchers = [c for c in spec.get("initContainers", [])
+                if image_name(c.get("image", "")) == "shoal-peer" and c.get("args", [])[:1] == ["fetch"]]
+    if not fetchers:
+        problems.append("no init container runs `shoal-peer fetch` (with the shoal-peer image)")
+    svc_port = service["spec"]["ports"][0]["port"]
+    want_url = f"http://{service['metadata']['name']}.{service['metadata']['namespace']}.svc:{svc_port}"
+    for c in fetchers:
+        args = c["args"]
+        if flag_value(args, "--agent") != want_url:
+            problems.append(f"--agent is {flag_value(args, '--agent')!r}, want {want_url}")
+        output = flag_value(args, "--output") or ""
+        volume = next((m["name"] for m in c.get("volumeMounts", [])
+                       if output.startswith(m["mountPath"].rstrip("/") + "/")), None)
+        if not volume:
+            problems.append(f"--output {output!r} is not on a volume")
+        elif not any(m["name"] == volume for m2 in spec["containers"]
+                     for m in m2.get("volumeMounts", [])):
+            problems.append(f"no main container mounts {volume}, where the file lands")
+    if job["metadata"].get("namespace") not in api_namespaces:
+        problems.append(f"its namespace may not reach the agent API through the NetworkPolicy")
+    report.check(f"node-agent: {kn(job)} fetches through {want_url} into a shared volume", problems)
+
+
+def check_node_agent(report, docs, base_docs, out_dir, kv, version):
+    by_kn = {kn(d): d for d in docs}
+    base = {kn(d): d for d in base_docs}
+    problems = [f"{k} differs from the base or is missing" for k, d in base.items()
+                if k not in REPLACED_BY_AGENTS and by_kn.get(k) != d]
+    problems += [f"{k} is still there: the agents replace it" for k in REPLACED_BY_AGENTS
+                 if k in by_kn]
+    problems += [f"missing {k}" for k in AGENT_OBJECTS if k not in by_kn]
+    report.check("node-agent: the base minus its peer Deployment, plus the agents' objects",
+                 problems)
+    added = [d for d in docs if base.get(kn(d)) != d]
+    validate_schemas(report, added, "node-agent", out_dir, kv, version)
+
+    problems = []
+    for doc in docs:
+        ns = doc["metadata"].get("namespace")
+        if doc["kind"] not in CLUSTER_SCOPED and ns not in (NAMESPACE, AGENT_NAMESPACE):
+            problems.append(f"{kn(doc)} is in namespace {ns!r}")
+        paths, host_ports = host_exposure(doc) if doc["kind"] in WORKLOAD_KINDS else ({}, [])
+        if (paths or host_ports) and ns != AGENT_NAMESPACE:
+            problems.append(f"{kn(doc)} uses the host's disk or ports outside {AGENT_NAMESPACE}")
+        if doc["kind"] in WORKLOAD_KINDS and ns == AGENT_NAMESPACE and kn(doc) != "DaemonSet/shoal-agent":
+            problems.append(f"{kn(doc)} is in {AGENT_NAMESPACE}, which is for the agents only")
+    labels = by_kn.get(f"Namespace/{AGENT_NAMESPACE}", {}).get("metadata", {}).get("labels", {})
+    for mode in ("warn", "audit"):
+        if labels.get(f"pod-security.kubernetes.io/{mode}") != "restricted":
+            problems.append(f"namespace {AGENT_NAMESPACE} does not {mode} at 'restricted'")
+    shoal_labels = by_kn.get("Namespace/shoal", {}).get("metadata", {}).get("labels", {})
+    if shoal_labels.get("pod-security.kubernetes.io/enforce") != "restricted":
+        problems.append("namespace shoal no longer enforces 'restricted'")
+    report.check(f"node-agent: host access only in {AGENT_NAMESPACE}, which warns and audits at "
+                 "'restricted'; shoal still enforces it", problems)
+
+    configmaps_by_ns = {}
+    for d in docs:
+        if d["kind"] == "ConfigMap":
+            configmaps_by_ns.setdefault(d["metadata"].get("namespace"), {})[d["metadata"]["name"]] = d.get("data", {})
+    configmaps = {name: data for cms in configmaps_by_ns.values() for name, data in cms.items()}
+    ds, service = by_kn.get("DaemonSet/shoal-agent"), by_kn.get("Service/shoal-agent")
+    policy, job = by_kn.get("NetworkPolicy/shoal-agent"), by_kn.get("Job/shoal-example-reader")
+    if not (ds and service and policy and job):
+        return
+    check_workload(report, "node-agent", ds, configmaps)
+    check_workload(report, "node-agent", job, configmaps, is_service=False)
+    check_agent_daemonset(report, ds, by_kn, configmaps_by_ns)
+    settings = {}
+    for data in configmaps_by_ns.get(AGENT_NAMESPACE, {}).values():
+        settings.update(data)
+    tracker = f"shoal-tracker.{NAMESPACE}.svc:7400"
+    report.check(f"node-agent: the agents' ConfigMap points at the tracker {tracker} and wants "
+                 "nothing unasked",
+                 [] if settings.get("SHOAL_TRACKER") == tracker and settings.get("SHOAL_WANT") == ""
+                 else [f"SHOAL_TRACKER={settings.get('SHOAL_TRACKER')!r}, "
+                       f"SHOAL_WANT={settings.get('SHOAL_WANT')!r}"])
+    check_agent_service(report, service, ds)
+    api_namespaces = check_agent_network_policy(report, policy, ds, {NAMESPACE, AGENT_NAMESPACE})
+    check_example_reader(report, job, service, api_namespaces)
+
+
 def check_tools(report, tools_dir, out_dir, kv, version, seeder):
     docs = []
     for path in sorted(tools_dir.glob("*.yaml")):
@@ -588,6 +800,10 @@ def main():
         added = [d for d in monitoring if base_by_kn.get(kn(d)) != d]
         validate_schemas(report, added, "monitoring", args.out, kv, version)
         check_monitoring(report, monitoring, base or [], dashboard_text)
+
+    node_agent = render(report, "k8s/node-agent", args.out / "shoal-node-agent.yaml")
+    if node_agent is not None:
+        check_node_agent(report, node_agent, base or [], args.out, kv, version)
 
     check_tools(report, Path("k8s/tools"), args.out, kv, version, seeder)
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Validates Shoal's Kubernetes manifests offline; no cluster needed (`make k8s-check`).
 #
-# Renders k8s/ and k8s/monitoring with `kubectl kustomize` into target/k8s/, validates every
-# built-in resource strictly (unknown fields rejected) with kubernetes-validate, checks the
-# ServiceMonitor's structure, holds every pod to Shoal's security and probe policy, and checks the
+# Renders k8s/, k8s/monitoring and k8s/node-agent with `kubectl kustomize` into target/k8s/,
+# validates every built-in resource strictly (unknown fields rejected) with kubernetes-validate,
+# checks the ServiceMonitor's structure, holds every pod to Shoal's security and probe policy,
+# checks that the node agent overlay's pieces fit together, and checks the
 # Grafana dashboard's queries against the exported metric names. The checks themselves are in
 # tests/k8s/check.py. Installs kubernetes-validate and PyYAML into target/k8s/venv when they are
 # not already available.
