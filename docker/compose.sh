@@ -2,8 +2,9 @@
 # Runs the compose.yaml swarm as one compose project (default "shoal").
 #
 #   docker/compose.sh up [N [T]]  write sample seed files if absent, start T trackers (3),
-#                              the seeders and N peers (6)
-#   docker/compose.sh status   one line per container from its /metrics, then "K/N peers complete"
+#                              the seeders, N peers (6) and the consumer
+#   docker/compose.sh status   one line per container from its /metrics (the consumer: its
+#                              outcome), then "K/N peers complete"
 #   docker/compose.sh down     remove the containers, network, volumes and the seed files
 #
 # The images are expected to exist (docker/build.sh). Environment: COMPOSE (the compose command,
@@ -63,7 +64,7 @@ cmd_up() {
     write_seed_files
     # up waits for the tracker, then the seeders, to be healthy before it starts the peers.
     "${compose[@]}" up --detach --scale "tracker=$trackers" --scale "peer=$peers"
-    echo "started $trackers trackers and $peers peers; follow them with: make status"
+    echo "started $trackers trackers, $peers peers and a consumer reading ${STACK_CONSUMER_FILE:-alpha.bin} through a peer's API; follow them with: make status"
 }
 
 # Prints the value of one metric (no labels) from Prometheus text on stdin; empty if absent.
@@ -86,12 +87,24 @@ ready_at() {
         echo yes || echo no
 }
 
+# What the consumer did: still reading, read the whole file, or failed (with its last words).
+consumer_outcome() {
+    local name=$1 state=$2 code restarts
+    code=$(docker inspect --format '{{.State.ExitCode}}' "$name" 2>/dev/null || echo "?")
+    restarts=$(docker inspect --format '{{.RestartCount}}' "$name" 2>/dev/null || echo 0)
+    case "$state/$code" in
+    running/* | restarting/*) echo "reading ${STACK_CONSUMER_FILE:-alpha.bin} through a peer's API (retries: $restarts)" ;;
+    exited/0) echo "read $(docker logs "$name" 2>/dev/null | tail -n 1) in full through a peer's API" ;;
+    *) echo "failed (exit $code): $(docker logs "$name" 2>&1 | tail -n 1)" ;;
+    esac
+}
+
 cmd_status() {
     # Trackers first, then seeders (the files they share define "complete"), then peers by number.
     local rows
     rows=$(docker ps --all --filter "label=com.docker.compose.project=$project" \
         --format '{{.Label "com.docker.compose.service"}} {{.Names}} {{.State}}' |
-        awk '$1 != "prometheus" { print ($1 == "tracker" ? 0 : $1 == "peer" ? 2 : 1), $0 }' |
+        awk '$1 != "prometheus" { print ($1 == "tracker" ? 0 : $1 == "peer" ? 2 : $1 == "consumer" ? 3 : 1), $0 }' |
         sort -k1,1n -k3,3V | cut -d' ' -f2-)
     if [[ -z "$rows" ]]; then
         echo "no containers in project $project; start them with: make up"
@@ -104,6 +117,11 @@ cmd_status() {
     printf "$format" CONTAINER STATE FILES WANTED DOWN_MiB UP_MiB READY ""
     while read -r service name state; do
         [[ "$service" == peer ]] && peers=$((peers + 1))
+        if [[ "$service" == consumer ]]; then
+            # shellcheck disable=SC2059
+            printf "$format" "$name" "$state" - - - - - "$(consumer_outcome "$name" "$state")"
+            continue
+        fi
         addr="" text="" ready=-
         if [[ "$state" == running ]]; then
             addr=$(published "$name" "$([[ "$service" == tracker ]] && echo 9400 || echo 9401)")
