@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the static shoal binaries, then the shoal-tracker and shoal-peer images from
 # docker/Dockerfile, without any registry: the images are FROM scratch and the build context is
-# a directory holding just the two binaries and an empty data/ directory.
+# a directory holding just the binaries and an empty data/ directory. It also builds
+# shoal-origin, the test HTTP origin (examples/origin.rs) that `make e2e` pulls files through.
 #
 #   docker/build.sh            # tags :latest and :<crate version>
 #
@@ -35,9 +36,10 @@ image_source=${image_source:-$(git remote get-url origin 2>/dev/null || echo unk
 # A scratch image has no libc, so the binaries must not need one.
 echo "==> static binaries (release, $target)"
 RUSTFLAGS="-C target-feature=+crt-static" \
-    "$CARGO" build --release --locked --target "$target" --bin shoal-tracker --bin shoal-peer
+    "$CARGO" build --release --locked --target "$target" --bin shoal-tracker --bin shoal-peer \
+    --example origin
 bin_dir=target/$target/release
-for bin in shoal-tracker shoal-peer; do
+for bin in shoal-tracker shoal-peer examples/origin; do
     if command -v readelf >/dev/null && readelf -l "$bin_dir/$bin" | grep -q 'program interpreter'; then
         echo "build.sh: $bin_dir/$bin is dynamically linked; it would not run in a scratch image" >&2
         exit 1
@@ -49,8 +51,9 @@ context=target/docker-context
 rm -rf "$context"
 mkdir -p "$context/data"
 cp "$bin_dir/shoal-tracker" "$bin_dir/shoal-peer" "$context/"
+cp "$bin_dir/examples/origin" "$context/shoal-origin"
 
-for role in tracker peer; do
+for role in tracker peer origin; do
     image=shoal-$role
     echo "==> $image:$version"
     "$DOCKER" build --quiet \
@@ -68,7 +71,7 @@ rm -rf "$context"
 
 status=0
 printf '%-28s %12s\n' IMAGE SIZE
-for role in tracker peer; do
+for role in tracker peer origin; do
     image=shoal-$role:$version
     size=$("$DOCKER" image inspect --format '{{.Size}}' "$image")
     printf '%-28s %9.1f MiB\n' "$image" "$(echo "$size" | awk '{print $1 / 1048576}')"

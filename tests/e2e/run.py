@@ -13,10 +13,19 @@ transfers run it
   4. cuts a peer off the network until the trackers expire its lease, then reconnects it,
 
 then waits until every peer holds every file, byte-identical to the originals, and checks that
-the metrics agree with what happened. Finally it stops one peer to see it leave cleanly.
+the metrics agree with what happened, and that the consumer read its file in full through a
+peer's HTTP API. It stops one peer to see it leave cleanly.
+
+Then the ORIGIN phase: a test HTTP origin (the shoal-origin image) on a network of its own holds
+a file no seeder has; --origin-peers daemons with SHOAL_ORIGIN, attached to both networks, want
+it at once, and one more reader asks one of them through its API (`shoal-peer fetch`). Every copy
+must be byte-identical and the origin must have sent about one copy (its /-/stats bytes_sent at
+most 1.2 x the file). With the origin stopped, a late peer must still get the file, from the swarm.
+
 The exit code is the verdict; everything the run created is removed, also on failure or Ctrl-C.
 
-    python3 tests/e2e/run.py [--peers N] [--trackers N] [--keep] [--timeout SECONDS] [--build]
+    python3 tests/e2e/run.py [--peers N] [--trackers N] [--origin-peers N] [--keep]
+                             [--timeout SECONDS] [--build]
 
 The project is named COMPOSE_PROJECT_NAME-e2e-PID (shoal-e2e-PID without it).
 
@@ -49,6 +58,12 @@ SEEDS = {
     "seeder2": {"delta.bin": 20 * MIB + 1, "echo.bin": 8 * MIB, "charlie.bin": 10 * MIB - 123},
 }
 ANNOUNCE_INTERVAL = "1s"
+# What the consumer service reads through a peer's API (compose.yaml's STACK_CONSUMER_FILE).
+CONSUMER_FILE = "alpha.bin"
+# The origin phase: a file only the origin has, and how many copies of it the origin may send.
+ORIGIN_FILE = "origin.bin"
+ORIGIN_SIZE = 40 * MIB + 12345
+ORIGIN_MAX_COPIES = 1.2
 LEASE_SECONDS = 3  # the tracker forgets a peer after three silent announce intervals
 STALL_LIMIT = 5.0  # seconds an unfinished peer may go without a new byte after a tracker dies
 
@@ -58,6 +73,8 @@ class Failure(Exception):
 
 
 START = time.monotonic()
+# Containers and networks the run makes without compose carry this label (value: the project).
+EXTRA_LABEL = "org.shoal.e2e"
 
 
 def log(msg):
@@ -114,12 +131,17 @@ class Container:
         self.service = service
         self.number = number
         self.name = f"{service}-{number}" if service in ("peer", "tracker") else service
-        self.port = {"tracker": 9400}.get(service, 9401)
+        self.port = {"tracker": 9400, "origin": 8080}.get(service, 9401)
         self._addr = None
 
     @property
     def is_peer(self):
         return self.service == "peer"
+
+    @property
+    def is_daemon(self):
+        """A Shoal daemon with a metrics port (the consumer is a one-shot command)."""
+        return self.service != "consumer"
 
     def addr(self, refresh=False):
         """host:port of the published metrics port (it changes after a network reconnect)."""
@@ -172,6 +194,7 @@ class Swarm:
             "SHOAL_ANNOUNCE_INTERVAL": ANNOUNCE_INTERVAL,
             "STACK_PEER_UPLOAD_LIMIT": str(args.peer_upload_limit),
             "STACK_SEEDER_UPLOAD_LIMIT": str(args.seeder_upload_limit),
+            "STACK_CONSUMER_FILE": CONSUMER_FILE,
             "SHOAL_LOG": os.environ.get("E2E_LOG", "info"),
         })
         self.containers = {}
@@ -204,11 +227,19 @@ class Swarm:
         return (p.stdout + p.stderr).rstrip()
 
     def down(self):
-        """Removes the containers, the network and the volumes; says so if anything is left."""
+        """Removes the containers, the networks and the volumes, compose's and those the origin
+        phase made itself (labelled with EXTRA_LABEL); says so if anything is left."""
+        extra = f"label={EXTRA_LABEL}={self.project}"
+        mine = run(["docker", "container", "ls", "--all", "--quiet", "--filter", extra], check=False).split()
+        if mine:  # first: they hold on to compose's network
+            run(["docker", "rm", "--force", "--volumes", *mine], check=False, timeout=120)
         p = subprocess.run(self.compose + ["down", "--volumes", "--remove-orphans", "--timeout", "5"],
                            capture_output=True, text=True, timeout=180, env=self.env)
-        label = f"label=com.docker.compose.project={self.project}"
+        networks = run(["docker", "network", "ls", "--quiet", "--filter", extra], check=False).split()
+        if networks:
+            run(["docker", "network", "rm", *networks], check=False)
         left = [run(["docker", *kind, "--quiet", "--filter", label], check=False).split()
+                for label in (f"label=com.docker.compose.project={self.project}", extra)
                 for kind in (["container", "ls", "--all"], ["network", "ls"], ["volume", "ls"])]
         if p.returncode != 0 or any(left):
             print(f"cleanup incomplete ({p.stderr.strip()[-300:]}); left: {sum(left, [])}", file=sys.stderr)
@@ -229,6 +260,7 @@ class Run:
         self.partitioned = None
         self.killed_tracker = None
         self.seeder1_uploaded = 0
+        self.origin_phase = None
 
     # ---- set-up ----------------------------------------------------------------------------
 
@@ -260,7 +292,7 @@ class Run:
 
         def all_healthy():
             states = [c.inspect("{{.State.Status}}/{{if .State.Health}}{{.State.Health.Status}}{{end}}")
-                      for c in self.swarm.containers.values()]
+                      for c in self.swarm.containers.values() if c.is_daemon]
             return all(s == "running/healthy" for s in states)
 
         wait_for("every container to be healthy (HEALTHCHECK)", all_healthy, 90)
@@ -422,7 +454,7 @@ class Run:
     def quiet_metrics(self):
         """Scrapes every live container until two scrapes 2s apart agree (transfers settled)."""
         live = [c for c in self.swarm.containers.values()
-                if c.name not in ("seeder1", self.killed_tracker)]
+                if c.name not in ("seeder1", self.killed_tracker) and c.is_daemon]
 
         def scrape():
             return {c.name: c.metrics() for c in live}
@@ -550,6 +582,20 @@ class Run:
             self.check(got == (holders, holders),
                        f"tracker: {name} has {holders} holders, all complete (peers, seeders = {got})")
 
+    def verify_consumer(self):
+        """The consumer read CONSUMER_FILE through a peer's API, in full, and exited 0."""
+        c = self.swarm["consumer"]
+        wait_for("the consumer to finish reading through a peer's API",
+                 lambda: c.inspect("{{.State.Status}}") == "exited"
+                 and c.inspect("{{.State.Restarting}}") == "false", 60)
+        code, restarts = c.inspect("{{.State.ExitCode}}"), c.inspect("{{.RestartCount}}")
+        found = read_data_dir(c)
+        want = {CONSUMER_FILE: self.originals[CONSUMER_FILE][1]}
+        self.check(code == "0" and found == want,
+                   f"consumer: `shoal-peer fetch {CONSUMER_FILE}` through a peer's API exited {code} "
+                   f"after {restarts} retries, its /data byte-identical"
+                   + ("" if found == want else f" (got {describe_diff(found, want)})"))
+
     def verify_leave(self):
         """A stopped peer exits 0 at once and tells the tracker it leaves (no lease expiry)."""
         c = self.swarm.peers()[0]
@@ -586,7 +632,10 @@ class Run:
         scraped = self.quiet_metrics()
         self.verify_files()
         self.verify_metrics(scraped)
+        self.verify_consumer()
         self.verify_leave()
+        self.origin_phase = OriginPhase(self)
+        self.origin_phase.execute()
         return all(ok for ok, _ in self.checks)
 
     def summary(self, ok, error):
@@ -605,6 +654,126 @@ class Run:
         if error:
             print(f"  error: {error}")
         print("PASS" if ok else "FAIL")
+
+
+class OriginPhase:
+    """Pull-through: peers with SHOAL_ORIGIN fetch a file only an HTTP origin has, together."""
+
+    def __init__(self, test):
+        self.test = test
+        self.swarm = test.swarm
+        self.args = test.args
+        self.network = f"{test.project}-origin"
+        self.sha = None
+        self.peers = []
+        self.containers = []  # everything this phase created, for the logs of a failed run
+
+    def docker_create(self, name, service, image, args, env=None, ports=(), origin_net=False,
+                      extra=()):
+        """Creates (not starts) a hardened container labelled for cleanup; returns a Container.
+        origin_net: False = the swarm's network, True = both, "only" = the origin's."""
+        cmd = ["docker", "create", "--name", f"{self.test.project}-{name}",
+               "--label", f"{EXTRA_LABEL}={self.test.project}",
+               "--network", self.network if origin_net == "only" else self.swarm.network,
+               "--user", "65532:65532", "--read-only", "--cap-drop", "ALL",
+               "--security-opt", "no-new-privileges:true", "--memory", "256m", "--pids-limit", "1024",
+               *extra]
+        for port in ports:
+            cmd += ["--publish", f"127.0.0.1::{port}"]
+        for key, value in (env or {}).items():
+            cmd += ["--env", f"{key}={value}"]
+        cid = run(cmd + [f"{image}:{self.args.tag}", *args]).strip()
+        if origin_net is True:  # the swarm's network for the tracker and peers, this one for the origin
+            run(["docker", "network", "connect", self.network, cid])
+        c = Container(cid, service, 0)
+        c.name = name
+        self.containers.append(c)
+        return c
+
+    def peer(self, name):
+        env = {"SHOAL_TRACKER": "tracker:7400", "SHOAL_NAME": name, "SHOAL_WANT": ORIGIN_FILE,
+               "SHOAL_ORIGIN": "http://origin:8080", "SHOAL_API_ADDR": "0.0.0.0:7480",
+               "SHOAL_LOG": os.environ.get("E2E_LOG", "info"), "SHOAL_LOG_FORMAT": "json"}
+        return self.docker_create(name, "peer", "shoal-peer", ["run"], env, ports=[9401],
+                                  origin_net=True, extra=["--volume", "/data"])
+
+    def done(self, c):
+        try:
+            m = c.metrics()
+        except Failure:
+            return False
+        return m.get("shoal_peer_files_shared") == 1 and m.get("shoal_peer_files_wanted") == 0
+
+    def execute(self):
+        d = os.path.join(self.test.workdir, "origin")
+        os.mkdir(d)
+        os.chmod(d, 0o755)
+        path = os.path.join(d, ORIGIN_FILE)
+        self.sha = write_random(path, ORIGIN_SIZE)
+        os.chmod(path, 0o644)
+        log(f"ORIGIN phase: {ORIGIN_FILE} ({ORIGIN_SIZE / MIB:.1f} MiB) only on the origin, on network "
+            f"{self.network}; {self.args.origin_peers} pull-through peers and one API reader")
+        run(["docker", "network", "create", "--label", f"{EXTRA_LABEL}={self.test.project}",
+             self.network])
+        origin = self.docker_create("origin", "origin", "shoal-origin", [], ports=[8080],
+                                    origin_net="only",
+                                    extra=["--network-alias", "origin", "--volume", f"{d}:/data:ro",
+                                           "--no-healthcheck"])
+        run(["docker", "start", origin.id])
+        wait_for("the origin to answer /-/stats", lambda: self.stats(origin) is not None, 30, 0.5)
+
+        self.peers = [self.peer(f"origin-peer-{i}") for i in range(1, self.args.origin_peers + 1)]
+        reader = self.docker_create(
+            "origin-reader", "consumer", "shoal-peer",
+            ["fetch", ORIGIN_FILE, "--agent", f"http://{self.test.project}-origin-peer-1:7480",
+             "--output", f"/data/{ORIGIN_FILE}"],
+            extra=["--volume", "/data", "--restart", "on-failure:10", "--no-healthcheck"])
+        started = time.monotonic()
+        run(["docker", "start", *(c.id for c in self.peers), reader.id])  # all at once
+        wait_for(f"all {len(self.peers)} pull-through peers to hold {ORIGIN_FILE}",
+                 lambda: all(self.done(c) for c in self.peers), 300, 1)
+        self.test.notes.append(f"origin phase: {len(self.peers)} peers complete after "
+                               f"{time.monotonic() - started:.0f}s")
+        wait_for("the API reader to finish", lambda: reader.inspect("{{.State.Status}}") == "exited"
+                 and reader.inspect("{{.State.Restarting}}") == "false", 60)
+
+        want = {ORIGIN_FILE: self.sha}
+        for c in self.peers + [reader]:
+            found = read_data_dir(c)
+            self.test.check(found == want, f"{c.name}: holds {ORIGIN_FILE}, byte-identical to the "
+                            "origin's" + ("" if found == want else f" (got {describe_diff(found, want)})"))
+        self.test.check(reader.inspect("{{.State.ExitCode}}") == "0",
+                        f"origin-reader: `shoal-peer fetch` through origin-peer-1's API exited 0")
+        stats = self.stats(origin) or {}
+        sent = stats.get("bytes_sent", -1)
+        fetched = sum(c.metrics().get("shoal_peer_origin_bytes_total", 0) for c in self.peers)
+        self.test.notes.append(f"origin sent {sent / MIB:.1f} MiB in {stats.get('requests')} requests "
+                               f"for a {ORIGIN_SIZE / MIB:.1f} MiB file ({sent / ORIGIN_SIZE:.2f} copies); "
+                               f"the peers count {fetched / MIB:.1f} MiB fetched from it")
+        self.test.check(ORIGIN_SIZE <= sent <= ORIGIN_MAX_COPIES * ORIGIN_SIZE,
+                        f"origin: bytes_sent {sent} is between 1 and {ORIGIN_MAX_COPIES} copies of "
+                        f"{ORIGIN_SIZE}")
+        self.test.check(ORIGIN_SIZE <= fetched <= ORIGIN_MAX_COPIES * ORIGIN_SIZE,
+                        f"peers: shoal_peer_origin_bytes_total sums to {fetched:.0f}, between 1 and "
+                        f"{ORIGIN_MAX_COPIES} copies")
+
+        run(["docker", "stop", "--time", "5", origin.id], timeout=30)
+        late = self.peer("origin-peer-late")
+        run(["docker", "start", late.id])
+        wait_for(f"a late peer to get {ORIGIN_FILE} with the origin stopped",
+                 lambda: self.done(late), 120, 1)
+        found = read_data_dir(late)
+        self.test.check(found == want and late.metrics().get("shoal_peer_origin_bytes_total", 0) == 0,
+                        f"origin-peer-late: got {ORIGIN_FILE} from the swarm with the origin stopped, "
+                        "byte-identical, nothing from the origin")
+
+    def stats(self, origin):
+        """The origin's /-/stats JSON, or None while it does not answer."""
+        try:
+            status, body = origin.http("/-/stats")
+        except Failure:
+            return None
+        return json.loads(body) if status == 200 else None
 
 
 def write_random(path, size):
@@ -660,7 +829,7 @@ def default_compose():
 
 
 def ensure_images(args):
-    missing = [i for i in ("shoal-tracker", "shoal-peer")
+    missing = [i for i in ("shoal-tracker", "shoal-peer", "shoal-origin")
                if subprocess.run(["docker", "image", "inspect", f"{i}:{args.tag}"],
                                  capture_output=True).returncode != 0]
     if args.build or missing:
@@ -672,6 +841,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--peers", type=int, default=10, help="peers besides the two seeders (10)")
     parser.add_argument("--trackers", type=int, default=3, help="trackers (3; one is killed)")
+    parser.add_argument("--origin-peers", type=int, default=6,
+                        help="pull-through peers of the origin phase (6)")
     parser.add_argument("--keep", action="store_true", help="leave the swarm running for debugging")
     parser.add_argument("--timeout", type=float, default=480,
                         help="seconds from start-up until every peer must be complete (480)")
@@ -690,6 +861,8 @@ def main():
         parser.error("--peers must be at least 2")
     if args.trackers < 3:
         parser.error("--trackers must be at least 3: one is killed, one restarted")
+    if args.origin_peers < 2:
+        parser.error("--origin-peers must be at least 2")
 
     signal.signal(signal.SIGTERM, interrupt)  # clean up as on Ctrl-C
     os.makedirs(os.path.join(ROOT, "target"), exist_ok=True)
@@ -713,10 +886,15 @@ def main():
                 if name in test.swarm.containers:
                     print(f"\n---- last log lines of {name} ----")
                     print(test.swarm.logs(test.swarm[name]))
+            for c in test.origin_phase.containers[:3] if test.origin_phase else []:
+                print(f"\n---- last log lines of {c.name} ----")
+                print(test.swarm.logs(c))
         test.summary(ok, error)
         if args.keep:
             print(f"kept: project {test.project}, seed files in {workdir}\n"
-                  f"remove with: {args.compose} -p {test.project} -f compose.yaml down -v; "
+                  f"remove with: docker rm -f -v $(docker ps -aq --filter label={EXTRA_LABEL}={test.project}); "
+                  f"docker network rm {test.project}-origin; "
+                  f"{args.compose} -p {test.project} -f compose.yaml down -v; "
                   f"rm -rf {workdir}")
         else:
             if test.swarm:
