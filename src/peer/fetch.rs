@@ -82,6 +82,9 @@ pub async fn fetch(req: &FetchRequest<'_>, stop: &CancellationToken) -> Result<u
 /// Where the agent is: host, port and path prefix of its base URL.
 struct Agent {
     url: String,
+    /// `host:port` as written, for the Host header (an IPv6 address keeps its brackets).
+    authority: String,
+    /// The host to dial, without brackets.
     host: String,
     port: u16,
     prefix: String,
@@ -104,6 +107,7 @@ impl Agent {
         }
         Ok(Agent {
             url: url.trim_end_matches('/').to_string(),
+            authority: authority.as_str().to_string(),
             host: authority.host().trim_matches(['[', ']']).to_string(),
             port: authority.port_u16().unwrap_or(80),
             prefix: uri.path().trim_end_matches('/').to_string(),
@@ -168,10 +172,7 @@ async fn transfer(agent: &Agent, req: &FetchRequest<'_>, temp: &Path) -> Result<
     tokio::spawn(conn);
     let path = agent.file_path(req.name, req.digest);
     let request = Request::get(&path)
-        .header(
-            hyper::header::HOST,
-            format!("{}:{}", agent.host, agent.port),
-        )
+        .header(hyper::header::HOST, &agent.authority)
         .header(
             hyper::header::USER_AGENT,
             concat!("shoal-peer/", env!("CARGO_PKG_VERSION")),
@@ -300,6 +301,7 @@ mod tests {
             (a.host.as_str(), a.port, a.prefix.as_str()),
             ("::1", 80, "/node")
         );
+        assert_eq!(a.authority, "[::1]");
         assert_eq!(a.file_path("m/a b.bin", None), "/node/v1/files/m/a%20b.bin");
         for bad in [
             "127.0.0.1:7480",
