@@ -841,8 +841,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--peers", type=int, default=10, help="peers besides the two seeders (10)")
     parser.add_argument("--trackers", type=int, default=3, help="trackers (3; one is killed)")
-    parser.add_argument("--origin-peers", type=int, default=6,
-                        help="pull-through peers of the origin phase (6)")
+    parser.add_argument("--origin-peers", type=int, default=8,
+                        help="pull-through peers of the origin phase (8)")
     parser.add_argument("--keep", action="store_true", help="leave the swarm running for debugging")
     parser.add_argument("--timeout", type=float, default=480,
                         help="seconds from start-up until every peer must be complete (480)")
