@@ -46,17 +46,6 @@ fn capped(name: &str, size: usize, seed: u64, limit: &str) -> Capped {
     }
 }
 
-/// The digest `shoal-peer files --json` lists for `name`.
-fn listed_digest(tracker: SocketAddr, name: &str) -> String {
-    let out = std::process::Command::new(PEER)
-        .args(["files", "--json", "--tracker", &tracker.to_string()])
-        .output()
-        .unwrap();
-    let files: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
-    let entry = files.iter().find(|f| f["name"] == name).expect("listed");
-    entry["digest"].as_str().unwrap().to_string()
-}
-
 /// This node's entry for `name` in `GET /v1/files`.
 fn node_state(api: SocketAddr, name: &str) -> Value {
     let reply = http(api, "GET", "/v1/files", &[]);

@@ -1,10 +1,12 @@
-//! `shoal-peer fetch`, the node agent's client: the file appears under its name only when every
-//! announced byte arrived, and each failure has its exit code. A scripted fake agent plays the
-//! faults a real one cannot be made to commit on demand (a short body, no Content-Length).
+//! `shoal-peer fetch`, the node agent's client: against a real agent it lands the file the agent
+//! is still downloading, pins versions and fails cleanly when the download dies; the file appears
+//! under its name only when every announced byte arrived, and each failure has its exit code. A
+//! scripted fake agent plays the faults a real one does not commit (a body that ends short
+//! without an error, no Content-Length).
 
 mod common;
 
-use common::PEER;
+use common::*;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
@@ -186,4 +188,111 @@ fn usage_errors_exit_2_and_an_absent_agent_exits_3() {
         );
     }
     assert!(entries(dir.path()).is_empty());
+}
+
+const MIB: usize = 1 << 20;
+
+/// A tracker, a seeder of `name` capped at `limit` bytes/s, and an agent with its API on; the
+/// agent's data dir is `dir/a`.
+fn swarm_with_agent(
+    name: &str,
+    size: usize,
+    limit: &str,
+) -> (Proc, Proc, Proc, tempfile::TempDir, std::path::PathBuf) {
+    let (tracker, seeder, dir, original) = seeded(name, size, 41, &[("SHOAL_UPLOAD_LIMIT", limit)]);
+    let agent = daemon(
+        tracker.addr,
+        &dir.path().join("a"),
+        "agent",
+        &[("SHOAL_API_ADDR", "127.0.0.1:0")],
+    );
+    (tracker, seeder, agent, dir, original)
+}
+
+#[test]
+fn fetch_through_a_real_agent_lands_the_pinned_file_it_is_still_downloading() {
+    let (tracker, _seeder, agent, dir, original) = swarm_with_agent("m.bin", 3 * MIB, "2MiB");
+    let digest = listed_digest(tracker.addr, "m.bin");
+    let out_dir = tempfile::tempdir().unwrap();
+    let output = out_dir.path().join("m.bin");
+
+    let out = fetch(
+        &format!("http://{}", agent.api.unwrap()),
+        "m.bin",
+        &output,
+        &["--digest", &digest],
+    );
+
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(same_bytes(&original, &output));
+    assert_eq!(entries(out_dir.path()), ["m.bin"]);
+    // The agent kept its own copy for the node's next reader and for the swarm.
+    assert_lands(&original, &dir.path().join("a/m.bin"), &agent);
+}
+
+#[test]
+fn fetch_of_a_name_the_swarm_lacks_exits_4_at_once() {
+    let (_tracker, _seeder, agent, _dir, _original) = swarm_with_agent("m.bin", 64 * 1024, "0");
+    let out_dir = tempfile::tempdir().unwrap();
+
+    let out = fetch(
+        &format!("http://{}", agent.api.unwrap()),
+        "nope.bin",
+        &out_dir.path().join("nope.bin"),
+        &[],
+    );
+
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(entries(out_dir.path()).is_empty());
+}
+
+#[test]
+fn fetch_fails_and_leaves_nothing_when_the_agents_download_dies() {
+    let (_tracker, mut seeder, agent, _dir, _original) =
+        swarm_with_agent("gone.bin", 16 * MIB, "2MiB");
+    let out_dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(PEER)
+        .args(["fetch", "gone.bin", "--agent"])
+        .arg(format!("http://{}", agent.api.unwrap()))
+        .arg("--output")
+        .arg(out_dir.path().join("gone.bin"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Bytes are arriving in the hidden temp file beside the output.
+    let temp_grows = || {
+        std::fs::read_dir(out_dir.path()).unwrap().any(|e| {
+            let e = e.unwrap();
+            e.file_name().to_string_lossy().ends_with(".shoal-fetch")
+                && e.metadata().unwrap().len() >= MIB as u64
+        })
+    };
+    assert!(wait_until(Duration::from_secs(30), temp_grows));
+
+    seeder.kill9();
+
+    let mut status = None;
+    assert!(wait_until(Duration::from_secs(60), || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    }));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.unwrap().code(), Some(1), "{stderr}");
+    assert!(stderr.contains("of 16777216 bytes"), "{stderr}");
+    assert!(
+        entries(out_dir.path()).is_empty(),
+        "{:?}",
+        entries(out_dir.path())
+    );
 }

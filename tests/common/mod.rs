@@ -420,6 +420,17 @@ pub fn get_with(
         .unwrap()
 }
 
+/// The digest `shoal-peer files --json` lists for `name`.
+pub fn listed_digest(tracker: SocketAddr, name: &str) -> String {
+    let out = Command::new(PEER)
+        .args(["files", "--json", "--tracker", &tracker.to_string()])
+        .output()
+        .unwrap();
+    let files: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let entry = files.iter().find(|f| f["name"] == name).expect("listed");
+    entry["digest"].as_str().unwrap().to_string()
+}
+
 /// Writes `len` bytes of deterministic pseudo-random content (varying with `seed`).
 pub fn make_file(dir: &Path, name: &str, len: usize, seed: u64) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
