@@ -8,6 +8,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper::{Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
@@ -124,18 +125,17 @@ impl Agent {
     }
 }
 
-/// Percent-encodes everything in `name` but unreserved characters and the `/` between
-/// components (RFC 3986), so any valid name survives the request line.
+/// What a name keeps unencoded in the request path: RFC 3986's unreserved characters and the
+/// `/` between components; the API decodes the rest.
+const PATH_KEEPS: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b'/');
+
 fn encode_path(name: &str) -> String {
-    let mut out = String::with_capacity(name.len());
-    for b in name.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
-            out.push(b as char);
-        } else {
-            out += &format!("%{b:02X}");
-        }
-    }
-    out
+    utf8_percent_encode(name, PATH_KEEPS).to_string()
 }
 
 /// The hidden file beside `output` that receives the bytes until they are complete.
