@@ -46,7 +46,7 @@ COUNTERS_AND_GAUGES = {
     "shoal_peer_active_transfers", "shoal_peer_duplicate_chunks_total",
     "shoal_peer_holders_dropped_total", "shoal_peer_holders_banned_total",
     "shoal_peer_chunk_requests_refused_total", "shoal_build_info",
-    "shoal_api_requests_total", "shoal_api_bytes_sent_total",
+    "shoal_api_requests_total", "shoal_api_bytes_sent_total", "shoal_api_streams",
     "shoal_peer_origin_bytes_total", "shoal_peer_origin_requests_total",
     "shoal_peer_origin_errors_total", "shoal_tracker_origin_files", "shoal_tracker_origin_claims",
 }
