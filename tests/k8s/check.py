@@ -744,11 +744,21 @@ def check_node_agent(report, docs, base_docs, out_dir, kv, version):
     for data in configmaps_by_ns.get(AGENT_NAMESPACE, {}).values():
         settings.update(data)
     tracker = f"shoal-tracker.{NAMESPACE}.svc:7400"
-    report.check(f"node-agent: the agents' ConfigMap points at the tracker {tracker} and wants "
-                 "nothing unasked",
-                 [] if settings.get("SHOAL_TRACKER") == tracker and settings.get("SHOAL_WANT") == ""
-                 else [f"SHOAL_TRACKER={settings.get('SHOAL_TRACKER')!r}, "
-                       f"SHOAL_WANT={settings.get('SHOAL_WANT')!r}"])
+    problems = []
+    if settings.get("SHOAL_TRACKER") != tracker:
+        problems.append(f"SHOAL_TRACKER is {settings.get('SHOAL_TRACKER')!r}, want {tracker}")
+    if settings.get("SHOAL_WANT") != "":
+        problems.append(f"SHOAL_WANT is {settings.get('SHOAL_WANT')!r}: agents fetch what they "
+                        "are asked for")
+    swarm = {}
+    for data in configmaps_by_ns.get(NAMESPACE, {}).values():
+        swarm.update(data)
+    if settings.get("SHOAL_TRACKER_REPLICAS") != swarm.get("SHOAL_TRACKER_REPLICAS"):
+        problems.append(f"SHOAL_TRACKER_REPLICAS is {settings.get('SHOAL_TRACKER_REPLICAS')!r}, "
+                        f"the rest of the swarm uses {swarm.get('SHOAL_TRACKER_REPLICAS')!r}: "
+                        "peers would disagree on which trackers own a file")
+    report.check(f"node-agent: the agents' ConfigMap points at the trackers ({tracker}) with the "
+                 "swarm's owner count, and wants nothing unasked", problems)
     check_agent_service(report, service, ds)
     api_namespaces = check_agent_network_policy(report, policy, ds, {NAMESPACE, AGENT_NAMESPACE})
     check_example_reader(report, job, service, api_namespaces)
