@@ -1,4 +1,4 @@
-//! `shoal-tracker [PORT]`: the swarm's index; `shoal-tracker health|completions|man`. Settings
+//! `shoal-tracker [PORT]`: the swarm's index; `shoal-tracker health|gen-certs|completions|man`. Settings
 //! come from defaults, a settings file, `SHOAL_*` variables and the flags below, in rising
 //! precedence.
 
@@ -47,6 +47,15 @@ enum Command {
         #[arg(long, value_name = "IP:PORT")]
         metrics_addr: Option<String>,
     },
+    /// Write a throwaway CA (DIR/ca.pem) and certificates it signs, for a demo of TLS:
+    /// `gen-certs certs tracker=localhost,127.0.0.1 peer1=shoal-peer,peer1`.
+    GenCerts {
+        /// Directory to write into (created if missing).
+        dir: std::path::PathBuf,
+        /// STEM=NAME[,NAME...]: writes STEM.pem and STEM.key for those DNS names or ips.
+        #[arg(required = true, value_name = "STEM=NAMES")]
+        certs: Vec<String>,
+    },
     #[command(flatten)]
     Manual(Manual),
 }
@@ -79,6 +88,15 @@ fn main() -> ExitCode {
             Err(e) => {
                 eprintln!("shoal-tracker: cannot write to stdout: {e}");
                 ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(Command::GenCerts { dir, certs }) = &cli.command {
+        return match shoal::tls::certs::generate(dir, certs) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("shoal-tracker: {e:#}");
+                ExitCode::from(USAGE)
             }
         };
     }

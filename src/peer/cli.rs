@@ -294,18 +294,30 @@ fn print_json<T: Serialize>(value: &T) {
     println!("{}", serde_json::to_string(value).expect("serialisable"));
 }
 
-/// The trackers of a command that only asks them: the set as resolved now.
-async fn one_shot_trackers(cfg: &PeerConfig) -> Trackers {
-    let trackers = Trackers::new(cfg, &PeerMetrics::default(), &CancellationToken::new());
+/// The trackers of a command that only asks them: the set as resolved now, dialled in TLS when
+/// the settings say so.
+async fn one_shot_trackers(cfg: &PeerConfig) -> Result<Trackers, ExitCode> {
+    let tls = match cfg.tls.load() {
+        Ok(tls) => tls,
+        Err(e) => {
+            eprintln!("shoal-peer: {e:#}");
+            return Err(ExitCode::from(exit::USAGE));
+        }
+    };
+    let trackers = Trackers::new(cfg, &PeerMetrics::default(), &CancellationToken::new(), tls);
     trackers.refresh().await;
-    trackers
+    Ok(trackers)
 }
 
 /// `shoal-peer files [--json] [--all-versions]`: the JSON form is the message 2 entries
 /// (`name`, `size`, `chunk_size`, `digest`, `chunks`, `peers`, `seeders`, `published`,
 /// `latest`).
 pub async fn files(cfg: PeerConfig, output: Output, all_versions: bool) -> ExitCode {
-    match one_shot_trackers(&cfg).await.file_list(all_versions).await {
+    let trackers = match one_shot_trackers(&cfg).await {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
+    match trackers.file_list(all_versions).await {
         Ok(l) if output == Output::Json => {
             print_json(&l.files);
             ExitCode::SUCCESS
@@ -365,11 +377,11 @@ pub async fn locate_cmd(
     digest: Option<Hash>,
     output: Output,
 ) -> ExitCode {
-    match one_shot_trackers(&cfg)
-        .await
-        .locations(name, digest, false)
-        .await
-    {
+    let trackers = match one_shot_trackers(&cfg).await {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
+    match trackers.locations(name, digest, false).await {
         Ok(l) if output == Output::Json => {
             print_json(&locations_json(&l));
             ExitCode::SUCCESS

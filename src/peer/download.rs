@@ -30,7 +30,6 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use tokio::net::TcpStream;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::Instrument;
@@ -884,23 +883,19 @@ impl Job {
         landings: &mut VecDeque<Landing>,
     ) -> Result<(), Fault> {
         let cfg = &self.peer.cfg;
-        let stream = match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(addr)).await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(Fault::Failed(format!("cannot connect: {e}"))),
-            Err(_) => {
-                return Err(Fault::Failed(format!(
-                    "no connection within {:?}",
-                    cfg.connect_timeout
-                )))
-            }
-        };
         let limits = Limits {
             max_frame: MAX_HEADER_BYTES,
             idle_timeout: cfg.chunk_timeout,
             frame_timeout: cfg.chunk_timeout,
         };
-        let mut conn = Connection::new(stream, limits);
+        let socket: std::net::SocketAddr = addr
+            .parse()
+            .map_err(|_| Fault::Failed(format!("{addr:?} is not ip:port")))?;
+        let tls = self.peer.tls.as_deref();
+        let mut conn =
+            crate::tls::connect(tls, socket, &cfg.tls_peer_name, limits, cfg.connect_timeout)
+                .await
+                .map_err(Fault::Failed)?;
         let failed = |e: std::io::Error| Fault::Failed(format!("send failed: {e}"));
         loop {
             while queue.len() < cfg.pipeline_depth {

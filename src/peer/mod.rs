@@ -49,6 +49,8 @@ pub struct Peer {
     /// Chunks sent at once; further requests wait their turn (first come, first served).
     pub upload_slots: tokio::sync::Semaphore,
     pub listen_addr: SocketAddr,
+    /// Set, the chunk server and every dial (tracker, holders) speak mutual TLS.
+    pub tls: Option<Arc<crate::tls::Tls>>,
     pub stop: CancellationToken,
     pub tasks: TaskTracker,
     /// Wakes the catalogue: a file was found changed on disk while being served.
@@ -102,7 +104,8 @@ impl Peer {
             .with_context(|| format!("cannot listen on {}", cfg.listen))?;
         let listen_addr = listener.local_addr()?;
         let metrics = PeerMetrics::default();
-        let trackers = Trackers::new(&cfg, &metrics, &stop);
+        let tls = cfg.tls.load()?;
+        let trackers = Trackers::new(&cfg, &metrics, &stop, tls.clone());
         trackers.refresh().await;
         let origin = match &cfg.origin {
             Some(url) => {
@@ -122,6 +125,7 @@ impl Peer {
             upload: RateLimiter::new(cfg.upload_limit),
             upload_slots: tokio::sync::Semaphore::new(cfg.upload_slots),
             listen_addr,
+            tls,
             stop,
             tasks: TaskTracker::new(),
             rescan: tokio::sync::Notify::new(),
@@ -137,6 +141,7 @@ impl Peer {
             metrics_addr = Some(http.local_addr()?);
             peer.tasks.spawn(serve_http(
                 http,
+                peer.tls.clone().filter(|_| peer.cfg.tls.metrics_tls),
                 peer.metrics.registry.clone(),
                 peer.ready.clone(),
                 peer.stop.clone(),

@@ -723,3 +723,50 @@ pub fn owners_of(trackers: &[Proc], name: &str, replicas: usize) -> Vec<usize> {
     order.truncate(replicas);
     order
 }
+
+/// Throwaway certificates for TLS tests and benchmarks, written into a temporary directory: a CA,
+/// a tracker certificate for 127.0.0.1, and peer certificates `p0`.. carrying `shoal-peer`.
+pub struct Certs {
+    pub dir: tempfile::TempDir,
+    pub ca: shoal::tls::certs::Authority,
+}
+
+impl Certs {
+    pub fn new(peers: usize) -> Certs {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = shoal::tls::certs::Authority::new("test CA").unwrap();
+        shoal::tls::certs::write(&dir.path().join("ca.pem"), ca.pem(), 0o644).unwrap();
+        let certs = Certs { dir, ca };
+        certs.issue("tracker", &["127.0.0.1", "localhost"]);
+        for i in 0..peers {
+            certs.issue(&format!("p{i}"), &["shoal-peer", &format!("p{i}")]);
+        }
+        certs
+    }
+
+    /// Issues (or replaces) `STEM.pem` and `STEM.key` for `names`.
+    pub fn issue(&self, stem: &str, names: &[&str]) -> shoal::tls::certs::Issued {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let issued = self.ca.issue(&names).unwrap();
+        issued.write(self.dir.path(), stem).unwrap();
+        issued
+    }
+
+    pub fn path(&self, file: &str) -> String {
+        self.dir.path().join(file).to_str().unwrap().to_string()
+    }
+
+    /// The `SHOAL_TLS_*` settings for the holder of `STEM.pem`.
+    pub fn env(&self, stem: &str) -> Vec<(&'static str, String)> {
+        vec![
+            ("SHOAL_TLS_CERT", self.path(&format!("{stem}.pem"))),
+            ("SHOAL_TLS_KEY", self.path(&format!("{stem}.key"))),
+            ("SHOAL_TLS_CA", self.path("ca.pem")),
+        ]
+    }
+}
+
+/// `pairs` as the `(&str, &str)` pairs the starters take.
+pub fn env_refs<'a>(pairs: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    pairs.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}

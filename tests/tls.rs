@@ -1,0 +1,289 @@
+//! TLS on every connection, with the real binaries: a swarm over mutual TLS, refusals in the
+//! handshake, a peer's certificate bound to its registration, rotation without a restart, mixed
+//! modes failing fast with a clear error, and metrics over TLS.
+
+mod common;
+
+use common::*;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// A blocking TLS client as any rustls program would make it: trusting `ca`, showing the
+/// certificate `stem` (if any) of `certs`' directory.
+fn tls_client(ca: &str, identity: Option<(&Certs, &str)>, addr: SocketAddr) -> TlsStream {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = match identity {
+        Some((certs, stem)) => {
+            let chain = CertificateDer::pem_file_iter(certs.path(&format!("{stem}.pem")))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+            let key = PrivateKeyDer::from_pem_file(certs.path(&format!("{stem}.key"))).unwrap();
+            builder.with_client_auth_cert(chain, key).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    rustls::StreamOwned::new(conn, tcp)
+}
+
+/// Sends one request line and reads one reply line; `Err` carries the I/O error (a refusal in
+/// the handshake shows up here, on the first read, in TLS 1.3).
+fn ask(stream: &mut TlsStream, line: &str) -> Result<Value, String> {
+    stream
+        .write_all(format!("{line}\n").as_bytes())
+        .and_then(|_| stream.flush())
+        .map_err(|e| e.to_string())?;
+    let mut reply = String::new();
+    let mut reader = BufReader::new(stream);
+    match reader.read_line(&mut reply) {
+        Ok(0) => Err("closed".into()),
+        Ok(_) => Ok(serde_json::from_str(&reply).unwrap()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn tls_tracker(certs: &Certs) -> Proc {
+    tracker(&env_refs(&certs.env("tracker")))
+}
+
+const LIST: &str = r#"{"v":1,"msg":2}"#;
+
+#[test]
+fn a_swarm_over_mutual_tls_lands_byte_identical_files() {
+    let certs = Certs::new(3);
+    let tracker = tls_tracker(&certs);
+    let dir = tempfile::tempdir().unwrap();
+    let original = make_file(&dir.path().join("s"), "model.bin", 3 << 20, 7);
+    let seeder = daemon(
+        tracker.addr,
+        &dir.path().join("s"),
+        "s",
+        &env_refs(&certs.env("p0")),
+    );
+    let mut leechers = Vec::new();
+    for i in 1..3 {
+        let mut env = certs.env(&format!("p{i}"));
+        env.push(("SHOAL_WANT", "model.bin".into()));
+        let d = dir.path().join(format!("l{i}"));
+        leechers.push((
+            daemon(tracker.addr, &d, &format!("l{i}"), &env_refs(&env)),
+            d,
+        ));
+    }
+    for (leecher, d) in &leechers {
+        assert_lands(&original, &d.join("model.bin"), leecher);
+    }
+    assert!(seeder.metric("shoal_peer_uploaded_chunks_total") > 0.0);
+    assert!(
+        !tracker.log_contains("TLS handshake refused"),
+        "{}",
+        tracker.log_text()
+    );
+}
+
+#[test]
+fn clients_without_a_certificate_or_with_one_from_another_ca_are_refused_in_the_handshake() {
+    let certs = Certs::new(1);
+    let tracker = tls_tracker(&certs);
+    let ca = certs.path("ca.pem");
+
+    let mut anonymous = tls_client(&ca, None, tracker.addr);
+    let refused = ask(&mut anonymous, LIST).unwrap_err();
+    assert!(refused.contains("CertificateRequired"), "{refused}");
+    assert!(wait_until(Duration::from_secs(5), || tracker
+        .log_contains("TLS handshake refused")
+        && tracker.log_contains("showed no certificate")));
+
+    let stranger = Certs::new(1);
+    let mut foreign = tls_client(&ca, Some((&stranger, "p0")), tracker.addr);
+    let refused = ask(&mut foreign, LIST).unwrap_err();
+    assert!(refused.contains("fatal alert"), "{refused}");
+    assert!(
+        wait_until(Duration::from_secs(5), || tracker
+            .log_contains("invalid peer certificate")),
+        "{}",
+        tracker.log_text()
+    );
+
+    // A peer with a foreign certificate logs the refusal too, saying what to fix.
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = stranger.env("p0");
+    env[2].1 = ca.clone();
+    let peer = daemon(tracker.addr, dir.path(), "stranger", &env_refs(&env));
+    assert!(
+        wait_until(Duration::from_secs(10), || peer
+            .log_contains("refused this side's certificate")),
+        "{}",
+        peer.log_text()
+    );
+
+    let mut member = tls_client(&ca, Some((&certs, "p0")), tracker.addr);
+    assert_eq!(ask(&mut member, LIST).unwrap()["ok"], true);
+}
+
+#[test]
+fn a_peers_certificate_cannot_leave_or_report_chunks_for_another_peer() {
+    let certs = Certs::new(2);
+    let tracker = tls_tracker(&certs);
+    let ca = certs.path("ca.pem");
+    let dir = tempfile::tempdir().unwrap();
+    let file = make_file(dir.path(), "f.bin", 200_000, 1);
+    let offer = offer_for(&file, 65536);
+    let register = serde_json::json!({
+        "v": 1, "msg": 1, "name": "p0", "addr": "127.0.0.1:9", "files": [offer],
+    });
+    let mut p0 = tls_client(&ca, Some((&certs, "p0")), tracker.addr);
+    let registered = ask(&mut p0, &register.to_string()).unwrap();
+    assert_eq!(registered["ok"], true, "{registered}");
+    let (id, token) = (&registered["peer_id"], &registered["token"]);
+    let digest = &offer["digest"];
+
+    // p1 holds p0's token, yet its certificate is not p0's.
+    let mut p1 = tls_client(&ca, Some((&certs, "p1")), tracker.addr);
+    let report = serde_json::json!({
+        "v": 1, "msg": 4, "peer_id": id, "token": token, "file": "f.bin", "digest": digest,
+        "chunks": [0],
+    });
+    let leave = serde_json::json!({"v": 1, "msg": 6, "peer_id": id, "token": token});
+    for request in [&report, &leave] {
+        let refused = ask(&mut p1, &request.to_string()).unwrap();
+        assert_eq!(refused["error"], "forbidden", "{refused}");
+        let why = refused["message"].as_str().unwrap();
+        assert!(why.contains("certificate"), "{why}");
+    }
+    assert_eq!(holder_count_tls(&ca, &certs, tracker.addr), 1);
+
+    assert_eq!(ask(&mut p0, &report.to_string()).unwrap()["ok"], true);
+    assert_eq!(ask(&mut p0, &leave.to_string()).unwrap()["ok"], true);
+    assert_eq!(holder_count_tls(&ca, &certs, tracker.addr), 0);
+}
+
+fn holder_count_tls(ca: &str, certs: &Certs, tracker: SocketAddr) -> u64 {
+    let mut c = tls_client(ca, Some((certs, "p1")), tracker);
+    let reply = ask(&mut c, r#"{"v":1,"msg":3,"file":"f.bin"}"#).unwrap();
+    reply["total_peers"].as_u64().unwrap_or(0)
+}
+
+/// The leaf certificate a new TLS connection to `addr` is shown.
+fn presented(ca: &str, certs: &Certs, addr: SocketAddr) -> Vec<u8> {
+    let mut c = tls_client(ca, Some((certs, "p0")), addr);
+    ask(&mut c, LIST).unwrap();
+    let chain = c.conn.peer_certificates().unwrap();
+    chain[0].as_ref().to_vec()
+}
+
+#[test]
+fn rotated_certificate_files_are_shown_to_new_connections_without_a_restart() {
+    let certs = Certs::new(1);
+    let tracker = tls_tracker(&certs);
+    let ca = certs.path("ca.pem");
+    let first = std::fs::read(certs.path("tracker.pem")).unwrap();
+    let first = CertificateDer::from_pem_slice(&first).unwrap();
+    assert_eq!(presented(&ca, &certs, tracker.addr), first.as_ref());
+
+    let mut open = tls_client(&ca, Some((&certs, "p0")), tracker.addr);
+    ask(&mut open, LIST).unwrap();
+    let second = certs.issue("tracker", &["127.0.0.1"]);
+    let second = CertificateDer::from_pem_slice(second.cert.as_bytes()).unwrap();
+    assert_ne!(first, second);
+    assert!(
+        wait_until(Duration::from_secs(10), || presented(
+            &ca,
+            &certs,
+            tracker.addr
+        ) == second.as_ref()),
+        "the new certificate was never shown; log:\n{}",
+        tracker.log_text()
+    );
+    let serial = |der: &CertificateDer| {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
+        cert.raw_serial().to_vec()
+    };
+    assert_ne!(serial(&first), serial(&second));
+    // A connection opened before the rotation carries on.
+    assert_eq!(ask(&mut open, LIST).unwrap()["ok"], true);
+    assert!(tracker.log_contains("TLS files changed on disk"));
+}
+
+#[test]
+fn a_tls_client_of_a_clear_listener_fails_at_once_with_a_clear_error() {
+    let certs = Certs::new(1);
+    let clear = tracker(&[]);
+    let mut c = tls_client(&certs.path("ca.pem"), Some((&certs, "p0")), clear.addr);
+    let failed = ask(&mut c, LIST).unwrap_err();
+    assert!(failed.contains("ProtocolVersion"), "{failed}");
+    assert!(wait_until(Duration::from_secs(5), || clear.log_contains(
+        "a TLS client connected to this clear-text listener"
+    )));
+
+    // The peer's one-shot query says what is wrong instead of waiting for a timeout.
+    let out = Command::new(PEER)
+        .args(["files", "--tracker", &clear.addr.to_string()])
+        .envs(env_refs(&certs.env("p0")))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("clear text"), "{err}");
+}
+
+#[test]
+fn a_clear_client_of_a_tls_listener_is_told_to_use_tls() {
+    let certs = Certs::new(1);
+    let tracker = tls_tracker(&certs);
+    let reply = Raw::connect(tracker.addr).ask(LIST);
+    assert_eq!(reply["error"], "bad_request", "{reply}");
+    assert!(
+        reply["message"].as_str().unwrap().contains("speaks TLS"),
+        "{reply}"
+    );
+    assert!(wait_until(Duration::from_secs(5), || tracker.log_contains(
+        "a clear-text client connected to this TLS listener"
+    )));
+
+    let out = Command::new(PEER)
+        .args(["files", "--tracker", &tracker.addr.to_string()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("speaks TLS"), "{err}");
+}
+
+#[test]
+fn metrics_are_served_over_tls_when_switched_on() {
+    let certs = Certs::new(0);
+    let mut env = certs.env("tracker");
+    env.push(("SHOAL_METRICS_TLS", "1".into()));
+    let tracker = tracker(&env_refs(&env));
+    let mut c = tls_client(&certs.path("ca.pem"), None, tracker.metrics.unwrap());
+    c.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    let _ = c.read_to_string(&mut text);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.contains("shoal_tracker_requests_total") || text.contains("shoal_"),
+        "{text}"
+    );
+}
