@@ -1043,6 +1043,42 @@ mod tests {
     }
 
     #[test]
+    fn tls_settings_come_together_or_are_refused_with_what_is_missing() {
+        let on = load_from::<PeerConfig>(
+            env(&[
+                ("SHOAL_TLS_CERT", "c.pem"),
+                ("SHOAL_TLS_KEY", "k.pem"),
+                ("SHOAL_TLS_CA", "ca.pem"),
+                ("SHOAL_METRICS_TLS", "1"),
+            ]),
+            None,
+            &[],
+        )
+        .unwrap();
+        assert_eq!(on.tls.tls_ca, Some(PathBuf::from("ca.pem")));
+        assert!(on.tls.metrics_tls);
+        assert_eq!(on.tls_peer_name, "shoal-peer");
+        let err = peer_err(&[("SHOAL_TLS_CERT", "c.pem")]);
+        assert!(err.contains("SHOAL_TLS_KEY is not"), "{err}");
+        let err = peer_err(&[("SHOAL_TLS_CERT", "c.pem"), ("SHOAL_TLS_KEY", "k.pem")]);
+        assert!(err.contains("SHOAL_TLS_CA is not"), "{err}");
+        let err = tracker_err(&[("SHOAL_TLS_CA", "ca.pem")]);
+        assert!(err.contains("SHOAL_TLS_CERT is not"), "{err}");
+        let err = tracker_err(&[("SHOAL_METRICS_TLS", "yes")]);
+        assert!(err.contains("SHOAL_METRICS_TLS"), "{err}");
+        let err = tracker_err(&[("SHOAL_TLS_PEER_NAME", "x")]);
+        assert!(err.contains("setting of shoal-peer"), "{err}");
+        // Server-only TLS is the tracker's choice to make.
+        let tracker = load_from::<TrackerConfig>(
+            env(&[("SHOAL_TLS_CERT", "c.pem"), ("SHOAL_TLS_KEY", "k.pem")]),
+            None,
+            &[],
+        )
+        .unwrap();
+        assert!(tracker.tls.files().is_some_and(|f| f.ca.is_none()));
+    }
+
+    #[test]
     fn secrets_are_masked_in_an_object() {
         let c = TrackerConfig {
             secret: Some("hunter2".into()),

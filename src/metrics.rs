@@ -530,8 +530,12 @@ fn respond(
 
 /// GETs `path` from a metrics endpoint and returns the status code (for the `health` command and
 /// the container HEALTHCHECK, which have no curl in a scratch image). An unspecified listen ip
-/// (`0.0.0.0`) is probed on loopback.
-pub async fn probe(addr: SocketAddr, path: &str) -> anyhow::Result<u16> {
+/// (`0.0.0.0`) is probed on loopback. With `tls`, the endpoint is dialled in TLS.
+pub async fn probe(
+    addr: SocketAddr,
+    path: &str,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> anyhow::Result<u16> {
     let addr = if addr.ip().is_unspecified() {
         SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
     } else {
@@ -539,6 +543,10 @@ pub async fn probe(addr: SocketAddr, path: &str) -> anyhow::Result<u16> {
     };
     let work = async {
         let stream = tokio::net::TcpStream::connect(addr).await?;
+        let stream: Box<dyn crate::connection::Stream> = match tls {
+            Some(client) => Box::new(crate::tls::connect_http(client, stream).await?),
+            None => Box::new(stream),
+        };
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(conn);

@@ -110,7 +110,10 @@ fn main() -> ExitCode {
     };
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     if let Some(Command::Health { .. }) = cli.command {
-        return runtime.block_on(shoal::peer::cli::health(cfg.metrics_addr.as_deref()));
+        return runtime.block_on(shoal::peer::cli::health(
+            cfg.metrics_addr.as_deref(),
+            &cfg.tls,
+        ));
     }
     if let Err(e) = shoal::logging::init(&cfg.log, cfg.log_format) {
         eprintln!("shoal-tracker: {e:#}");

@@ -441,8 +441,9 @@ fn report_failure(name: &str, digest: Option<Hash>, e: &DownloadError) -> u8 {
     code_for(e)
 }
 
-/// `shoal-peer health` / `shoal-tracker health`: probes `/healthz` on the metrics address.
-pub async fn health(metrics_addr: Option<&str>) -> ExitCode {
+/// `shoal-peer health` / `shoal-tracker health`: probes `/healthz` on the metrics address, in
+/// TLS when `SHOAL_METRICS_TLS` is on (the endpoint must show this program's own certificate).
+pub async fn health(metrics_addr: Option<&str>, tls: &crate::config::TlsSettings) -> ExitCode {
     let Some(addr) = metrics_addr else {
         eprintln!("health: SHOAL_METRICS_ADDR is not set, so there is no endpoint to probe");
         return ExitCode::from(exit::USAGE);
@@ -451,7 +452,17 @@ pub async fn health(metrics_addr: Option<&str>) -> ExitCode {
         eprintln!("health: SHOAL_METRICS_ADDR {addr:?} is not ip:port");
         return ExitCode::from(exit::USAGE);
     };
-    match crate::metrics::probe(addr, "/healthz").await {
+    let client = match tls.tls_cert.as_deref().filter(|_| tls.metrics_tls) {
+        Some(cert) => match crate::tls::own_endpoint_client(cert) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("health: {e:#}");
+                return ExitCode::from(exit::USAGE);
+            }
+        },
+        None => None,
+    };
+    match crate::metrics::probe(addr, "/healthz", client).await {
         Ok(200) => ExitCode::SUCCESS,
         Ok(status) => {
             eprintln!("health: /healthz answered {status}");

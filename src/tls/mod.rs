@@ -4,6 +4,7 @@
 //! differ; and the identity a certificate proves. [`certs`] makes throwaway ones.
 
 pub mod certs;
+mod pinned;
 
 use crate::connection::{Connection, Ends, Limits, Stream};
 use crate::protocol::{encode_refusal, ErrorCode, Refusal};
@@ -181,6 +182,22 @@ fn build(files: &TlsFiles) -> anyhow::Result<Loaded> {
         http: Arc::new(http),
         client,
     })
+}
+
+/// A client for this program's own TLS endpoint (the health probe): it trusts exactly the
+/// certificate now in `cert`.
+pub fn own_endpoint_client(cert: &Path) -> anyhow::Result<Arc<ClientConfig>> {
+    let leaf = read_certs(cert)?.swap_remove(0);
+    Ok(pinned::client(leaf))
+}
+
+/// Dials an HTTP endpoint in TLS with `client` (see [`own_endpoint_client`]).
+pub async fn connect_http(client: Arc<ClientConfig>, stream: TcpStream) -> io::Result<impl Stream> {
+    let name = ServerName::try_from("localhost").expect("a valid DNS name");
+    TlsConnector::from(client)
+        .connect(name, stream)
+        .await
+        .map_err(clarify)
 }
 
 fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {

@@ -1297,6 +1297,44 @@ mod tests {
     }
 
     #[test]
+    fn a_registration_is_bound_to_the_certificate_it_came_with() {
+        let s = state();
+        let req = Register {
+            name: "p0".into(),
+            addr: "0.0.0.0:1".into(),
+            secret: None,
+            peer_id: None,
+            token: None,
+            files: vec![offer("a", 1, 4)],
+        };
+        let ip = "10.1.2.3".parse().unwrap();
+        let r = s
+            .register(req, ip, Some("p0,shoal-peer"), Instant::now())
+            .unwrap();
+        let auth = PeerAuth {
+            peer_id: r.peer_id,
+            token: r.token.clone(),
+        };
+        let now = Instant::now();
+        for other in [Some("p1,shoal-peer"), None] {
+            let refused = s.announce(&auth, other, now).unwrap_err();
+            assert_eq!(refused.code, ErrorCode::Forbidden);
+            assert!(
+                refused.message.contains("certificate"),
+                "{}",
+                refused.message
+            );
+            assert_eq!(
+                s.leave(&auth, other).unwrap_err().code,
+                ErrorCode::Forbidden
+            );
+        }
+        s.announce(&auth, Some("p0,shoal-peer"), now).unwrap();
+        s.leave(&auth, Some("p0,shoal-peer")).unwrap();
+        assert_eq!(s.sizes(), Sizes { peers: 0, files: 0 });
+    }
+
+    #[test]
     fn silent_peers_expire_and_announcing_ones_stay() {
         let s = state();
         let quiet = register(&s, "quiet", 1, vec![offer("a", 1, 4)]);
