@@ -6,61 +6,11 @@ mod common;
 
 use common::*;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use serde_json::Value;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use rustls::pki_types::CertificateDer;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Duration;
-
-type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
-
-/// A blocking TLS client as any rustls program would make it: trusting `ca`, showing the
-/// certificate `stem` (if any) of `certs`' directory.
-fn tls_client(ca: &str, identity: Option<(&Certs, &str)>, addr: SocketAddr) -> TlsStream {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots);
-    let config = match identity {
-        Some((certs, stem)) => {
-            let chain = CertificateDer::pem_file_iter(certs.path(&format!("{stem}.pem")))
-                .unwrap()
-                .map(Result::unwrap)
-                .collect();
-            let key = PrivateKeyDer::from_pem_file(certs.path(&format!("{stem}.key"))).unwrap();
-            builder.with_client_auth_cert(chain, key).unwrap()
-        }
-        None => builder.with_no_client_auth(),
-    };
-    let name = ServerName::try_from("127.0.0.1").unwrap();
-    let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
-    let tcp = TcpStream::connect(addr).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    rustls::StreamOwned::new(conn, tcp)
-}
-
-/// Sends one request line and reads one reply line; `Err` carries the I/O error (a refusal in
-/// the handshake shows up here, on the first read, in TLS 1.3).
-fn ask(stream: &mut TlsStream, line: &str) -> Result<Value, String> {
-    stream
-        .write_all(format!("{line}\n").as_bytes())
-        .and_then(|_| stream.flush())
-        .map_err(|e| e.to_string())?;
-    let mut reply = String::new();
-    let mut reader = BufReader::new(stream);
-    match reader.read_line(&mut reply) {
-        Ok(0) => Err("closed".into()),
-        Ok(_) => Ok(serde_json::from_str(&reply).unwrap()),
-        Err(e) => Err(e.to_string()),
-    }
-}
 
 fn tls_tracker(certs: &Certs) -> Proc {
     tracker(&env_refs(&certs.env("tracker")))
@@ -108,7 +58,7 @@ fn clients_without_a_certificate_or_with_one_from_another_ca_are_refused_in_the_
     let ca = certs.path("ca.pem");
 
     let mut anonymous = tls_client(&ca, None, tracker.addr);
-    let refused = ask(&mut anonymous, LIST).unwrap_err();
+    let refused = tls_ask(&mut anonymous, LIST).unwrap_err();
     assert!(refused.contains("CertificateRequired"), "{refused}");
     assert!(wait_until(Duration::from_secs(5), || tracker
         .log_contains("TLS handshake refused")
@@ -116,7 +66,7 @@ fn clients_without_a_certificate_or_with_one_from_another_ca_are_refused_in_the_
 
     let stranger = Certs::new(1);
     let mut foreign = tls_client(&ca, Some((&stranger, "p0")), tracker.addr);
-    let refused = ask(&mut foreign, LIST).unwrap_err();
+    let refused = tls_ask(&mut foreign, LIST).unwrap_err();
     assert!(refused.contains("fatal alert"), "{refused}");
     assert!(
         wait_until(Duration::from_secs(5), || tracker
@@ -138,7 +88,7 @@ fn clients_without_a_certificate_or_with_one_from_another_ca_are_refused_in_the_
     );
 
     let mut member = tls_client(&ca, Some((&certs, "p0")), tracker.addr);
-    assert_eq!(ask(&mut member, LIST).unwrap()["ok"], true);
+    assert_eq!(tls_ask(&mut member, LIST).unwrap()["ok"], true);
 }
 
 #[test]
@@ -153,7 +103,7 @@ fn a_peers_certificate_cannot_leave_or_report_chunks_for_another_peer() {
         "v": 1, "msg": 1, "name": "p0", "addr": "127.0.0.1:9", "files": [offer],
     });
     let mut p0 = tls_client(&ca, Some((&certs, "p0")), tracker.addr);
-    let registered = ask(&mut p0, &register.to_string()).unwrap();
+    let registered = tls_ask(&mut p0, &register.to_string()).unwrap();
     assert_eq!(registered["ok"], true, "{registered}");
     let (id, token) = (&registered["peer_id"], &registered["token"]);
     let digest = &offer["digest"];
@@ -166,28 +116,22 @@ fn a_peers_certificate_cannot_leave_or_report_chunks_for_another_peer() {
     });
     let leave = serde_json::json!({"v": 1, "msg": 6, "peer_id": id, "token": token});
     for request in [&report, &leave] {
-        let refused = ask(&mut p1, &request.to_string()).unwrap();
+        let refused = tls_ask(&mut p1, &request.to_string()).unwrap();
         assert_eq!(refused["error"], "forbidden", "{refused}");
         let why = refused["message"].as_str().unwrap();
         assert!(why.contains("certificate"), "{why}");
     }
-    assert_eq!(holder_count_tls(&ca, &certs, tracker.addr), 1);
+    assert_eq!(holder_count_in(tracker.addr, "f.bin", Some(&certs)), 1);
 
-    assert_eq!(ask(&mut p0, &report.to_string()).unwrap()["ok"], true);
-    assert_eq!(ask(&mut p0, &leave.to_string()).unwrap()["ok"], true);
-    assert_eq!(holder_count_tls(&ca, &certs, tracker.addr), 0);
-}
-
-fn holder_count_tls(ca: &str, certs: &Certs, tracker: SocketAddr) -> u64 {
-    let mut c = tls_client(ca, Some((certs, "p1")), tracker);
-    let reply = ask(&mut c, r#"{"v":1,"msg":3,"file":"f.bin"}"#).unwrap();
-    reply["total_peers"].as_u64().unwrap_or(0)
+    assert_eq!(tls_ask(&mut p0, &report.to_string()).unwrap()["ok"], true);
+    assert_eq!(tls_ask(&mut p0, &leave.to_string()).unwrap()["ok"], true);
+    assert_eq!(holder_count_in(tracker.addr, "f.bin", Some(&certs)), 0);
 }
 
 /// The leaf certificate a new TLS connection to `addr` is shown.
 fn presented(ca: &str, certs: &Certs, addr: SocketAddr) -> Vec<u8> {
     let mut c = tls_client(ca, Some((certs, "p0")), addr);
-    ask(&mut c, LIST).unwrap();
+    tls_ask(&mut c, LIST).unwrap();
     let chain = c.conn.peer_certificates().unwrap();
     chain[0].as_ref().to_vec()
 }
@@ -202,7 +146,7 @@ fn rotated_certificate_files_are_shown_to_new_connections_without_a_restart() {
     assert_eq!(presented(&ca, &certs, tracker.addr), first.as_ref());
 
     let mut open = tls_client(&ca, Some((&certs, "p0")), tracker.addr);
-    ask(&mut open, LIST).unwrap();
+    tls_ask(&mut open, LIST).unwrap();
     let second = certs.issue("tracker", &["127.0.0.1"]);
     let second = CertificateDer::from_pem_slice(second.cert.as_bytes()).unwrap();
     assert_ne!(first, second);
@@ -221,7 +165,7 @@ fn rotated_certificate_files_are_shown_to_new_connections_without_a_restart() {
     };
     assert_ne!(serial(&first), serial(&second));
     // A connection opened before the rotation carries on.
-    assert_eq!(ask(&mut open, LIST).unwrap()["ok"], true);
+    assert_eq!(tls_ask(&mut open, LIST).unwrap()["ok"], true);
     assert!(tracker.log_contains("TLS files changed on disk"));
 }
 
@@ -230,7 +174,7 @@ fn a_tls_client_of_a_clear_listener_fails_at_once_with_a_clear_error() {
     let certs = Certs::new(1);
     let clear = tracker(&[]);
     let mut c = tls_client(&certs.path("ca.pem"), Some((&certs, "p0")), clear.addr);
-    let failed = ask(&mut c, LIST).unwrap_err();
+    let failed = tls_ask(&mut c, LIST).unwrap_err();
     assert!(failed.contains("ProtocolVersion"), "{failed}");
     assert!(wait_until(Duration::from_secs(5), || clear.log_contains(
         "a TLS client connected to this clear-text listener"

@@ -64,7 +64,7 @@ pub fn throughput(scale: Scale) -> anyhow::Result<Outcome> {
 
 /// Pipelined single-chunk registers from `connections` peers, on a fresh tracker.
 fn chunk_registers(scale: Scale, connections: usize) -> anyhow::Result<Report> {
-    let tracker = start_tracker();
+    let tracker = start_tracker(None);
     let catalog = Arc::new(Catalog::new("thr", 10, 1024, MIB as u32));
     load::seed(tracker.addr, &catalog);
     let plan = Plan {
@@ -86,7 +86,7 @@ fn chunk_registers(scale: Scale, connections: usize) -> anyhow::Result<Report> {
 /// Locations queries on one file held by 1,000 peers, on a fresh tracker. Returns the run that
 /// made the holders and the run that asked.
 fn locations(scale: Scale) -> anyhow::Result<(Report, Report)> {
-    let tracker = start_tracker();
+    let tracker = start_tracker(None);
     let catalog = Arc::new(Catalog::new("hot", 1, 1024, MIB as u32));
     load::seed(tracker.addr, &catalog);
     let holders = Plan {
@@ -122,7 +122,7 @@ pub fn memory(scale: Scale) -> anyhow::Result<Outcome> {
     let peers_per_connection = scale.pick(10, 40);
     let connections = scale.pick(50, 250);
     load::require_open_files(connections);
-    let tracker = start_tracker();
+    let tracker = start_tracker(None);
     let started = memory_of(tracker.pid(), "VmRSS");
     let catalog = Arc::new(Catalog::new("mem", FILES, 1024, MIB as u32));
     let (before, after, report) =

@@ -5,6 +5,8 @@
 
 pub mod origin;
 
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -769,4 +771,66 @@ impl Certs {
 /// `pairs` as the `(&str, &str)` pairs the starters take.
 pub fn env_refs<'a>(pairs: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
     pairs.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+pub type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// A blocking TLS client as any rustls program would make it: trusting `ca`, showing the
+/// certificate `stem` (if any) of `certs`' directory.
+pub fn tls_client(ca: &str, identity: Option<(&Certs, &str)>, addr: SocketAddr) -> TlsStream {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = match identity {
+        Some((certs, stem)) => {
+            let chain = CertificateDer::pem_file_iter(certs.path(&format!("{stem}.pem")))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+            let key = PrivateKeyDer::from_pem_file(certs.path(&format!("{stem}.key"))).unwrap();
+            builder.with_client_auth_cert(chain, key).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    rustls::StreamOwned::new(conn, tcp)
+}
+
+/// Sends one request line and reads one reply line; `Err` carries the I/O error (a refusal in
+/// the handshake shows up here, on the first read, in TLS 1.3).
+pub fn tls_ask(stream: &mut TlsStream, line: &str) -> Result<Value, String> {
+    stream
+        .write_all(format!("{line}\n").as_bytes())
+        .and_then(|_| stream.flush())
+        .map_err(|e| e.to_string())?;
+    let mut reply = String::new();
+    let mut reader = BufReader::new(stream);
+    match reader.read_line(&mut reply) {
+        Ok(0) => Err("closed".into()),
+        Ok(_) => Ok(serde_json::from_str(&reply).unwrap()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Holders of `file` the tracker currently lists, asked in the tracker's mode: clear text, or TLS
+/// with certificate `p0` of `certs`.
+pub fn holder_count_in(tracker: SocketAddr, file: &str, certs: Option<&Certs>) -> u64 {
+    let Some(certs) = certs else {
+        return holder_count(tracker, file);
+    };
+    let mut client = tls_client(&certs.path("ca.pem"), Some((certs, "p0")), tracker);
+    let reply = tls_ask(
+        &mut client,
+        &format!(r#"{{"v":1,"msg":3,"file":"{file}"}}"#),
+    );
+    reply.map_or(0, |r| r["total_peers"].as_u64().unwrap_or(0))
 }
