@@ -87,7 +87,9 @@ pub async fn run(peer: Arc<Peer>, listener: TcpListener) {
             );
             let tls = peer.tls.clone();
             peer.tasks.spawn(async move {
-                let Ok(mut conn) = crate::tls::accept(tls.as_deref(), stream, limits).await else {
+                let Some(mut conn) =
+                    crate::tls::accept_to_refuse(tls.as_deref(), stream, limits).await
+                else {
                     return;
                 };
                 let _ = conn

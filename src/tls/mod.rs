@@ -279,6 +279,20 @@ pub async fn accept(
     }
 }
 
+/// A connection to send one refusal on at once (`busy`), before the client has said anything:
+/// in clear text without waiting for its first byte; with TLS once the handshake is done (a TLS
+/// client speaks first).
+pub async fn accept_to_refuse(
+    tls: Option<&Tls>,
+    stream: TcpStream,
+    limits: Limits,
+) -> Option<Connection> {
+    match tls {
+        None => Connection::new(stream, limits).ok(),
+        Some(_) => accept(tls, stream, limits).await.ok(),
+    }
+}
+
 /// Answers a TLS client in words it understands: a TLS alert saying the protocol is wrong, after
 /// reading its hello so that closing does not reset the answer away.
 async fn refuse_tls_client(mut stream: TcpStream) {

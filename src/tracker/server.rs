@@ -220,7 +220,7 @@ impl Tracker {
 
 /// Load shedding: tell the client why (in its own mode), then close.
 async fn refuse_busy(tls: Option<Arc<Tls>>, stream: TcpStream, limits: Limits, max: usize) {
-    let Ok(mut conn) = crate::tls::accept(tls.as_deref(), stream, limits).await else {
+    let Some(mut conn) = crate::tls::accept_to_refuse(tls.as_deref(), stream, limits).await else {
         return;
     };
     let r = Refusal::new(
