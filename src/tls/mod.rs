@@ -41,14 +41,20 @@ pub struct TlsFiles {
 /// TLS settings in force, rebuilt from the files when one of them changes.
 pub struct Tls {
     files: TlsFiles,
-    /// A std mutex: held only to compare file stamps and clone `Arc`s, never across an await.
+    /// A std mutex, never held across an await: held to compare file stamps and clone `Arc`s,
+    /// and, after a change on disk (rare), while the files are read again, so that one
+    /// connection reads them and the others wait for the result rather than read them too.
     loaded: Mutex<Loaded>,
 }
 
+/// What a file looked like when read: modified time, length and inode (a rename into place, as
+/// a Kubernetes Secret update does, changes the inode even within one clock tick).
+type Stamp = Option<(std::time::SystemTime, u64, u64)>;
+
 #[derive(Clone)]
 struct Loaded {
-    /// What the files looked like when read: (modified, length, inode) of cert, key and CA.
-    stamps: Vec<Option<(std::time::SystemTime, u64, u64)>>,
+    /// The cert's, the key's and the CA's, when they were read.
+    stamps: Vec<Stamp>,
     /// For the protocol listeners: a client certificate is required when a CA is set.
     server: Arc<ServerConfig>,
     /// For HTTP endpoints (metrics): no client certificate asked for, so scrapers need none.
@@ -66,11 +72,6 @@ impl Tls {
             files,
             loaded: Mutex::new(loaded),
         }))
-    }
-
-    /// Whether clients must show a certificate chaining to the CA.
-    pub fn mutual(&self) -> bool {
-        self.files.ca.is_some()
     }
 
     /// The settings built from the files as they are now. A file that changed is read again
@@ -108,7 +109,7 @@ impl Tls {
     }
 }
 
-fn stamps(files: &TlsFiles) -> Vec<Option<(std::time::SystemTime, u64, u64)>> {
+fn stamps(files: &TlsFiles) -> Vec<Stamp> {
     [Some(&files.cert), Some(&files.key), files.ca.as_ref()]
         .into_iter()
         .map(|p| {
