@@ -92,6 +92,44 @@ fn clients_without_a_certificate_or_with_one_from_another_ca_are_refused_in_the_
 }
 
 #[test]
+fn a_peers_chunk_server_serves_only_clients_with_a_certificate_from_the_ca() {
+    let certs = Certs::new(2);
+    let tracker = tls_tracker(&certs);
+    let dir = tempfile::tempdir().unwrap();
+    make_file(dir.path(), "a.bin", 100_000, 3);
+    let seeder = daemon(tracker.addr, dir.path(), "s", &env_refs(&certs.env("p0")));
+    let ca = certs.path("ca.pem");
+    let request = r#"{"v":1,"msg":5,"file":"a.bin","index":0}"#;
+
+    let mut anonymous = tls_client_for(&ca, None, seeder.addr, "shoal-peer");
+    let refused = tls_ask(&mut anonymous, request).unwrap_err();
+    assert!(refused.contains("CertificateRequired"), "{refused}");
+    assert!(wait_until(Duration::from_secs(5), || seeder
+        .log_contains("TLS handshake refused")));
+
+    let mut member = tls_client_for(&ca, Some((&certs, "p1")), seeder.addr, "shoal-peer");
+    let header = tls_ask(&mut member, request).unwrap();
+    assert_eq!(header["ok"], true, "{header}");
+    assert_eq!(header["length"], 65536, "{header}");
+}
+
+#[test]
+fn a_tracker_whose_certificate_does_not_name_it_is_not_trusted() {
+    let certs = Certs::new(1);
+    // A host with a certificate from the CA, but a peer's: it names shoal-peer, not 127.0.0.1.
+    let impostor = tracker(&env_refs(&certs.env("p0")));
+    let out = Command::new(PEER)
+        .args(["files", "--tracker", &impostor.addr.to_string()])
+        .envs(env_refs(&certs.env("p0")))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("not valid for name"), "{err}");
+    assert!(err.contains("name the host dialled"), "{err}");
+}
+
+#[test]
 fn a_peers_certificate_cannot_leave_or_report_chunks_for_another_peer() {
     let certs = Certs::new(2);
     let tracker = tls_tracker(&certs);
@@ -166,7 +204,8 @@ fn rotated_certificate_files_are_shown_to_new_connections_without_a_restart() {
     assert_ne!(serial(&first), serial(&second));
     // A connection opened before the rotation carries on.
     assert_eq!(tls_ask(&mut open, LIST).unwrap()["ok"], true);
-    assert!(tracker.log_contains("TLS files changed on disk"));
+    assert!(wait_until(Duration::from_secs(5), || tracker
+        .log_contains("TLS files changed on disk")));
 }
 
 #[test]

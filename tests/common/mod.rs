@@ -778,6 +778,17 @@ pub type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
 /// A blocking TLS client as any rustls program would make it: trusting `ca`, showing the
 /// certificate `stem` (if any) of `certs`' directory.
 pub fn tls_client(ca: &str, identity: Option<(&Certs, &str)>, addr: SocketAddr) -> TlsStream {
+    tls_client_for(ca, identity, addr, "127.0.0.1")
+}
+
+/// [`tls_client`] checking that the server's certificate carries `name` (a peer's chunk server
+/// carries `shoal-peer`, not its ip).
+pub fn tls_client_for(
+    ca: &str,
+    identity: Option<(&Certs, &str)>,
+    addr: SocketAddr,
+    name: &str,
+) -> TlsStream {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(ca).unwrap() {
@@ -798,7 +809,7 @@ pub fn tls_client(ca: &str, identity: Option<(&Certs, &str)>, addr: SocketAddr) 
         }
         None => builder.with_no_client_auth(),
     };
-    let name = ServerName::try_from("127.0.0.1").unwrap();
+    let name = ServerName::try_from(name.to_string()).unwrap();
     let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
     let tcp = TcpStream::connect(addr).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
