@@ -254,6 +254,47 @@ fn a_clear_client_of_a_tls_listener_is_told_to_use_tls() {
 }
 
 #[test]
+fn a_tls_tracker_at_its_connection_limit_says_busy_in_tls() {
+    let certs = Certs::new(1);
+    let mut env = certs.env("tracker");
+    env.push(("SHOAL_MAX_CONNECTIONS", "1".into()));
+    let tracker = tracker(&env_refs(&env));
+    let ca = certs.path("ca.pem");
+    let mut held = tls_client(&ca, Some((&certs, "p0")), tracker.addr);
+    assert_eq!(tls_ask(&mut held, LIST).unwrap()["ok"], true);
+    let mut extra = tls_client(&ca, Some((&certs, "p0")), tracker.addr);
+    let busy = tls_recv(&mut extra).unwrap();
+    assert_eq!(busy["error"], "busy", "{busy}");
+    assert_eq!(tls_ask(&mut held, LIST).unwrap()["ok"], true);
+}
+
+#[test]
+fn a_client_that_says_nothing_does_not_hold_up_shutdown_in_either_mode() {
+    let certs = Certs::new(1);
+    for tls in [false, true] {
+        let env = if tls { certs.env("tracker") } else { vec![] };
+        let mut tracker = tracker(&env_refs(&env));
+        let _silent = std::net::TcpStream::connect(tracker.addr).unwrap();
+        // Connections are accepted in order: once a later one is answered, the silent one
+        // is in the tracker's hands.
+        let answered = if tls {
+            let mut c = tls_client(&certs.path("ca.pem"), Some((&certs, "p0")), tracker.addr);
+            tls_ask(&mut c, LIST).unwrap()
+        } else {
+            Raw::connect(tracker.addr).ask(LIST)
+        };
+        assert_eq!(answered["ok"], true);
+        tracker.signal("TERM");
+        let status = tracker.wait_exit(Duration::from_secs(5));
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "{}",
+            tracker.log_text()
+        );
+    }
+}
+
+#[test]
 fn metrics_are_served_over_tls_when_switched_on() {
     let certs = Certs::new(0);
     let mut env = certs.env("tracker");

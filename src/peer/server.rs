@@ -103,7 +103,11 @@ pub async fn run(peer: Arc<Peer>, listener: TcpListener) {
         let span = tracing::debug_span!("upload", remote = %remote);
         peer.tasks.spawn(
             async move {
-                let reason = match crate::tls::accept(peer2.tls.as_deref(), stream, limits).await {
+                let accepted = tokio::select! {
+                    _ = peer2.stop.cancelled() => Err("shutdown".to_string()),
+                    a = crate::tls::accept(peer2.tls.as_deref(), stream, limits) => a,
+                };
+                let reason = match accepted {
                     Ok(mut conn) => serve(&peer2, &mut conn).await.to_string(),
                     Err(why) => why,
                 };

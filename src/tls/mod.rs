@@ -282,7 +282,8 @@ pub async fn accept(
 
 /// A connection to send one refusal on at once (`busy`), before the client has said anything:
 /// in clear text without waiting for its first byte; with TLS once the handshake is done (a TLS
-/// client speaks first).
+/// client speaks first), within [`REFUSAL_HANDSHAKE`], so that connections refused under load
+/// cannot pile up waiting for clients that say nothing.
 pub async fn accept_to_refuse(
     tls: Option<&Tls>,
     stream: TcpStream,
@@ -290,9 +291,15 @@ pub async fn accept_to_refuse(
 ) -> Option<Connection> {
     match tls {
         None => Connection::new(stream, limits).ok(),
-        Some(_) => accept(tls, stream, limits).await.ok(),
+        Some(_) => timeout(REFUSAL_HANDSHAKE, accept(tls, stream, limits))
+            .await
+            .ok()?
+            .ok(),
     }
 }
+
+/// How long a connection about to be refused `busy` may take over its TLS handshake.
+const REFUSAL_HANDSHAKE: Duration = Duration::from_secs(1);
 
 /// Answers a TLS client in words it understands: a TLS alert saying the protocol is wrong, after
 /// reading its hello so that closing does not reset the answer away.

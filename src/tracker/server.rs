@@ -50,11 +50,14 @@ impl Tracker {
             let span = tracing::debug_span!("conn", remote = %remote);
             tasks.spawn(
                 async move {
-                    let reason =
-                        match crate::tls::accept(this.tls.as_deref(), stream, this.limits).await {
-                            Ok(conn) => this.serve(conn, stop).await.to_string(),
-                            Err(why) => why,
-                        };
+                    let accepted = tokio::select! {
+                        _ = stop.cancelled() => Err("shutdown".to_string()),
+                        a = crate::tls::accept(this.tls.as_deref(), stream, this.limits) => a,
+                    };
+                    let reason = match accepted {
+                        Ok(conn) => this.serve(conn, stop).await.to_string(),
+                        Err(why) => why,
+                    };
                     tracing::debug!(reason, "connection closed");
                     drop(permit);
                 }

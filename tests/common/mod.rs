@@ -823,6 +823,11 @@ pub fn tls_ask(stream: &mut TlsStream, line: &str) -> Result<Value, String> {
         .write_all(format!("{line}\n").as_bytes())
         .and_then(|_| stream.flush())
         .map_err(|e| e.to_string())?;
+    tls_recv(stream)
+}
+
+/// Reads one line (the handshake first, if it is not done); `Err` on close or an I/O error.
+pub fn tls_recv(stream: &mut TlsStream) -> Result<Value, String> {
     let mut reply = String::new();
     let mut reader = BufReader::new(stream);
     match reader.read_line(&mut reply) {
