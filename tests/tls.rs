@@ -295,6 +295,57 @@ fn a_client_that_says_nothing_does_not_hold_up_shutdown_in_either_mode() {
 }
 
 #[test]
+fn gen_certs_writes_a_ca_and_certificates_a_swarm_can_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let out = Command::new(TRACKER)
+        .arg("gen-certs")
+        .arg(&certs)
+        .args(["tracker=localhost,127.0.0.1", "p0=shoal-peer,p0"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(certs.join("p0.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "a private key is its owner's only");
+    let path = |f: &str| certs.join(f).to_str().unwrap().to_string();
+    let env = |stem: &str| {
+        vec![
+            ("SHOAL_TLS_CERT", path(&format!("{stem}.pem"))),
+            ("SHOAL_TLS_KEY", path(&format!("{stem}.key"))),
+            ("SHOAL_TLS_CA", path("ca.pem")),
+        ]
+    };
+    let tracker = tracker(&env_refs(&env("tracker")));
+    let out = Command::new(PEER)
+        .args(["files", "--tracker", &tracker.addr.to_string()])
+        .envs(env_refs(&env("p0")))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let bad = Command::new(TRACKER)
+        .arg("gen-certs")
+        .arg(&certs)
+        .arg("no-names")
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("STEM=NAME"));
+}
+
+#[test]
 fn metrics_are_served_over_tls_when_switched_on() {
     let certs = Certs::new(0);
     let mut env = certs.env("tracker");
