@@ -1076,6 +1076,14 @@ mod tests {
         )
         .unwrap();
         assert!(tracker.tls.files().is_some_and(|f| f.ca.is_none()));
+        // The settings file names them like every other key.
+        let (_dir, path) = settings_file(
+            "shoal.toml",
+            "tls_cert = \"c.pem\"\ntls_key = \"k.pem\"\nmetrics_tls = true\n",
+        );
+        let from_file: TrackerConfig = load_from(Vec::new(), Some(&path), &[]).unwrap();
+        assert_eq!(from_file.tls.tls_key, Some(PathBuf::from("k.pem")));
+        assert!(from_file.tls.metrics_tls);
     }
 
     #[test]
