@@ -241,43 +241,47 @@ pub async fn accept(
         }
         (Some(_), false) => {
             tracing::warn!(remote = %ends.remote, "a clear-text client connected to this TLS listener: set SHOAL_TLS_CERT, SHOAL_TLS_KEY and SHOAL_TLS_CA there");
-            let mut conn = Connection::over(stream, ends, limits);
-            // Its first request is read so that closing does not reset the reply away.
-            let _ = conn.read_line().await;
-            let why = "this side speaks TLS, not clear text: set SHOAL_TLS_CERT, SHOAL_TLS_KEY and SHOAL_TLS_CA";
-            let _ = conn
-                .write_line(&encode_refusal(
-                    0,
-                    &Refusal::new(ErrorCode::BadRequest, why),
-                ))
-                .await;
-            let _ = conn.flush().await;
+            refuse_clear_client(Connection::over(stream, ends, limits)).await;
             Err("clear-text client on a TLS listener".into())
         }
-        (Some(tls), true) => {
-            let acceptor = TlsAcceptor::from(tls.current().server);
-            let remote = ends.remote;
-            let refused = |why: String| {
-                tracing::warn!(remote = %remote, reason = %why, "TLS handshake refused");
-                format!("TLS handshake refused: {why}")
-            };
-            let stream = match timeout(limits.frame_timeout, acceptor.accept(stream)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => return Err(refused(clarify(e).to_string())),
-                Err(_) => return Err(refused("no handshake within the frame timeout".into())),
-            };
-            let ends = Ends {
-                identity: stream
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .and_then(|c| identity(c)),
-                ..ends
-            };
-            Ok(Connection::over(stream, ends, limits))
-        }
+        (Some(tls), true) => handshake(tls, stream, ends, limits).await,
     }
+}
+
+/// The server's side of the handshake; a refusal is logged with its reason.
+async fn handshake(
+    tls: &Tls,
+    stream: TcpStream,
+    ends: Ends,
+    limits: Limits,
+) -> Result<Connection, String> {
+    let acceptor = TlsAcceptor::from(tls.current().server);
+    let refused = |why: String| {
+        tracing::warn!(remote = %ends.remote, reason = %why, "TLS handshake refused");
+        format!("TLS handshake refused: {why}")
+    };
+    let stream = match timeout(limits.frame_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(refused(clarify(e).to_string())),
+        Err(_) => return Err(refused("no handshake within the frame timeout".into())),
+    };
+    let proven = stream.get_ref().1.peer_certificates();
+    let ends = Ends {
+        identity: proven.and_then(|c| c.first()).and_then(identity),
+        ..ends
+    };
+    Ok(Connection::over(stream, ends, limits))
+}
+
+/// Answers a clear-text client in clear text: this side speaks TLS. Its first request is read
+/// first, so that closing does not reset the answer away.
+async fn refuse_clear_client(mut conn: Connection) {
+    let _ = conn.read_line().await;
+    let why =
+        "this side speaks TLS, not clear text: set SHOAL_TLS_CERT, SHOAL_TLS_KEY and SHOAL_TLS_CA";
+    let refusal = encode_refusal(0, &Refusal::new(ErrorCode::BadRequest, why));
+    let _ = conn.write_line(&refusal).await;
+    let _ = conn.flush().await;
 }
 
 /// A connection to send one refusal on at once (`busy`), before the client has said anything:
