@@ -209,6 +209,35 @@ fn rotated_certificate_files_are_shown_to_new_connections_without_a_restart() {
 }
 
 #[test]
+fn a_certificate_replaced_before_its_key_leaves_the_old_pair_in_force_until_the_key_follows() {
+    let certs = Certs::new(1);
+    let tracker = tls_tracker(&certs);
+    let ca = certs.path("ca.pem");
+    let first = presented(&ca, &certs, tracker.addr);
+    let next = certs.ca.issue(&["127.0.0.1".to_string()]).unwrap();
+    let write = |file: &str, text: &str| {
+        let path = certs.dir.path().join(file);
+        shoal::tls::certs::write(&path, text, 0o600).unwrap();
+    };
+    write("tracker.pem", &next.cert);
+    // Files are looked at on each new connection: this one finds a pair that does not match.
+    assert_eq!(
+        presented(&ca, &certs, tracker.addr),
+        first,
+        "the old pair still serves"
+    );
+    assert!(wait_until(Duration::from_secs(5), || tracker
+        .log_contains("do not make a valid set")));
+    write("tracker.key", &next.key);
+    let next = CertificateDer::from_pem_slice(next.cert.as_bytes()).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || presented(
+        &ca,
+        &certs,
+        tracker.addr
+    ) == next.as_ref()));
+}
+
+#[test]
 fn a_tls_client_of_a_clear_listener_fails_at_once_with_a_clear_error() {
     let certs = Certs::new(1);
     let clear = tracker(&[]);
