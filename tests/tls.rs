@@ -353,9 +353,11 @@ fn gen_certs_writes_a_ca_and_certificates_a_swarm_can_use() {
         ]
     };
     let tracker = tracker(&env_refs(&env("tracker")));
+    // The flags say the same as the variables.
     let out = Command::new(PEER)
         .args(["files", "--tracker", &tracker.addr.to_string()])
-        .envs(env_refs(&env("p0")))
+        .args(["--tls-cert", &path("p0.pem"), "--tls-key", &path("p0.key")])
+        .args(["--tls-ca", &path("ca.pem")])
         .output()
         .unwrap();
     assert!(
