@@ -194,6 +194,9 @@ pub struct PeerConfig {
     /// HTTP address of the local file API (`/v1/files`, `/v1/status`); unset = off. It has no
     /// authentication: bind it to loopback or a node-local address.
     pub api_addr: Option<String>,
+    /// Serve the file API over TLS; with `tls_ca`, clients must show a certificate from it.
+    #[serde(deserialize_with = "switch")]
+    pub api_tls: bool,
     /// Shared secret for the tracker and for chunk requests between peers.
     pub secret: Option<String>,
     #[serde(flatten)]
@@ -264,6 +267,7 @@ impl Default for PeerConfig {
             direct_writes: true,
             metrics_addr: None,
             api_addr: None,
+            api_tls: false,
             secret: None,
             tls: TlsSettings::default(),
             tls_peer_name: "shoal-peer".into(),
@@ -368,6 +372,9 @@ impl Settings for PeerConfig {
         self.tls.check()?;
         if self.tls.tls_cert.is_some() && self.tls.tls_ca.is_none() {
             bail!("SHOAL_TLS_CERT is set but SHOAL_TLS_CA is not: a peer needs the CA to check the tracker's and other peers' certificates");
+        }
+        if self.api_tls && self.tls.tls_cert.is_none() {
+            bail!("SHOAL_API_TLS is on but SHOAL_TLS_CERT is not set: the API needs a certificate");
         }
         if self.tls_peer_name.trim().is_empty() {
             bail!("SHOAL_TLS_PEER_NAME is empty: give the name every peer's certificate carries (default shoal-peer)");

@@ -5,7 +5,7 @@
 //! rise). Both registries also carry `process_*` and `shoal_build_info`.
 
 use crate::protocol::{ErrorCode, Msg};
-use crate::tls::Tls;
+use crate::tls::{HttpClients, Tls};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::{body::Incoming, Method, Request, Response, StatusCode};
@@ -442,7 +442,7 @@ pub async fn serve_http(
         let ready = ready.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
-            let io = match http_stream(tls.as_deref(), stream).await {
+            let io = match http_stream(tls.as_deref(), HttpClients::Anyone, stream).await {
                 Ok(io) => io,
                 Err(e) => {
                     tracing::warn!(error = %e, "metrics connection refused");
@@ -467,14 +467,18 @@ pub async fn serve_http(
 /// How long one HTTP connection may last, TLS handshake included.
 const HTTP_CONNECTION_TIME: Duration = Duration::from_secs(30);
 
-/// An accepted HTTP connection ready for hyper: TLS when `tls` is set (no client certificate
-/// asked), else clear text. Any HTTP endpoint serves its connections through this.
+/// An accepted HTTP connection ready for hyper: TLS when `tls` is set (admitting `clients`),
+/// else clear text. Every HTTP endpoint serves its connections through this.
 pub async fn http_stream(
     tls: Option<&Tls>,
+    clients: HttpClients,
     stream: tokio::net::TcpStream,
 ) -> std::io::Result<TokioIo<Box<dyn crate::connection::Stream>>> {
     let stream: Box<dyn crate::connection::Stream> = match tls {
-        Some(tls) => Box::new(tls.accept_http(stream, HTTP_CONNECTION_TIME).await?),
+        Some(tls) => Box::new(
+            tls.accept_http(stream, clients, HTTP_CONNECTION_TIME)
+                .await?,
+        ),
         None => Box::new(stream),
     };
     Ok(TokioIo::new(stream))

@@ -377,6 +377,34 @@ fn gen_certs_writes_a_ca_and_certificates_a_swarm_can_use() {
 }
 
 #[test]
+fn the_file_api_over_tls_serves_only_clients_with_a_certificate_from_the_ca() {
+    let certs = Certs::new(2);
+    let tracker = tls_tracker(&certs);
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = certs.env("p0");
+    env.push(("SHOAL_API_ADDR", "127.0.0.1:0".into()));
+    env.push(("SHOAL_API_TLS", "true".into()));
+    let peer = daemon(tracker.addr, dir.path(), "p0", &env_refs(&env));
+    let api = peer.api.expect("the API is on");
+    let ca = certs.path("ca.pem");
+    let get = |client: &mut TlsStream| {
+        let request = b"GET /v1/status HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n";
+        client.write_all(request).map_err(|e| e.to_string())?;
+        let mut text = String::new();
+        client
+            .read_to_string(&mut text)
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>(text)
+    };
+    let mut member = tls_client_for(&ca, Some((&certs, "p1")), api, "shoal-peer");
+    let status = get(&mut member).unwrap();
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    let mut anonymous = tls_client_for(&ca, None, api, "shoal-peer");
+    let refused = get(&mut anonymous).unwrap_err();
+    assert!(refused.contains("CertificateRequired"), "{refused}");
+}
+
+#[test]
 fn metrics_are_served_over_tls_when_switched_on() {
     let certs = Certs::new(0);
     let mut env = certs.env("tracker");

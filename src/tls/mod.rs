@@ -93,11 +93,20 @@ impl Tls {
         loaded.clone()
     }
 
-    /// The stream for an accepted HTTP connection (metrics, API): TLS without asking the
-    /// client for a certificate. Bounded by `wait`.
-    pub async fn accept_http(&self, stream: TcpStream, wait: Duration) -> io::Result<impl Stream> {
-        let acceptor = TlsAcceptor::from(self.current().http);
-        match timeout(wait, acceptor.accept(stream)).await {
+    /// The stream for an accepted HTTP connection: TLS, asking the client for a certificate
+    /// from the CA only with `clients` [`HttpClients::Certified`]. Bounded by `wait`.
+    pub async fn accept_http(
+        &self,
+        stream: TcpStream,
+        clients: HttpClients,
+        wait: Duration,
+    ) -> io::Result<impl Stream> {
+        let loaded = self.current();
+        let config = match clients {
+            HttpClients::Anyone => loaded.http,
+            HttpClients::Certified => loaded.server,
+        };
+        match timeout(wait, TlsAcceptor::from(config).accept(stream)).await {
             Ok(r) => r.map_err(clarify),
             Err(_) => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
@@ -105,6 +114,16 @@ impl Tls {
             )),
         }
     }
+}
+
+/// Who may connect to an HTTP endpoint served over TLS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HttpClients {
+    /// Any client that trusts this side (the metrics endpoint: scrapers need no certificate).
+    Anyone,
+    /// Like the protocol listeners: with `SHOAL_TLS_CA`, only clients showing a certificate
+    /// from it (the file API, which has no other authentication).
+    Certified,
 }
 
 fn stamps(files: &TlsFiles) -> Vec<Stamp> {
