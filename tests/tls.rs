@@ -52,6 +52,36 @@ fn a_swarm_over_mutual_tls_lands_byte_identical_files() {
 }
 
 #[test]
+fn a_swarm_over_several_tls_trackers_lands_its_files() {
+    let certs = Certs::new(2);
+    let trackers = trackers(2, &env_refs(&certs.env("tracker")));
+    let list = tracker_list(&trackers);
+    let dir = tempfile::tempdir().unwrap();
+    let original = make_file(&dir.path().join("s"), "spread.bin", 1 << 20, 9);
+    let mut env = certs.env("p0");
+    env.push(("SHOAL_TRACKER", list.clone()));
+    let _seeder = daemon(
+        trackers[0].addr,
+        &dir.path().join("s"),
+        "s",
+        &env_refs(&env),
+    );
+    let mut env = certs.env("p1");
+    env.push(("SHOAL_TRACKER", list));
+    env.push(("SHOAL_WANT", "spread.bin".into()));
+    let leecher = daemon(
+        trackers[0].addr,
+        &dir.path().join("l"),
+        "l",
+        &env_refs(&env),
+    );
+    assert_lands(&original, &dir.path().join("l/spread.bin"), &leecher);
+    for t in &trackers {
+        assert!(!t.log_contains("TLS handshake refused"), "{}", t.log_text());
+    }
+}
+
+#[test]
 fn clients_without_a_certificate_or_with_one_from_another_ca_are_refused_in_the_handshake() {
     let certs = Certs::new(1);
     let tracker = tls_tracker(&certs);

@@ -1331,7 +1331,7 @@ mod tests {
         }
         s.announce(&auth, Some("p0,shoal-peer"), now).unwrap();
         s.leave(&auth, Some("p0,shoal-peer")).unwrap();
-        assert_eq!(s.sizes(), Sizes { peers: 0, files: 0 });
+        assert_eq!(s.sizes(), sized(0, 0));
     }
 
     #[test]

@@ -242,7 +242,7 @@ pub fn replicas(scale: Scale) -> anyhow::Result<Outcome> {
     let mut goals = Vec::new();
     for count in [1, 3, 5] {
         let owners = count.min(2);
-        let trackers: Vec<_> = (0..count).map(|_| start_tracker()).collect();
+        let trackers: Vec<_> = (0..count).map(|_| start_tracker(None)).collect();
         let addrs: Vec<String> = trackers.iter().map(|t| t.addr.to_string()).collect();
         let keys: Vec<&str> = addrs.iter().map(String::as_str).collect();
         let mut grown = Vec::new();
