@@ -17,7 +17,7 @@ use super::tracker_client::TrackerError;
 use super::transfers::{Opened, Transfer};
 use super::Peer;
 use crate::bitfield::Bitfield;
-use crate::connection::{Connection, FrameError, Limits};
+use crate::connection::{Connection, FrameError};
 use crate::metrics::Active;
 use crate::protocol::{
     decode_reply, encode_request, validate_name, ChunkHeader, ChunkRequest, ErrorCode, FileInfo,
@@ -54,8 +54,6 @@ const BUFFER_BUDGET: usize = 32 << 20;
 const MIN_BUFFERS: usize = LANDINGS + 1;
 /// How long a source with nothing to ask waits for news before closing its connection.
 const IDLE_GRACE: Duration = Duration::from_secs(1);
-/// Longest chunk header line accepted from a holder.
-const MAX_HEADER_BYTES: usize = 4096;
 /// Rounds of download and final check before giving up: damage that comes back every time is
 /// something a refetch cannot fix.
 const FINAL_CHECKS: u32 = 3;
@@ -883,19 +881,7 @@ impl Job {
         landings: &mut VecDeque<Landing>,
     ) -> Result<(), Fault> {
         let cfg = &self.peer.cfg;
-        let limits = Limits {
-            max_frame: MAX_HEADER_BYTES,
-            idle_timeout: cfg.chunk_timeout,
-            frame_timeout: cfg.chunk_timeout,
-        };
-        let socket: std::net::SocketAddr = addr
-            .parse()
-            .map_err(|_| Fault::Failed(format!("{addr:?} is not ip:port")))?;
-        let tls = self.peer.tls.as_deref();
-        let mut conn =
-            crate::tls::connect(tls, socket, &cfg.tls_peer_name, limits, cfg.connect_timeout)
-                .await
-                .map_err(Fault::Failed)?;
+        let mut conn = self.peer.dial_holder(addr).await.map_err(Fault::Failed)?;
         let failed = |e: std::io::Error| Fault::Failed(format!("send failed: {e}"));
         loop {
             while queue.len() < cfg.pipeline_depth {

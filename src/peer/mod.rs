@@ -35,6 +35,9 @@ use tracker_client::TrackerError;
 use trackers::Trackers;
 use transfers::Transfers;
 
+/// Longest chunk header line accepted from a holder.
+const MAX_HEADER_BYTES: usize = 4096;
+
 /// A running peer. Cheap to share (`Arc<Peer>`); every task holds one.
 pub struct Peer {
     pub cfg: PeerConfig,
@@ -161,6 +164,22 @@ impl Peer {
     /// Whether some tracker knows this peer now.
     pub fn is_registered(&self) -> bool {
         self.trackers.registered() && self.ready.get()
+    }
+
+    /// A connection to the chunk server of the holder at `addr` (`ip:port`), in this peer's mode;
+    /// with TLS, the holder's certificate must carry `SHOAL_TLS_PEER_NAME`.
+    pub async fn dial_holder(&self, addr: &str) -> Result<crate::connection::Connection, String> {
+        let cfg = &self.cfg;
+        let limits = crate::connection::Limits {
+            max_frame: MAX_HEADER_BYTES,
+            idle_timeout: cfg.chunk_timeout,
+            frame_timeout: cfg.chunk_timeout,
+        };
+        let socket: SocketAddr = addr
+            .parse()
+            .map_err(|_| format!("{addr:?} is not ip:port"))?;
+        let tls = self.tls.as_deref();
+        crate::tls::connect(tls, socket, &cfg.tls_peer_name, limits, cfg.connect_timeout).await
     }
 
     /// This peer's id at one of its trackers, to name itself to other peers.

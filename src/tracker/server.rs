@@ -182,7 +182,9 @@ impl Tracker {
                 tracing::info!(peer_id = req.peer_id, file = %req.file, digest = req.digest.to_hex(), "version withdrawn");
                 encode_reply(msg, &ack)
             }
-            Msg::Origin => encode_reply(msg, &self.state.origin(&decode_body(line)?, now)?),
+            Msg::Origin => {
+                encode_reply(msg, &self.state.origin(&decode_body(line)?, identity, now)?)
+            }
             Msg::ChunkRequest => {
                 return Err(Refusal::new(
                     ErrorCode::UnknownMsg,

@@ -540,7 +540,12 @@ impl TrackerState {
     /// 9 origin: publishes the hashes of chunks the peer fetched from the origin, renews its
     /// claims and grants it more; indexes the file as an ordinary version once every chunk
     /// hash is known. The peer's lease is renewed too.
-    pub fn origin(&self, req: &OriginClaim, now: Instant) -> Result<OriginGrant, Refusal> {
+    pub fn origin(
+        &self,
+        req: &OriginClaim,
+        identity: Option<&str>,
+        now: Instant,
+    ) -> Result<OriginGrant, Refusal> {
         validate_name(&req.file)?;
         if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&req.chunk_size) {
             let why = format!(
@@ -551,7 +556,7 @@ impl TrackerState {
         }
         let lease = self.lease(now);
         let mut ix = self.lock();
-        authorised(&mut ix, req.peer_id, &req.token)?.expires = lease;
+        authorised(&mut ix, req.peer_id, &req.token, identity)?.expires = lease;
         let limits = ClaimLimits {
             max_files: self.limits.max_files,
             max_chunks: self.limits.max_chunks_per_file,
