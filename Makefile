@@ -8,6 +8,8 @@ TRACKERS ?= 3
 # pick different ones). COMPOSE_PROJECT_NAME from the environment is honoured too.
 PROJECT ?= $(or $(COMPOSE_PROJECT_NAME),shoal)
 export COMPOSE_PROJECT_NAME := $(PROJECT)
+# TLS=1: `make up` and `make demo` run every connection in mutual TLS with throwaway certificates.
+TLS ?= 0
 
 .PHONY: help build test alerts lint fmt image up down status e2e k8s-check bench bench-smoke fuzz demo
 
@@ -30,8 +32,8 @@ lint: ## Formatting and clippy, warnings are errors
 image: ## Build the shoal-tracker and shoal-peer container images (static, FROM scratch, offline)
 	bash docker/build.sh
 
-up: image ## Start TRACKERS trackers, two seeders and PEERS peers with docker compose (detached)
-	bash docker/compose.sh up $(PEERS) $(TRACKERS)
+up: image ## Start TRACKERS trackers, two seeders and PEERS peers with docker compose (detached; TLS=1: mutual TLS)
+	TLS=$(TLS) bash docker/compose.sh up $(PEERS) $(TRACKERS)
 
 status: ## Show the swarm converging (per-container progress from the metrics)
 	bash docker/compose.sh status
@@ -51,8 +53,8 @@ bench: ## Full benchmarks (~3 min after the build): tables, target/bench/*.json,
 bench-smoke: ## Quick benchmarks at a small scale (CI): fail on any corrupted copy or lost registration
 	$(CARGO) bench --locked --bench shoal -- smoke
 
-demo: build ## Local swarm without Docker: tracker, seeder, peers, live status; Ctrl-C stops
-	bash tests/demo/run.sh
+demo: build ## Local swarm without Docker: tracker, seeder, peers, live status (TLS=1: mutual TLS); Ctrl-C stops
+	TLS=$(TLS) bash tests/demo/run.sh
 
 FUZZ_SECONDS ?= 60
 fuzz: ## Fuzz every decoder for FUZZ_SECONDS each (nightly + cargo-fuzz, installed if missing)

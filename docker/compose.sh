@@ -10,7 +10,8 @@
 # The images are expected to exist (docker/build.sh). Environment: COMPOSE (the compose command,
 # default docker-compose, or "docker compose" when only v2 is installed), COMPOSE_PROJECT_NAME
 # (shoal; the prefix of every container, network and volume, so two users of one Docker host
-# choose different ones; `make up PROJECT=name` sets it).
+# choose different ones; `make up PROJECT=name` sets it), TLS (1: every connection in mutual TLS
+# with throwaway certificates, docker/compose.tls.yaml; `make up TLS=1` sets it).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -24,6 +25,10 @@ else
     compose=(docker compose)
 fi
 compose+=(--project-name "$project" --file compose.yaml)
+certs=$seed_root/certs
+if [[ "${TLS:-0}" == 1 ]]; then
+    compose+=(--file docker/compose.tls.yaml)
+fi
 
 usage() {
     echo "usage: docker/compose.sh up [PEERS [TRACKERS]] | status | down" >&2
@@ -52,6 +57,20 @@ write_seed_files() {
     du -sh "$seed_root/seeder1" "$seed_root/seeder2"
 }
 
+# A throwaway CA and certificates, made by the tracker image itself (no openssl needed), once.
+write_certs() {
+    [[ -f "$certs/ca.pem" ]] && return 0
+    mkdir -p "$certs"
+    docker run --rm --user "$(id -u):$(id -g)" --volume "$PWD/$certs:/certs" \
+        "shoal-tracker:${STACK_IMAGE_TAG:-latest}" gen-certs /certs \
+        tracker=tracker,shoal-tracker seeder1=shoal-peer,seeder1 seeder2=shoal-peer,seeder2 \
+        peer=shoal-peer
+    # The containers run as 65532: a demo's throwaway keys may be world-readable.
+    chmod 0755 "$certs"
+    chmod 0644 "$certs"/*
+    echo "TLS on: certificates in $certs"
+}
+
 cmd_up() {
     local peers=${1:-6} trackers=${2:-3}
     [[ "$peers" =~ ^[0-9]+$ && "$trackers" =~ ^[1-9][0-9]*$ ]] || usage
@@ -62,6 +81,7 @@ cmd_up() {
         fi
     done
     write_seed_files
+    [[ "${TLS:-0}" == 1 ]] && write_certs
     # up waits for the tracker, then the seeders, to be healthy before it starts the peers.
     "${compose[@]}" up --detach --scale "tracker=$trackers" --scale "peer=$peers"
     echo "started $trackers trackers, $peers peers and a consumer reading ${STACK_CONSUMER_FILE:-alpha.bin} through a peer's API; follow them with: make status"

@@ -44,7 +44,7 @@ impl ConfigFile {
     }
 }
 
-/// The flags of every command that runs long enough to log.
+/// The flags of every command that runs long enough to log, and talks to other Shoal processes.
 #[derive(Args)]
 pub struct Common {
     #[command(flatten)]
@@ -55,6 +55,16 @@ pub struct Common {
     /// Log lines as readable text or one JSON object each [env: SHOAL_LOG_FORMAT, default text].
     #[arg(long, value_name = "FORMAT", value_parser = ["text", "json"])]
     log_format: Option<String>,
+    /// PEM certificate this program shows; set, it speaks TLS [env: SHOAL_TLS_CERT].
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<String>,
+    /// PEM private key of --tls-cert [env: SHOAL_TLS_KEY].
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<String>,
+    /// PEM CA bundle the other side's certificate must chain to; makes TLS mutual
+    /// [env: SHOAL_TLS_CA].
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<String>,
 }
 
 impl Common {
@@ -62,6 +72,9 @@ impl Common {
         self.file.add_to(o);
         o.set("log", &self.log);
         o.set("log_format", &self.log_format);
+        o.set("tls_cert", &self.tls_cert);
+        o.set("tls_key", &self.tls_key);
+        o.set("tls_ca", &self.tls_ca);
     }
 }
 

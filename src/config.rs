@@ -54,6 +54,8 @@ pub struct TrackerConfig {
     pub announce_interval: Duration,
     /// Shared secret peers must present to register; unset = open swarm.
     pub secret: Option<String>,
+    #[serde(flatten)]
+    pub tls: TlsSettings,
     /// Connections served at once; more are refused with `busy`.
     #[serde(deserialize_with = "count")]
     pub max_connections: usize,
@@ -98,6 +100,7 @@ impl Default for TrackerConfig {
             metrics_addr: None,
             announce_interval: Duration::from_secs(30),
             secret: None,
+            tls: TlsSettings::default(),
             max_connections: 4096,
             max_frame_bytes: 4 * 1024 * 1024,
             idle_timeout: Duration::from_secs(120),
@@ -130,6 +133,7 @@ impl Settings for TrackerConfig {
             nonzero(var, d)?;
         }
         check_secret(&self.secret)?;
+        self.tls.check()?;
         at_least_bytes("SHOAL_MAX_FRAME_BYTES", self.max_frame_bytes, 4096)?;
         for (var, n, unit) in [
             ("SHOAL_MAX_CONNECTIONS", self.max_connections, "connection"),
@@ -190,8 +194,16 @@ pub struct PeerConfig {
     /// HTTP address of the local file API (`/v1/files`, `/v1/status`); unset = off. It has no
     /// authentication: bind it to loopback or a node-local address.
     pub api_addr: Option<String>,
+    /// Serve the file API over TLS; with `tls_ca`, clients must show a certificate from it.
+    #[serde(deserialize_with = "switch")]
+    pub api_tls: bool,
     /// Shared secret for the tracker and for chunk requests between peers.
     pub secret: Option<String>,
+    #[serde(flatten)]
+    pub tls: TlsSettings,
+    /// The name every peer's certificate carries, which a peer checks when it dials another
+    /// (holders are dialled by the address the tracker gives, so their IP proves nothing).
+    pub tls_peer_name: String,
     /// Chunk-server connections at once; more are refused with `busy`.
     #[serde(deserialize_with = "count")]
     pub max_connections: usize,
@@ -255,7 +267,10 @@ impl Default for PeerConfig {
             direct_writes: true,
             metrics_addr: None,
             api_addr: None,
+            api_tls: false,
             secret: None,
+            tls: TlsSettings::default(),
+            tls_peer_name: "shoal-peer".into(),
             max_connections: 256,
             max_sources: 32,
             pipeline_depth: 2,
@@ -272,6 +287,54 @@ impl Default for PeerConfig {
             log: "info".into(),
             log_format: LogFormat::Text,
         }
+    }
+}
+
+/// TLS settings both programs share. Unset, every connection is clear text.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TlsSettings {
+    /// PEM certificate chain this program shows; set, its listeners speak TLS and it dials in
+    /// TLS.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA bundle the other side's certificate must chain to; on a listener it makes TLS
+    /// mutual (a client without a certificate from it is refused in the handshake).
+    pub tls_ca: Option<PathBuf>,
+    /// Serve `/metrics`, `/healthz` and `/readyz` over TLS too (no client certificate asked).
+    #[serde(deserialize_with = "switch")]
+    pub metrics_tls: bool,
+}
+
+impl TlsSettings {
+    fn check(&self) -> anyhow::Result<()> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) => bail!("SHOAL_TLS_CERT is set but SHOAL_TLS_KEY is not: give the certificate's private key"),
+            (None, Some(_)) => bail!("SHOAL_TLS_KEY is set but SHOAL_TLS_CERT is not: give the key's certificate"),
+            _ => {}
+        }
+        if self.tls_cert.is_none() && self.tls_ca.is_some() {
+            bail!("SHOAL_TLS_CA is set but SHOAL_TLS_CERT is not: TLS needs this side's certificate and key");
+        }
+        if self.metrics_tls && self.tls_cert.is_none() {
+            bail!("SHOAL_METRICS_TLS is on but SHOAL_TLS_CERT is not set: the metrics endpoint needs a certificate");
+        }
+        Ok(())
+    }
+
+    /// The files, when TLS is on.
+    pub fn files(&self) -> Option<crate::tls::TlsFiles> {
+        Some(crate::tls::TlsFiles {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            ca: self.tls_ca.clone(),
+        })
+    }
+
+    /// Reads the files, when TLS is on.
+    pub fn load(&self) -> anyhow::Result<Option<std::sync::Arc<crate::tls::Tls>>> {
+        self.files().map(crate::tls::Tls::load).transpose()
     }
 }
 
@@ -306,6 +369,16 @@ impl Settings for PeerConfig {
                 .map_err(|e| anyhow!("SHOAL_CHUNK_SIZE: {e}"))?;
         }
         check_secret(&self.secret)?;
+        self.tls.check()?;
+        if self.tls.tls_cert.is_some() && self.tls.tls_ca.is_none() {
+            bail!("SHOAL_TLS_CERT is set but SHOAL_TLS_CA is not: a peer needs the CA to check the tracker's and other peers' certificates");
+        }
+        if self.api_tls && self.tls.tls_cert.is_none() {
+            bail!("SHOAL_API_TLS is on but SHOAL_TLS_CERT is not set: the API needs a certificate");
+        }
+        if self.tls_peer_name.trim().is_empty() {
+            bail!("SHOAL_TLS_PEER_NAME is empty: give the name every peer's certificate carries (default shoal-peer)");
+        }
         for (var, n, unit) in [
             ("SHOAL_MAX_CONNECTIONS", self.max_connections, "connection"),
             ("SHOAL_MAX_SOURCES", self.max_sources, "holder"),
@@ -974,6 +1047,50 @@ mod tests {
         };
         assert_eq!(c.want(), Want::Everything);
         assert_eq!(PeerConfig::default().want(), Want::Nothing);
+    }
+
+    #[test]
+    fn tls_settings_come_together_or_are_refused_with_what_is_missing() {
+        let on = load_from::<PeerConfig>(
+            env(&[
+                ("SHOAL_TLS_CERT", "c.pem"),
+                ("SHOAL_TLS_KEY", "k.pem"),
+                ("SHOAL_TLS_CA", "ca.pem"),
+                ("SHOAL_METRICS_TLS", "1"),
+            ]),
+            None,
+            &[],
+        )
+        .unwrap();
+        assert_eq!(on.tls.tls_ca, Some(PathBuf::from("ca.pem")));
+        assert!(on.tls.metrics_tls);
+        assert_eq!(on.tls_peer_name, "shoal-peer");
+        let err = peer_err(&[("SHOAL_TLS_CERT", "c.pem")]);
+        assert!(err.contains("SHOAL_TLS_KEY is not"), "{err}");
+        let err = peer_err(&[("SHOAL_TLS_CERT", "c.pem"), ("SHOAL_TLS_KEY", "k.pem")]);
+        assert!(err.contains("SHOAL_TLS_CA is not"), "{err}");
+        let err = tracker_err(&[("SHOAL_TLS_CA", "ca.pem")]);
+        assert!(err.contains("SHOAL_TLS_CERT is not"), "{err}");
+        let err = tracker_err(&[("SHOAL_METRICS_TLS", "yes")]);
+        assert!(err.contains("SHOAL_METRICS_TLS"), "{err}");
+        let err = tracker_err(&[("SHOAL_TLS_PEER_NAME", "x")]);
+        assert!(err.contains("setting of shoal-peer"), "{err}");
+        // Server-only TLS is the tracker's choice to make.
+        let tracker = load_from::<TrackerConfig>(
+            env(&[("SHOAL_TLS_CERT", "c.pem"), ("SHOAL_TLS_KEY", "k.pem")]),
+            None,
+            &[],
+        )
+        .unwrap();
+        assert!(tracker.tls.files().is_some_and(|f| f.ca.is_none()));
+        // The settings file names them like every other key.
+        let (_dir, path) = settings_file(
+            "shoal.toml",
+            "tls_cert = \"c.pem\"\ntls_key = \"k.pem\"\nmetrics_tls = true\n",
+        );
+        let from_file: TrackerConfig = load_from(Vec::new(), Some(&path), &[]).unwrap();
+        assert_eq!(from_file.tls.tls_key, Some(PathBuf::from("k.pem")));
+        assert!(from_file.tls.metrics_tls);
     }
 
     #[test]

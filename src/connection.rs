@@ -1,12 +1,12 @@
-//! Framing over TCP for both sides: newline-terminated JSON lines, and raw chunk bytes after a
-//! chunk header. The frame cap is enforced while reading, before a line is buffered in full, so a
-//! sender cannot make the receiver hold more than `max_frame` bytes of one line.
+//! Framing over TCP, clear or TLS, for both sides: newline-terminated JSON lines, and raw chunk
+//! bytes after a chunk header. The frame cap is enforced while reading, before a line is buffered
+//! in full, so a sender cannot make the receiver hold more than `max_frame` bytes of one line.
 
 use bytes::{Buf, BytesMut};
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{timeout, timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
@@ -77,29 +77,70 @@ pub async fn accept(
     }
 }
 
+/// A byte stream a [`Connection`] frames: a TCP socket, or TLS over one.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// The two ends of a connection and who the other one proved to be.
+#[derive(Clone, Debug)]
+pub struct Ends {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// The names in the other side's TLS certificate (see [`crate::tls::identity`]); `None`
+    /// in clear text or when it showed no certificate.
+    pub identity: Option<String>,
+}
+
+impl Ends {
+    /// The ends of a TCP socket, which proves nothing about who is on the other side.
+    pub fn of(stream: &TcpStream) -> io::Result<Ends> {
+        Ok(Ends {
+            local: stream.local_addr()?,
+            remote: stream.peer_addr()?,
+            identity: None,
+        })
+    }
+}
+
 pub struct Connection {
-    stream: BufWriter<TcpStream>,
+    // Boxed so clear and TLS connections share this one framing code; the dynamic call per
+    // read or write is nothing beside the system call under it.
+    stream: BufWriter<Box<dyn Stream>>,
     buf: BytesMut,
     limits: Limits,
+    ends: Ends,
 }
 
 impl Connection {
-    pub fn new(stream: TcpStream, limits: Limits) -> Connection {
+    /// A clear-text connection.
+    pub fn new(stream: TcpStream, limits: Limits) -> io::Result<Connection> {
         // Small frames dominate the control plane: do not let Nagle hold them back.
         let _ = stream.set_nodelay(true);
+        let ends = Ends::of(&stream)?;
+        Ok(Connection::over(stream, ends, limits))
+    }
+
+    /// A connection over `stream` (TLS already set up), between `ends`.
+    pub fn over(stream: impl Stream + 'static, ends: Ends, limits: Limits) -> Connection {
         Connection {
-            stream: BufWriter::new(stream),
+            stream: BufWriter::new(Box::new(stream)),
             buf: BytesMut::with_capacity(8 * 1024),
             limits,
+            ends,
         }
     }
 
-    pub fn peer_addr(&self) -> io::Result<std::net::SocketAddr> {
-        self.stream.get_ref().peer_addr()
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.ends.remote
     }
 
-    pub fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
-        self.stream.get_ref().local_addr()
+    pub fn local_addr(&self) -> SocketAddr {
+        self.ends.local
+    }
+
+    /// Who the other side proved to be with its certificate, if it showed one.
+    pub fn identity(&self) -> Option<&str> {
+        self.ends.identity.as_deref()
     }
 
     /// Reads one line, without its newline. `Ok(None)` is a clean close between frames. Once a
@@ -134,7 +175,7 @@ impl Connection {
                 timeout_at(until, limited.read_buf(&mut self.buf)).await
             };
             let n = match read {
-                Ok(r) => r?,
+                Ok(r) => r.map_err(crate::tls::clarify)?,
                 Err(_) if deadline.is_some() => {
                     return Err(FrameError::Stalled(self.limits.frame_timeout))
                 }
@@ -180,7 +221,7 @@ impl Connection {
         match timeout(self.limits.frame_timeout, fill).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => Err(FrameError::Truncated),
-            Ok(Err(e)) => Err(e.into()),
+            Ok(Err(e)) => Err(crate::tls::clarify(e).into()),
             Err(_) => Err(FrameError::Stalled(self.limits.frame_timeout)),
         }
     }
@@ -212,7 +253,7 @@ async fn bounded(
     io: impl std::future::Future<Output = io::Result<()>>,
 ) -> io::Result<()> {
     match timeout(limit, io).await {
-        Ok(r) => r,
+        Ok(r) => r.map_err(crate::tls::clarify),
         Err(_) => Err(io::Error::new(
             io::ErrorKind::TimedOut,
             format!("peer stopped reading for {limit:?}"),
@@ -235,7 +276,7 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (server, _) = l.accept().await.unwrap();
-        (Connection::new(server, LIMITS), client)
+        (Connection::new(server, LIMITS).unwrap(), client)
     }
 
     #[tokio::test]

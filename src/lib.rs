@@ -11,6 +11,7 @@
 //! - [`logging`]: tracing set-up, readable text or one JSON object per line.
 //! - [`metrics`]: Prometheus metric handles and the `/metrics` `/healthz` `/readyz` server.
 //! - [`shutdown`]: the shared stop signal (SIGINT/SIGTERM).
+//! - [`tls`]: the optional TLS layer: certificates reloaded from disk, accept and dial, identity.
 //! - [`tracker`]: the tracker's state (files, peers, leases) and its server.
 //! - [`peer`]: the peer's chunk store, chunk server, download engine, origin pull-through,
 //!   trackers and front ends.
@@ -26,5 +27,6 @@ pub mod metrics;
 pub mod peer;
 pub mod protocol;
 pub mod shutdown;
+pub mod tls;
 pub mod tracker;
 pub mod units;

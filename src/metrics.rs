@@ -5,6 +5,7 @@
 //! rise). Both registries also carry `process_*` and `shoal_build_info`.
 
 use crate::protocol::{ErrorCode, Msg};
+use crate::tls::{HttpClients, Tls};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::{body::Incoming, Method, Request, Response, StatusCode};
@@ -425,9 +426,10 @@ impl Ready {
     }
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` until `stop` fires.
+/// Serves `/metrics`, `/healthz` and `/readyz` until `stop` fires, over TLS when `tls` is set.
 pub async fn serve_http(
     listener: TcpListener,
+    tls: Option<Arc<Tls>>,
     registry: Registry,
     ready: Ready,
     stop: CancellationToken,
@@ -438,14 +440,21 @@ pub async fn serve_http(
         };
         let registry = registry.clone();
         let ready = ready.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
+            let io = match http_stream(tls.as_deref(), HttpClients::Anyone, stream).await {
+                Ok(io) => io,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics connection refused");
+                    return;
+                }
+            };
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let response = respond(req.method(), req.uri().path(), &registry, &ready);
                 async move { Ok::<_, std::convert::Infallible>(response) }
             });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = tokio::time::timeout(Duration::from_secs(30), conn)
+            let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
+            if let Err(e) = tokio::time::timeout(HTTP_CONNECTION_TIME, conn)
                 .await
                 .unwrap_or(Ok(()))
             {
@@ -453,6 +462,26 @@ pub async fn serve_http(
             }
         });
     }
+}
+
+/// How long one HTTP connection may last, TLS handshake included.
+const HTTP_CONNECTION_TIME: Duration = Duration::from_secs(30);
+
+/// An accepted HTTP connection ready for hyper: TLS when `tls` is set (admitting `clients`),
+/// else clear text. Every HTTP endpoint serves its connections through this.
+pub async fn http_stream(
+    tls: Option<&Tls>,
+    clients: HttpClients,
+    stream: tokio::net::TcpStream,
+) -> std::io::Result<TokioIo<Box<dyn crate::connection::Stream>>> {
+    let stream: Box<dyn crate::connection::Stream> = match tls {
+        Some(tls) => Box::new(
+            tls.accept_http(stream, clients, HTTP_CONNECTION_TIME)
+                .await?,
+        ),
+        None => Box::new(stream),
+    };
+    Ok(TokioIo::new(stream))
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
@@ -505,8 +534,12 @@ fn respond(
 
 /// GETs `path` from a metrics endpoint and returns the status code (for the `health` command and
 /// the container HEALTHCHECK, which have no curl in a scratch image). An unspecified listen ip
-/// (`0.0.0.0`) is probed on loopback.
-pub async fn probe(addr: SocketAddr, path: &str) -> anyhow::Result<u16> {
+/// (`0.0.0.0`) is probed on loopback. With `tls`, the endpoint is dialled in TLS.
+pub async fn probe(
+    addr: SocketAddr,
+    path: &str,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> anyhow::Result<u16> {
     let addr = if addr.ip().is_unspecified() {
         SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
     } else {
@@ -514,6 +547,10 @@ pub async fn probe(addr: SocketAddr, path: &str) -> anyhow::Result<u16> {
     };
     let work = async {
         let stream = tokio::net::TcpStream::connect(addr).await?;
+        let stream: Box<dyn crate::connection::Stream> = match tls {
+            Some(client) => Box::new(crate::tls::connect_http(client, stream).await?),
+            None => Box::new(stream),
+        };
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(conn);

@@ -304,7 +304,8 @@ fn the_example_session_is_what_a_real_tracker_answers() {
     // transfer goes to a peer and is skipped. Tokens and peer ids are random, so the doc's stand
     // for the real ones; a registration comes from the ip its reply gives out.
     let doc = Doc::load();
-    let tracker = shoal::tracker::Tracker::from_config(&shoal::config::TrackerConfig::default());
+    let tracker = shoal::tracker::Tracker::from_config(&shoal::config::TrackerConfig::default())
+        .expect("no TLS files to read");
     let session =
         doc.line_of("## Example exchanges")..doc.line_of("### Refusals in other situations");
     let mut tokens: Vec<(String, String)> = Vec::new();
@@ -334,7 +335,7 @@ fn the_example_session_is_what_a_real_tracker_answers() {
                 }
                 let from = expected["addr"].as_str().unwrap_or("192.0.2.99:1");
                 let from: std::net::SocketAddr = from.parse().unwrap();
-                let reply = tracker.handle(request.as_bytes(), from.ip());
+                let reply = tracker.handle(request.as_bytes(), from.ip(), None);
                 let mut reply: Value = serde_json::from_slice(&reply).unwrap();
 
                 if let (Some(in_doc), Some(real)) =

@@ -366,7 +366,7 @@ fn main() -> ExitCode {
     };
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     if let Some(Command::Health { .. }) = command {
-        return runtime.block_on(cli::health(cfg.metrics_addr.as_deref()));
+        return runtime.block_on(cli::health(cfg.metrics_addr.as_deref(), &cfg.tls));
     }
     // People at a prompt want answers, not logs: interactive forms log warnings only, unless
     // SHOAL_LOG or --log says otherwise.

@@ -1,4 +1,4 @@
-//! `shoal-tracker [PORT]`: the swarm's index; `shoal-tracker health|completions|man`. Settings
+//! `shoal-tracker [PORT]`: the swarm's index; `shoal-tracker health|gen-certs|completions|man`. Settings
 //! come from defaults, a settings file, `SHOAL_*` variables and the flags below, in rising
 //! precedence.
 
@@ -47,6 +47,15 @@ enum Command {
         #[arg(long, value_name = "IP:PORT")]
         metrics_addr: Option<String>,
     },
+    /// Write a throwaway CA (DIR/ca.pem) and certificates it signs, for a demo of TLS:
+    /// `gen-certs certs tracker=localhost,127.0.0.1 peer1=shoal-peer,peer1`.
+    GenCerts {
+        /// Directory to write into (created if missing).
+        dir: std::path::PathBuf,
+        /// STEM=NAME[,NAME...]: writes STEM.pem and STEM.key for those DNS names or ips.
+        #[arg(required = true, value_name = "STEM=NAMES")]
+        certs: Vec<String>,
+    },
     #[command(flatten)]
     Manual(Manual),
 }
@@ -82,6 +91,15 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(Command::GenCerts { dir, certs }) = &cli.command {
+        return match shoal::tls::certs::generate(dir, certs) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("shoal-tracker: {e:#}");
+                ExitCode::from(USAGE)
+            }
+        };
+    }
     let overrides = cli.overrides();
     let cfg = match config::load::<TrackerConfig>(overrides.file.as_deref(), &overrides.flags) {
         Ok(c) => c,
@@ -92,7 +110,10 @@ fn main() -> ExitCode {
     };
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     if let Some(Command::Health { .. }) = cli.command {
-        return runtime.block_on(shoal::peer::cli::health(cfg.metrics_addr.as_deref()));
+        return runtime.block_on(shoal::peer::cli::health(
+            cfg.metrics_addr.as_deref(),
+            &cfg.tls,
+        ));
     }
     if let Err(e) = shoal::logging::init(&cfg.log, cfg.log_format) {
         eprintln!("shoal-tracker: {e:#}");

@@ -10,9 +10,10 @@ use super::tracker_client::TrackerError;
 use super::transfers::{Resolved, Transfer, WantError};
 use super::Peer;
 use crate::protocol::{FileInfo, Hash};
+use crate::tls::HttpClients;
 use hyper::header::{self, HeaderValue};
 use hyper::{body::Incoming, Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioTimer;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -55,6 +56,18 @@ pub async fn serve(peer: Arc<Peer>, listener: TcpListener) {
 /// Serves one connection until the client closes it or the peer stops.
 async fn connection(peer: Arc<Peer>, stream: tokio::net::TcpStream) {
     let stop = peer.stop.clone();
+    let tls = peer.tls.as_deref().filter(|_| peer.cfg.api_tls);
+    let io = tokio::select! {
+        io = crate::metrics::http_stream(tls, HttpClients::Certified, stream) => io,
+        _ = stop.cancelled() => return,
+    };
+    let io = match io {
+        Ok(io) => io,
+        Err(e) => {
+            tracing::warn!(error = %e, "API connection refused");
+            return;
+        }
+    };
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let peer = peer.clone();
         async move { Ok::<_, std::convert::Infallible>(handle(&peer, req).await) }
@@ -62,7 +75,7 @@ async fn connection(peer: Arc<Peer>, stream: tokio::net::TcpStream) {
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
-        .serve_connection(TokioIo::new(stream), service);
+        .serve_connection(io, service);
     let mut conn = std::pin::pin!(conn);
     let ended = tokio::select! {
         ended = conn.as_mut() => ended,

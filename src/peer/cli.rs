@@ -295,18 +295,30 @@ fn print_json<T: Serialize>(value: &T) {
     println!("{}", serde_json::to_string(value).expect("serialisable"));
 }
 
-/// The trackers of a command that only asks them: the set as resolved now.
-async fn one_shot_trackers(cfg: &PeerConfig) -> Trackers {
-    let trackers = Trackers::new(cfg, &PeerMetrics::default(), &CancellationToken::new());
+/// The trackers of a command that only asks them: the set as resolved now, dialled in TLS when
+/// the settings say so.
+async fn one_shot_trackers(cfg: &PeerConfig) -> Result<Trackers, ExitCode> {
+    let tls = match cfg.tls.load() {
+        Ok(tls) => tls,
+        Err(e) => {
+            eprintln!("shoal-peer: {e:#}");
+            return Err(ExitCode::from(exit::USAGE));
+        }
+    };
+    let trackers = Trackers::new(cfg, &PeerMetrics::default(), &CancellationToken::new(), tls);
     trackers.refresh().await;
-    trackers
+    Ok(trackers)
 }
 
 /// `shoal-peer files [--json] [--all-versions]`: the JSON form is the message 2 entries
 /// (`name`, `size`, `chunk_size`, `digest`, `chunks`, `peers`, `seeders`, `published`,
 /// `latest`).
 pub async fn files(cfg: PeerConfig, output: Output, all_versions: bool) -> ExitCode {
-    match one_shot_trackers(&cfg).await.file_list(all_versions).await {
+    let trackers = match one_shot_trackers(&cfg).await {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
+    match trackers.file_list(all_versions).await {
         Ok(l) if output == Output::Json => {
             print_json(&l.files);
             ExitCode::SUCCESS
@@ -366,11 +378,11 @@ pub async fn locate_cmd(
     digest: Option<Hash>,
     output: Output,
 ) -> ExitCode {
-    match one_shot_trackers(&cfg)
-        .await
-        .locations(name, digest, false)
-        .await
-    {
+    let trackers = match one_shot_trackers(&cfg).await {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
+    match trackers.locations(name, digest, false).await {
         Ok(l) if output == Output::Json => {
             print_json(&locations_json(&l));
             ExitCode::SUCCESS
@@ -452,8 +464,9 @@ pub async fn fetch(req: &FetchRequest<'_>, stop: CancellationToken) -> ExitCode 
     }
 }
 
-/// `shoal-peer health` / `shoal-tracker health`: probes `/healthz` on the metrics address.
-pub async fn health(metrics_addr: Option<&str>) -> ExitCode {
+/// `shoal-peer health` / `shoal-tracker health`: probes `/healthz` on the metrics address, in
+/// TLS when `SHOAL_METRICS_TLS` is on (the endpoint must show this program's own certificate).
+pub async fn health(metrics_addr: Option<&str>, tls: &crate::config::TlsSettings) -> ExitCode {
     let Some(addr) = metrics_addr else {
         eprintln!("health: SHOAL_METRICS_ADDR is not set, so there is no endpoint to probe");
         return ExitCode::from(exit::USAGE);
@@ -462,7 +475,17 @@ pub async fn health(metrics_addr: Option<&str>) -> ExitCode {
         eprintln!("health: SHOAL_METRICS_ADDR {addr:?} is not ip:port");
         return ExitCode::from(exit::USAGE);
     };
-    match crate::metrics::probe(addr, "/healthz").await {
+    let client = match tls.tls_cert.as_deref().filter(|_| tls.metrics_tls) {
+        Some(cert) => match crate::tls::own_endpoint_client(cert) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("health: {e:#}");
+                return ExitCode::from(exit::USAGE);
+            }
+        },
+        None => None,
+    };
+    match crate::metrics::probe(addr, "/healthz", client).await {
         Ok(200) => ExitCode::SUCCESS,
         Ok(status) => {
             eprintln!("health: /healthz answered {status}");

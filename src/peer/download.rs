@@ -17,7 +17,7 @@ use super::tracker_client::TrackerError;
 use super::transfers::{Opened, Transfer};
 use super::Peer;
 use crate::bitfield::Bitfield;
-use crate::connection::{Connection, FrameError, Limits};
+use crate::connection::{Connection, FrameError};
 use crate::metrics::Active;
 use crate::protocol::{
     decode_reply, encode_request, validate_name, ChunkHeader, ChunkRequest, ErrorCode, FileInfo,
@@ -30,7 +30,6 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use tokio::net::TcpStream;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::Instrument;
@@ -55,8 +54,6 @@ const BUFFER_BUDGET: usize = 32 << 20;
 const MIN_BUFFERS: usize = LANDINGS + 1;
 /// How long a source with nothing to ask waits for news before closing its connection.
 const IDLE_GRACE: Duration = Duration::from_secs(1);
-/// Longest chunk header line accepted from a holder.
-const MAX_HEADER_BYTES: usize = 4096;
 /// Rounds of download and final check before giving up: damage that comes back every time is
 /// something a refetch cannot fix.
 const FINAL_CHECKS: u32 = 3;
@@ -884,23 +881,7 @@ impl Job {
         landings: &mut VecDeque<Landing>,
     ) -> Result<(), Fault> {
         let cfg = &self.peer.cfg;
-        let stream = match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(addr)).await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(Fault::Failed(format!("cannot connect: {e}"))),
-            Err(_) => {
-                return Err(Fault::Failed(format!(
-                    "no connection within {:?}",
-                    cfg.connect_timeout
-                )))
-            }
-        };
-        let limits = Limits {
-            max_frame: MAX_HEADER_BYTES,
-            idle_timeout: cfg.chunk_timeout,
-            frame_timeout: cfg.chunk_timeout,
-        };
-        let mut conn = Connection::new(stream, limits);
+        let mut conn = self.peer.dial_holder(addr).await.map_err(Fault::Failed)?;
         let failed = |e: std::io::Error| Fault::Failed(format!("send failed: {e}"));
         loop {
             while queue.len() < cfg.pipeline_depth {

@@ -37,6 +37,9 @@ use tracker_client::TrackerError;
 use trackers::Trackers;
 use transfers::Transfers;
 
+/// Longest chunk header line accepted from a holder.
+const MAX_HEADER_BYTES: usize = 4096;
+
 /// A running peer. Cheap to share (`Arc<Peer>`); every task holds one.
 pub struct Peer {
     pub cfg: PeerConfig,
@@ -51,6 +54,8 @@ pub struct Peer {
     /// Chunks sent at once; further requests wait their turn (first come, first served).
     pub upload_slots: tokio::sync::Semaphore,
     pub listen_addr: SocketAddr,
+    /// Set, the chunk server and every dial (tracker, holders) speak mutual TLS.
+    pub tls: Option<Arc<crate::tls::Tls>>,
     pub stop: CancellationToken,
     pub tasks: TaskTracker,
     /// Wakes the catalogue: a file was found changed on disk while being served.
@@ -104,7 +109,8 @@ impl Peer {
             .with_context(|| format!("cannot listen on {}", cfg.listen))?;
         let listen_addr = listener.local_addr()?;
         let metrics = PeerMetrics::default();
-        let trackers = Trackers::new(&cfg, &metrics, &stop);
+        let tls = cfg.tls.load()?;
+        let trackers = Trackers::new(&cfg, &metrics, &stop, tls.clone());
         trackers.refresh().await;
         let origin = match &cfg.origin {
             Some(url) => {
@@ -124,6 +130,7 @@ impl Peer {
             upload: RateLimiter::new(cfg.upload_limit),
             upload_slots: tokio::sync::Semaphore::new(cfg.upload_slots),
             listen_addr,
+            tls,
             stop,
             tasks: TaskTracker::new(),
             rescan: tokio::sync::Notify::new(),
@@ -139,6 +146,7 @@ impl Peer {
             metrics_addr = Some(http.local_addr()?);
             peer.tasks.spawn(serve_http(
                 http,
+                peer.tls.clone().filter(|_| peer.cfg.tls.metrics_tls),
                 peer.metrics.registry.clone(),
                 peer.ready.clone(),
                 peer.stop.clone(),
@@ -158,6 +166,22 @@ impl Peer {
     /// Whether some tracker knows this peer now.
     pub fn is_registered(&self) -> bool {
         self.trackers.registered() && self.ready.get()
+    }
+
+    /// A connection to the chunk server of the holder at `addr` (`ip:port`), in this peer's mode;
+    /// with TLS, the holder's certificate must carry `SHOAL_TLS_PEER_NAME`.
+    pub async fn dial_holder(&self, addr: &str) -> Result<crate::connection::Connection, String> {
+        let cfg = &self.cfg;
+        let limits = crate::connection::Limits {
+            max_frame: MAX_HEADER_BYTES,
+            idle_timeout: cfg.chunk_timeout,
+            frame_timeout: cfg.chunk_timeout,
+        };
+        let socket: SocketAddr = addr
+            .parse()
+            .map_err(|_| format!("{addr:?} is not ip:port"))?;
+        let tls = self.tls.as_deref();
+        crate::tls::connect(tls, socket, &cfg.tls_peer_name, limits, cfg.connect_timeout).await
     }
 
     /// This peer's id at one of its trackers, to name itself to other peers.

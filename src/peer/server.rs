@@ -80,13 +80,18 @@ pub async fn run(peer: Arc<Peer>, listener: TcpListener) {
         let Some((stream, remote)) = crate::connection::accept(&listener, &peer.stop).await else {
             return;
         };
-        let mut conn = Connection::new(stream, limits);
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             let why = format!(
                 "peer is at its limit of {} connections; retry later",
                 peer.cfg.max_connections
             );
+            let tls = peer.tls.clone();
             peer.tasks.spawn(async move {
+                let Some(mut conn) =
+                    crate::tls::accept_to_refuse(tls.as_deref(), stream, limits).await
+                else {
+                    return;
+                };
                 let _ = conn
                     .write_line(&encode_refusal(0, &Refusal::new(ErrorCode::Busy, why)))
                     .await;
@@ -98,7 +103,14 @@ pub async fn run(peer: Arc<Peer>, listener: TcpListener) {
         let span = tracing::debug_span!("upload", remote = %remote);
         peer.tasks.spawn(
             async move {
-                let reason = serve(&peer2, &mut conn).await;
+                let accepted = tokio::select! {
+                    _ = peer2.stop.cancelled() => Err("shutdown".to_string()),
+                    a = crate::tls::accept(peer2.tls.as_deref(), stream, limits) => a,
+                };
+                let reason = match accepted {
+                    Ok(mut conn) => serve(&peer2, &mut conn).await.to_string(),
+                    Err(why) => why,
+                };
                 tracing::debug!(reason, "upload connection closed");
                 drop(permit);
             }

@@ -6,6 +6,7 @@
 use crate::config::PeerConfig;
 use crate::connection::{Connection, Limits};
 use crate::protocol::{decode_reply, encode_request, ErrorCode, Msg, Refusal};
+use crate::tls::Tls;
 use prometheus::IntCounterVec;
 use rand::Rng;
 use serde::de::DeserializeOwned;
@@ -13,9 +14,8 @@ use serde::Serialize;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 /// The wait after the first failed attempt to reach the tracker; it doubles with each further
@@ -68,6 +68,8 @@ pub struct TrackerClient {
     backoff_cap_ms: AtomicU64,
     /// `shoal_peer_tracker_requests_total`: requests that reached the network, by outcome.
     requests: IntCounterVec,
+    /// Set, the tracker is dialled in TLS and its certificate must carry `.1`.
+    tls: Option<(Arc<Tls>, String)>,
 }
 
 impl TrackerClient {
@@ -87,7 +89,15 @@ impl TrackerClient {
             outage: Mutex::new(None),
             backoff_cap_ms: AtomicU64::new(BACKOFF_MAX.as_millis() as u64),
             requests,
+            tls: None,
         }
+    }
+
+    /// Dials the tracker in TLS with these settings (`None`: clear text); its certificate must
+    /// carry `name` (see [`super::trackers::Trackers`] for which name that is).
+    pub fn with_tls(mut self, tls: Option<Arc<Tls>>, name: &str) -> Self {
+        self.tls = tls.map(|t| (t, name.to_string()));
+        self
     }
 
     /// Caps the backoff at `interval` (the announce interval) when that is shorter than
@@ -203,12 +213,15 @@ impl TrackerClient {
                 Ok(Err(e)) => return Err(self.unreachable(format!("cannot resolve: {e}"))),
                 Err(_) => return Err(self.unreachable("name resolution timed out")),
             };
+        let (tls, name) = match &self.tls {
+            Some((tls, name)) => (Some(&**tls), name.as_str()),
+            None => (None, ""),
+        };
         let mut last = String::from("no address");
         for addr in addrs {
-            match timeout(self.connect_timeout, TcpStream::connect(addr)).await {
-                Ok(Ok(stream)) => return Ok(Connection::new(stream, self.limits)),
-                Ok(Err(e)) => last = e.to_string(),
-                Err(_) => last = format!("connect timed out after {:?}", self.connect_timeout),
+            match crate::tls::connect(tls, addr, name, self.limits, self.connect_timeout).await {
+                Ok(conn) => return Ok(conn),
+                Err(e) => last = e,
             }
         }
         Err(self.unreachable(last))
@@ -221,9 +234,7 @@ impl TrackerClient {
             *guard = Some(self.attempt(self.connect()).await?);
         }
         let conn = guard.as_ref().expect("just set");
-        conn.local_addr()
-            .map(|a| a.ip())
-            .map_err(|e| self.unreachable(e))
+        Ok(conn.local_addr().ip())
     }
 
     /// Sends one request and waits for its reply. A broken connection is reopened once.

@@ -10,6 +10,7 @@ use crate::metrics::PeerMetrics;
 use crate::protocol::{
     version_key, FileList, FileListReply, FileSummary, Hash, Locations, LocationsReply, Msg,
 };
+use crate::tls::Tls;
 use prometheus::{IntCounter, IntCounterVec};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -139,6 +140,8 @@ pub struct Trackers {
     entries: Vec<String>,
     replicas: usize,
     cfg: PeerConfig,
+    /// Set, every tracker is dialled in TLS (see [`Trackers::tls_name`]).
+    tls: Option<Arc<Tls>>,
     requests: IntCounterVec,
     failovers: IntCounter,
     stop: CancellationToken,
@@ -148,12 +151,19 @@ pub struct Trackers {
 
 impl Trackers {
     /// The trackers `cfg.tracker` lists. A single name stands for itself until [`Trackers::refresh`]
-    /// finds it resolves to several addresses. Members' upkeep stops with `stop`.
-    pub fn new(cfg: &PeerConfig, metrics: &PeerMetrics, stop: &CancellationToken) -> Trackers {
+    /// finds it resolves to several addresses. Members' upkeep stops with `stop`. With `tls`,
+    /// every tracker is dialled in TLS.
+    pub fn new(
+        cfg: &PeerConfig,
+        metrics: &PeerMetrics,
+        stop: &CancellationToken,
+        tls: Option<Arc<Tls>>,
+    ) -> Trackers {
         let entries: Vec<String> = cfg.tracker.split(',').map(str::to_string).collect();
         let trackers = Trackers {
             replicas: cfg.tracker_replicas.max(1),
             cfg: cfg.clone(),
+            tls,
             requests: metrics.tracker_requests.clone(),
             failovers: metrics.tracker_failovers.clone(),
             stop: stop.clone(),
@@ -239,12 +249,28 @@ impl Trackers {
             reports,
             report_rx: Mutex::new(Some(report_rx)),
             placed: Mutex::new(HashSet::new()),
-            client: TrackerClient::new(addr, &self.cfg, self.requests.clone()),
+            client: TrackerClient::new(addr, &self.cfg, self.requests.clone())
+                .with_tls(self.tls.clone(), &self.tls_name(addr)),
             session: Mutex::new(None),
             needs_sync: AtomicBool::new(true),
             announce_ms: AtomicU64::new(30_000),
             gone: self.stop.child_token(),
         }
+    }
+
+    /// The name the certificate of the tracker at `addr` must carry: the host part of the
+    /// `SHOAL_TRACKER` entry it came from. One name resolved into several trackers (a headless
+    /// Service) is still that name, as a client of a replicated service expects; a tracker of a
+    /// list is its own entry's host (a DNS name, or an ip when listed by ip).
+    fn tls_name(&self, addr: &str) -> String {
+        let entry = match self.entries.as_slice() {
+            [single] => single.as_str(),
+            _ => addr,
+        };
+        let host = entry.rsplit_once(':').map_or(entry, |(host, _)| host);
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string()
     }
 
     /// Resolves the name again every [`RESOLVE_EVERY`]; `joined` starts the upkeep of each
@@ -677,7 +703,7 @@ mod tests {
             ..PeerConfig::default()
         };
         let stop = CancellationToken::new();
-        let trackers = Trackers::new(&cfg, &PeerMetrics::default(), &stop);
+        let trackers = Trackers::new(&cfg, &PeerMetrics::default(), &stop, None);
         assert_eq!(trackers.members()[0].addr(), "localhost:7400");
         let joined = trackers.refresh().await;
         let set: Vec<String> = trackers
@@ -703,7 +729,12 @@ mod tests {
             tracker: "t2:7400,t1:7400,t3:7400".into(),
             ..PeerConfig::default()
         };
-        let trackers = Trackers::new(&cfg, &PeerMetrics::default(), &CancellationToken::new());
+        let trackers = Trackers::new(
+            &cfg,
+            &PeerMetrics::default(),
+            &CancellationToken::new(),
+            None,
+        );
         let set: Vec<String> = trackers
             .members()
             .iter()

@@ -17,7 +17,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 impl Tracker {
-    pub fn from_config(cfg: &TrackerConfig) -> Tracker {
+    /// A tracker with these settings; fails only on unreadable TLS files.
+    pub fn from_config(cfg: &TrackerConfig) -> anyhow::Result<Tracker> {
         let limits = IndexLimits {
             max_peers: cfg.max_peers,
             max_files: cfg.max_files,
@@ -25,7 +26,8 @@ impl Tracker {
             max_chunks_per_file: cfg.max_chunks_per_file,
             max_holders: cfg.max_holders,
         };
-        Tracker {
+        Ok(Tracker {
+            tls: cfg.tls.load()?,
             state: Arc::new(
                 TrackerState::new(limits, cfg.announce_interval, cfg.secret.clone())
                     .allowing_foreign_addr(cfg.allow_foreign_addr),
@@ -38,7 +40,7 @@ impl Tracker {
             },
             max_connections: cfg.max_connections,
             announce_interval: cfg.announce_interval,
-        }
+        })
     }
 }
 
@@ -48,7 +50,7 @@ pub async fn run(cfg: TrackerConfig, stop: CancellationToken) -> anyhow::Result<
     use anyhow::Context;
     let listener = crate::connection::listen(&cfg.listen, cfg.max_connections)
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
-    let tracker = Arc::new(Tracker::from_config(&cfg));
+    let tracker = Arc::new(Tracker::from_config(&cfg)?);
     let mut metrics_addr = None;
     if let Some(addr) = &cfg.metrics_addr {
         let http = TcpListener::bind(addr)
@@ -59,6 +61,7 @@ pub async fn run(cfg: TrackerConfig, stop: CancellationToken) -> anyhow::Result<
         ready.set(true);
         tokio::spawn(serve_http(
             http,
+            tracker.tls.clone().filter(|_| cfg.tls.metrics_tls),
             tracker.metrics.registry.clone(),
             ready,
             stop.clone(),

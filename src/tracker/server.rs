@@ -5,6 +5,7 @@ use super::state::TrackerState;
 use crate::connection::{Connection, FrameError, Limits};
 use crate::metrics::TrackerMetrics;
 use crate::protocol::{self, decode_body, encode_refusal, encode_reply, ErrorCode, Msg, Refusal};
+use crate::tls::Tls;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,6 +21,8 @@ pub struct Tracker {
     pub limits: Limits,
     pub max_connections: usize,
     pub announce_interval: Duration,
+    /// Set, every connection speaks TLS (mutual when its CA is set).
+    pub tls: Option<Arc<Tls>>,
 }
 
 impl Tracker {
@@ -34,7 +37,12 @@ impl Tracker {
                 break;
             };
             let Ok(permit) = slots.clone().try_acquire_owned() else {
-                tasks.spawn(refuse_busy(stream, self.limits, self.max_connections));
+                tasks.spawn(refuse_busy(
+                    self.tls.clone(),
+                    stream,
+                    self.limits,
+                    self.max_connections,
+                ));
                 continue;
             };
             let this = self.clone();
@@ -42,7 +50,14 @@ impl Tracker {
             let span = tracing::debug_span!("conn", remote = %remote);
             tasks.spawn(
                 async move {
-                    let reason = this.serve(stream, remote.ip(), stop).await;
+                    let accepted = tokio::select! {
+                        _ = stop.cancelled() => Err("shutdown".to_string()),
+                        a = crate::tls::accept(this.tls.as_deref(), stream, this.limits) => a,
+                    };
+                    let reason = match accepted {
+                        Ok(conn) => this.serve(conn, stop).await.to_string(),
+                        Err(why) => why,
+                    };
                     tracing::debug!(reason, "connection closed");
                     drop(permit);
                 }
@@ -53,13 +68,8 @@ impl Tracker {
         tasks.wait().await;
     }
 
-    async fn serve(
-        &self,
-        stream: TcpStream,
-        remote: IpAddr,
-        stop: CancellationToken,
-    ) -> &'static str {
-        let mut conn = Connection::new(stream, self.limits);
+    async fn serve(&self, mut conn: Connection, stop: CancellationToken) -> &'static str {
+        let remote = conn.peer_addr().ip();
         loop {
             let line = tokio::select! {
                 _ = stop.cancelled() => return "shutdown",
@@ -82,7 +92,7 @@ impl Tracker {
                 Err(FrameError::Truncated) => return "truncated frame",
                 Err(FrameError::Io(_)) => return "i/o error",
             };
-            let reply = self.handle(&line, remote);
+            let reply = self.handle(&line, remote, conn.identity());
             if conn.write_line(&reply).await.is_err() {
                 return "write failed";
             }
@@ -92,14 +102,15 @@ impl Tracker {
         }
     }
 
-    /// Turns one request line into one reply line, and counts it.
-    pub fn handle(&self, line: &[u8], remote: IpAddr) -> Vec<u8> {
+    /// Turns one request line into one reply line, and counts it. `identity` is what the
+    /// client's certificate proves, if it showed one.
+    pub fn handle(&self, line: &[u8], remote: IpAddr, identity: Option<&str>) -> Vec<u8> {
         let started = Instant::now();
         let (label, result) = match protocol::decode_envelope(line) {
             Err((n, refusal)) => ("invalid", Err((n, refusal))),
             Ok((msg, _)) => (
                 msg.label(),
-                self.dispatch(msg, line, remote)
+                self.dispatch(msg, line, remote, identity)
                     .map_err(|r| (msg as u64, r)),
             ),
         };
@@ -126,11 +137,19 @@ impl Tracker {
         }
     }
 
-    fn dispatch(&self, msg: Msg, line: &[u8], remote: IpAddr) -> Result<Vec<u8>, Refusal> {
+    fn dispatch(
+        &self,
+        msg: Msg,
+        line: &[u8],
+        remote: IpAddr,
+        identity: Option<&str>,
+    ) -> Result<Vec<u8>, Refusal> {
         let now = Instant::now();
         let reply = match msg {
             Msg::Register => {
-                let registered = self.state.register(decode_body(line)?, remote, now)?;
+                let registered = self
+                    .state
+                    .register(decode_body(line)?, remote, identity, now)?;
                 self.metrics.registrations.inc();
                 tracing::info!(peer_id = registered.peer_id, addr = %registered.addr, files = registered.files.len(), "peer registered");
                 encode_reply(msg, &registered)
@@ -141,24 +160,31 @@ impl Tracker {
             }
             Msg::Locations => encode_reply(msg, &self.state.locations(&decode_body(line)?)?),
             Msg::ChunkRegister => {
-                let recorded = self.state.chunk_register(&decode_body(line)?, now)?;
+                let recorded = self
+                    .state
+                    .chunk_register(&decode_body(line)?, identity, now)?;
                 self.metrics.chunk_registrations.inc_by(recorded.recorded);
                 encode_reply(msg, &recorded)
             }
             Msg::Leave => {
                 let auth: protocol::PeerAuth = decode_body(line)?;
-                let ack = self.state.leave(&auth)?;
+                let ack = self.state.leave(&auth, identity)?;
                 tracing::info!(peer_id = auth.peer_id, "peer left");
                 encode_reply(msg, &ack)
             }
-            Msg::Announce => encode_reply(msg, &self.state.announce(&decode_body(line)?, now)?),
+            Msg::Announce => encode_reply(
+                msg,
+                &self.state.announce(&decode_body(line)?, identity, now)?,
+            ),
             Msg::Withdraw => {
                 let req: protocol::Withdraw = decode_body(line)?;
-                let ack = self.state.withdraw(&req, now)?;
+                let ack = self.state.withdraw(&req, identity, now)?;
                 tracing::info!(peer_id = req.peer_id, file = %req.file, digest = req.digest.to_hex(), "version withdrawn");
                 encode_reply(msg, &ack)
             }
-            Msg::Origin => encode_reply(msg, &self.state.origin(&decode_body(line)?, now)?),
+            Msg::Origin => {
+                encode_reply(msg, &self.state.origin(&decode_body(line)?, identity, now)?)
+            }
             Msg::ChunkRequest => {
                 return Err(Refusal::new(
                     ErrorCode::UnknownMsg,
@@ -197,9 +223,11 @@ impl Tracker {
     }
 }
 
-/// Load shedding: tell the client why, then close.
-async fn refuse_busy(stream: TcpStream, limits: Limits, max: usize) {
-    let mut conn = Connection::new(stream, limits);
+/// Load shedding: tell the client why (in its own mode), then close.
+async fn refuse_busy(tls: Option<Arc<Tls>>, stream: TcpStream, limits: Limits, max: usize) {
+    let Some(mut conn) = crate::tls::accept_to_refuse(tls.as_deref(), stream, limits).await else {
+        return;
+    };
     let r = Refusal::new(
         ErrorCode::Busy,
         format!("tracker is at its limit of {max} connections; retry later"),

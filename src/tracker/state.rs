@@ -131,6 +131,10 @@ struct PeerEntry {
     name: String,
     addr: SocketAddr,
     token: String,
+    /// What the certificate it registered with proves (see [`crate::tls::identity`]): every
+    /// later request for this peer must come with the same, so one peer's certificate cannot
+    /// act for another. `None` in clear text or without client certificates.
+    identity: Option<String>,
     expires: Instant,
     /// Ids of the files this peer holds chunks of, to clean up when it goes. Whether it holds
     /// a given file is asked of the file's holders, so a list is enough (and smaller than a set).
@@ -211,6 +215,7 @@ impl TrackerState {
         &self,
         req: Register,
         source: IpAddr,
+        identity: Option<&str>,
         now: Instant,
     ) -> Result<Registered, Refusal> {
         self.admit(req.secret.as_deref(), "registration")?;
@@ -220,7 +225,7 @@ impl TrackerState {
         let mut ix = self.lock();
         let peer_id = match (req.peer_id, req.token.as_deref()) {
             (Some(id), Some(token)) => {
-                let peer = authorised(&mut ix, id, token)?;
+                let peer = authorised(&mut ix, id, token, identity)?;
                 peer.expires = lease;
                 peer.name = req.name.clone();
                 peer.addr = addr;
@@ -242,6 +247,7 @@ impl TrackerState {
                     name: req.name.clone(),
                     addr,
                     token,
+                    identity: identity.map(str::to_string),
                     expires: lease,
                     files: Vec::new(),
                 };
@@ -457,11 +463,12 @@ impl TrackerState {
     pub fn chunk_register(
         &self,
         req: &ChunkRegister,
+        identity: Option<&str>,
         now: Instant,
     ) -> Result<ChunksRecorded, Refusal> {
         let lease = self.lease(now);
         let mut ix = self.lock();
-        authorised(&mut ix, req.peer_id, &req.token)?.expires = lease;
+        authorised(&mut ix, req.peer_id, &req.token, identity)?.expires = lease;
         let (id, file) = ix
             .file(&req.file, req.digest)
             .ok_or_else(|| unknown_file(&req.file, req.digest))?;
@@ -483,9 +490,9 @@ impl TrackerState {
     }
 
     /// 6 leave: the peer and every entry it had are removed at once.
-    pub fn leave(&self, req: &PeerAuth) -> Result<Acknowledged, Refusal> {
+    pub fn leave(&self, req: &PeerAuth, identity: Option<&str>) -> Result<Acknowledged, Refusal> {
         let mut ix = self.lock();
-        authorised(&mut ix, req.peer_id, &req.token)?;
+        authorised(&mut ix, req.peer_id, &req.token, identity)?;
         remove_peer(&mut ix, req.peer_id);
         Ok(Acknowledged {
             announce_interval_ms: None,
@@ -495,11 +502,16 @@ impl TrackerState {
     /// 8 withdraw: the peer no longer holds this version; a version nobody holds leaves.
     /// Withdrawing a version the peer is not listed for changes nothing and is acknowledged,
     /// so a repeated withdraw is harmless.
-    pub fn withdraw(&self, req: &Withdraw, now: Instant) -> Result<Acknowledged, Refusal> {
+    pub fn withdraw(
+        &self,
+        req: &Withdraw,
+        identity: Option<&str>,
+        now: Instant,
+    ) -> Result<Acknowledged, Refusal> {
         validate_name(&req.file)?;
         let lease = self.lease(now);
         let mut ix = self.lock();
-        authorised(&mut ix, req.peer_id, &req.token)?.expires = lease;
+        authorised(&mut ix, req.peer_id, &req.token, identity)?.expires = lease;
         if let Some((id, _)) = ix.file(&req.file, Some(req.digest)) {
             release(&mut ix, req.peer_id, id);
             let peer = ix.peers.get_mut(&req.peer_id).expect("authorised above");
@@ -511,10 +523,15 @@ impl TrackerState {
     }
 
     /// 7 announce: renews the lease.
-    pub fn announce(&self, req: &PeerAuth, now: Instant) -> Result<Acknowledged, Refusal> {
+    pub fn announce(
+        &self,
+        req: &PeerAuth,
+        identity: Option<&str>,
+        now: Instant,
+    ) -> Result<Acknowledged, Refusal> {
         let lease = self.lease(now);
         let mut ix = self.lock();
-        authorised(&mut ix, req.peer_id, &req.token)?.expires = lease;
+        authorised(&mut ix, req.peer_id, &req.token, identity)?.expires = lease;
         Ok(Acknowledged {
             announce_interval_ms: Some(self.announce_interval.as_millis() as u64),
         })
@@ -523,7 +540,12 @@ impl TrackerState {
     /// 9 origin: publishes the hashes of chunks the peer fetched from the origin, renews its
     /// claims and grants it more; indexes the file as an ordinary version once every chunk
     /// hash is known. The peer's lease is renewed too.
-    pub fn origin(&self, req: &OriginClaim, now: Instant) -> Result<OriginGrant, Refusal> {
+    pub fn origin(
+        &self,
+        req: &OriginClaim,
+        identity: Option<&str>,
+        now: Instant,
+    ) -> Result<OriginGrant, Refusal> {
         validate_name(&req.file)?;
         if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&req.chunk_size) {
             let why = format!(
@@ -534,7 +556,7 @@ impl TrackerState {
         }
         let lease = self.lease(now);
         let mut ix = self.lock();
-        authorised(&mut ix, req.peer_id, &req.token)?.expires = lease;
+        authorised(&mut ix, req.peer_id, &req.token, identity)?.expires = lease;
         let limits = ClaimLimits {
             max_files: self.limits.max_files,
             max_chunks: self.limits.max_chunks_per_file,
@@ -654,10 +676,12 @@ fn unknown_file(name: &str, digest: Option<Hash>) -> Refusal {
     Refusal::new(ErrorCode::UnknownFile, why)
 }
 
+/// The entry of `peer_id`, if `token` is its token and `identity` the one it registered with.
 fn authorised<'a>(
     ix: &'a mut Index,
     peer_id: u64,
     token: &str,
+    identity: Option<&str>,
 ) -> Result<&'a mut PeerEntry, Refusal> {
     let unknown = || {
         Refusal::new(ErrorCode::UnknownPeer, format!("peer {peer_id} is not registered (left, expired, or the tracker restarted): register again"))
@@ -671,6 +695,16 @@ fn authorised<'a>(
             ErrorCode::Forbidden,
             format!("token does not belong to peer {peer_id}"),
         ));
+    }
+    if peer.identity.as_deref() != identity {
+        let shown =
+            |i: Option<&str>| i.map_or("no certificate".into(), |i| format!("certificate {i:?}"));
+        let why = format!(
+            "peer {peer_id} registered with {}, this connection shows {}: a peer's certificate cannot act for another peer",
+            shown(peer.identity.as_deref()),
+            shown(identity)
+        );
+        return Err(Refusal::new(ErrorCode::Forbidden, why));
     }
     Ok(peer)
 }
@@ -862,7 +896,7 @@ mod tests {
             token: None,
             files,
         };
-        s.register(req, "10.1.2.3".parse().unwrap(), Instant::now())
+        s.register(req, "10.1.2.3".parse().unwrap(), None, Instant::now())
             .unwrap()
     }
 
@@ -1046,6 +1080,7 @@ mod tests {
                     file: file.info.name.clone(),
                     digest: file.info.digest,
                 },
+                None,
                 Instant::now(),
             )
         };
@@ -1082,7 +1117,12 @@ mod tests {
             digest: Some(old.info.digest),
             chunks: vec![0],
         };
-        assert_eq!(s.chunk_register(&req, Instant::now()).unwrap().recorded, 1);
+        assert_eq!(
+            s.chunk_register(&req, None, Instant::now())
+                .unwrap()
+                .recorded,
+            1
+        );
         assert_eq!(
             locate_version(&s, "a", old.info.digest)
                 .unwrap()
@@ -1091,10 +1131,10 @@ mod tests {
         );
         assert_eq!(locate(&s, "a").total_peers, 1);
         req.digest = Some(Hash([0xee; 32]));
-        let unknown = s.chunk_register(&req, Instant::now()).unwrap_err();
+        let unknown = s.chunk_register(&req, None, Instant::now()).unwrap_err();
         assert_eq!(unknown.code, ErrorCode::UnknownFile);
         req.digest = None;
-        s.chunk_register(&req, Instant::now()).unwrap();
+        s.chunk_register(&req, None, Instant::now()).unwrap();
         assert_eq!(locate(&s, "a").total_peers, 2, "no digest means the newest");
     }
 
@@ -1122,7 +1162,7 @@ mod tests {
                 file: name.into(),
                 digest: Hash([1; 32]),
             };
-            let refused = s.withdraw(&withdraw, Instant::now()).unwrap_err();
+            let refused = s.withdraw(&withdraw, None, Instant::now()).unwrap_err();
             assert_eq!(refused.code, ErrorCode::InvalidName, "{name:?}");
         }
         let nested = register(&s, "q", 3, vec![offer("models/llama/shard-1.bin", 1, 1)]);
@@ -1172,7 +1212,7 @@ mod tests {
             peer_id: new.peer_id,
             token: old.token,
         };
-        let refusal = after.announce(&stale, Instant::now()).unwrap_err();
+        let refusal = after.announce(&stale, None, Instant::now()).unwrap_err();
         assert_eq!(refusal.code, ErrorCode::UnknownPeer);
     }
 
@@ -1203,25 +1243,38 @@ mod tests {
             chunks: vec![1],
         };
         assert_eq!(
-            s.chunk_register(&req, Instant::now()).unwrap_err().code,
+            s.chunk_register(&req, None, Instant::now())
+                .unwrap_err()
+                .code,
             ErrorCode::Forbidden
         );
         req.token = leecher.token.clone();
         req.chunks = vec![1, 4];
         assert_eq!(
-            s.chunk_register(&req, Instant::now()).unwrap_err().code,
+            s.chunk_register(&req, None, Instant::now())
+                .unwrap_err()
+                .code,
             ErrorCode::OutOfRange
         );
         req.chunks = vec![1, 1, 3];
-        assert_eq!(s.chunk_register(&req, Instant::now()).unwrap().recorded, 2);
+        assert_eq!(
+            s.chunk_register(&req, None, Instant::now())
+                .unwrap()
+                .recorded,
+            2
+        );
         req.file = "nope".into();
         assert_eq!(
-            s.chunk_register(&req, Instant::now()).unwrap_err().code,
+            s.chunk_register(&req, None, Instant::now())
+                .unwrap_err()
+                .code,
             ErrorCode::UnknownFile
         );
         req.peer_id = 999;
         assert_eq!(
-            s.chunk_register(&req, Instant::now()).unwrap_err().code,
+            s.chunk_register(&req, None, Instant::now())
+                .unwrap_err()
+                .code,
             ErrorCode::UnknownPeer
         );
         assert_eq!(locate(&s, "a").total_peers, 2);
@@ -1236,13 +1289,54 @@ mod tests {
             peer_id: r.peer_id,
             token: other.token,
         };
-        assert_eq!(s.leave(&auth).unwrap_err().code, ErrorCode::Forbidden);
-        s.leave(&PeerAuth {
-            peer_id: r.peer_id,
-            token: r.token,
-        })
+        assert_eq!(s.leave(&auth, None).unwrap_err().code, ErrorCode::Forbidden);
+        s.leave(
+            &PeerAuth {
+                peer_id: r.peer_id,
+                token: r.token,
+            },
+            None,
+        )
         .unwrap();
         assert_eq!(s.sizes(), sized(1, 0));
+    }
+
+    #[test]
+    fn a_registration_is_bound_to_the_certificate_it_came_with() {
+        let s = state();
+        let req = Register {
+            name: "p0".into(),
+            addr: "0.0.0.0:1".into(),
+            secret: None,
+            peer_id: None,
+            token: None,
+            files: vec![offer("a", 1, 4)],
+        };
+        let ip = "10.1.2.3".parse().unwrap();
+        let r = s
+            .register(req, ip, Some("p0,shoal-peer"), Instant::now())
+            .unwrap();
+        let auth = PeerAuth {
+            peer_id: r.peer_id,
+            token: r.token.clone(),
+        };
+        let now = Instant::now();
+        for other in [Some("p1,shoal-peer"), None] {
+            let refused = s.announce(&auth, other, now).unwrap_err();
+            assert_eq!(refused.code, ErrorCode::Forbidden);
+            assert!(
+                refused.message.contains("certificate"),
+                "{}",
+                refused.message
+            );
+            assert_eq!(
+                s.leave(&auth, other).unwrap_err().code,
+                ErrorCode::Forbidden
+            );
+        }
+        s.announce(&auth, Some("p0,shoal-peer"), now).unwrap();
+        s.leave(&auth, Some("p0,shoal-peer")).unwrap();
+        assert_eq!(s.sizes(), sized(0, 0));
     }
 
     #[test]
@@ -1256,6 +1350,7 @@ mod tests {
                 peer_id: live.peer_id,
                 token: live.token.clone(),
             },
+            None,
             later,
         )
         .unwrap();
@@ -1266,7 +1361,7 @@ mod tests {
             token: quiet.token,
         };
         assert_eq!(
-            s.announce(&gone, later).unwrap_err().code,
+            s.announce(&gone, None, later).unwrap_err().code,
             ErrorCode::UnknownPeer
         );
     }
@@ -1300,7 +1395,7 @@ mod tests {
             files: vec![],
         };
         assert_eq!(
-            s.register(req, "1.2.3.4".parse().unwrap(), Instant::now())
+            s.register(req, "1.2.3.4".parse().unwrap(), None, Instant::now())
                 .unwrap_err()
                 .code,
             ErrorCode::LimitReached
@@ -1320,20 +1415,23 @@ mod tests {
         };
         let ip = "1.2.3.4".parse().unwrap();
         assert_eq!(
-            s.register(req.clone(), ip, Instant::now())
+            s.register(req.clone(), ip, None, Instant::now())
                 .unwrap_err()
                 .code,
             ErrorCode::Unauthorized
         );
         req.secret = Some("k".into());
-        assert!(s.register(req, ip, Instant::now()).is_ok());
+        assert!(s.register(req, ip, None, Instant::now()).is_ok());
     }
 
     fn leave(s: &TrackerState, r: Registered) {
-        s.leave(&PeerAuth {
-            peer_id: r.peer_id,
-            token: r.token,
-        })
+        s.leave(
+            &PeerAuth {
+                peer_id: r.peer_id,
+                token: r.token,
+            },
+            None,
+        )
         .unwrap();
     }
 
@@ -1402,7 +1500,12 @@ mod tests {
             digest: None,
             chunks: vec![1],
         };
-        assert_eq!(s.chunk_register(&req, Instant::now()).unwrap().recorded, 1);
+        assert_eq!(
+            s.chunk_register(&req, None, Instant::now())
+                .unwrap()
+                .recorded,
+            1
+        );
         let again = Register {
             name: "p".into(),
             addr: "0.0.0.0:77".into(),
@@ -1412,7 +1515,7 @@ mod tests {
             files: vec![offer("b", 1, 4), offer("d", 1, 4)],
         };
         let reply = s
-            .register(again, "10.1.2.3".parse().unwrap(), Instant::now())
+            .register(again, "10.1.2.3".parse().unwrap(), None, Instant::now())
             .unwrap();
         let codes: Vec<_> = reply.files.iter().map(|f| f.error).collect();
         assert_eq!(codes, [None, Some(ErrorCode::LimitReached)]);
@@ -1435,7 +1538,12 @@ mod tests {
             digest: None,
             chunks: vec![],
         };
-        assert_eq!(s.chunk_register(&req, Instant::now()).unwrap().recorded, 0);
+        assert_eq!(
+            s.chunk_register(&req, None, Instant::now())
+                .unwrap()
+                .recorded,
+            0
+        );
         assert_eq!(locate(&s, "a").total_peers, 1);
     }
 
@@ -1479,7 +1587,7 @@ mod tests {
             files: vec![],
         };
         let reply = s
-            .register(again, "10.9.9.9".parse().unwrap(), Instant::now())
+            .register(again, "10.9.9.9".parse().unwrap(), None, Instant::now())
             .unwrap();
         assert_eq!(
             (reply.peer_id, reply.addr.as_str()),
@@ -1501,7 +1609,7 @@ mod tests {
         let from: IpAddr = "10.1.2.3".parse().unwrap();
         let s = state();
         let refused = s
-            .register(claim("192.0.2.7:7401"), from, Instant::now())
+            .register(claim("192.0.2.7:7401"), from, None, Instant::now())
             .unwrap_err();
         assert_eq!(refused.code, ErrorCode::Unauthorized);
         assert!(
@@ -1511,17 +1619,17 @@ mod tests {
         assert_eq!(s.sizes(), sized(0, 0));
         for own in ["10.1.2.3:7401", "0.0.0.0:7401"] {
             assert!(
-                s.register(claim(own), from, Instant::now()).is_ok(),
+                s.register(claim(own), from, None, Instant::now()).is_ok(),
                 "{own}"
             );
         }
         let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
         assert!(s
-            .register(claim("10.1.2.3:7402"), mapped, Instant::now())
+            .register(claim("10.1.2.3:7402"), mapped, None, Instant::now())
             .is_ok());
         let open = state().allowing_foreign_addr(true);
         let reply = open
-            .register(claim("192.0.2.7:7401"), from, Instant::now())
+            .register(claim("192.0.2.7:7401"), from, None, Instant::now())
             .unwrap();
         assert_eq!(reply.addr, "192.0.2.7:7401");
     }

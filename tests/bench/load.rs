@@ -426,7 +426,10 @@ impl Client {
 
     async fn connect(&mut self, addr: SocketAddr) -> Option<Connection> {
         match tokio::time::timeout(TIMEOUT, TcpStream::connect(addr)).await {
-            Ok(Ok(stream)) => return Some(Connection::new(stream, LIMITS)),
+            Ok(Ok(stream)) => match Connection::new(stream, LIMITS) {
+                Ok(conn) => return Some(conn),
+                Err(e) => self.fail(format!("cannot connect: {e}")),
+            },
             Ok(Err(e)) => self.fail(format!("cannot connect: {e}")),
             Err(_) => self.fail(format!("no connection within {TIMEOUT:?}")),
         }

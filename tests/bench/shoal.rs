@@ -161,12 +161,21 @@ fn now_utc() -> String {
 pub const MIB: u64 = 1 << 20;
 
 /// A tracker as an operator would run it, with leases that outlive any scenario and a holder
-/// cap high enough for [`load::verify`] to see every holder.
-pub fn start_tracker() -> Proc {
-    common::tracker(&[
+/// cap high enough for [`load::verify`] to see every holder; in mutual TLS with `tls`.
+pub fn start_tracker(tls: Option<&common::Certs>) -> Proc {
+    let tls = tls_settings(tls, "tracker");
+    let mut settings = vec![
         ("SHOAL_ANNOUNCE_INTERVAL", "10m"),
         ("SHOAL_MAX_HOLDERS", "100000"),
-    ])
+    ];
+    settings.extend(common::env_refs(&tls));
+    common::tracker(&settings)
+}
+
+/// The `SHOAL_TLS_*` settings of the holder of certificate `stem` of `tls`; none without TLS.
+/// Every peer of a benchmark shows the same certificate, `p0`.
+pub fn tls_settings(tls: Option<&common::Certs>, stem: &str) -> Vec<(&'static str, String)> {
+    tls.map_or_else(Vec::new, |certs| certs.env(stem))
 }
 
 /// `shoal-peer run` sharing `dir`, with every setting at its default except `settings`.

@@ -1,10 +1,13 @@
 //! Scenario 1, swarm distribution: one seeder and N downloaders, every peer's upload capped at
 //! U. The time until every copy is complete is compared with the lower bound
 //! T* = max(F/U, N·F/(U + N·U)) (the seeder must send every byte once; all peers together
-//! upload at most (N+1)·U) and with a central server's N·F/U.
+//! upload at most (N+1)·U) and with a central server's N·F/U. Every N runs twice: in clear
+//! text, then with every connection in mutual TLS.
 
 use crate::report::{Goal, Outcome, Table};
-use crate::{common, digest_of, secs, start_peer, start_tracker, wait_for_files, Scale, MIB};
+use crate::{
+    common, digest_of, secs, start_peer, start_tracker, tls_settings, wait_for_files, Scale, MIB,
+};
 use anyhow::{bail, Context};
 use serde_json::json;
 use std::path::Path;
@@ -17,6 +20,7 @@ const SLACK: f64 = 1.25;
 
 struct Round {
     n: usize,
+    tls: bool,
     time: Duration,
     /// Bytes the seeder uploaded, in copies of the file.
     seeder_copies: f64,
@@ -33,13 +37,16 @@ pub fn run(scale: Scale) -> anyhow::Result<Outcome> {
     let root = tempfile::tempdir()?;
     let original = common::make_file(&root.path().join("origin"), FILE, size as usize, 11);
     let digest = digest_of(&original)?;
+    let certs = common::Certs::new(1);
     let mut rounds = Vec::new();
     for &n in sizes {
-        let dir = root.path().join(format!("n{n}"));
-        let round = distribute(n, &dir, &original, &digest, bound)
-            .with_context(|| format!("{n} downloaders"))?;
-        std::fs::remove_dir_all(&dir)?;
-        rounds.push(round);
+        for tls in [None, Some(&certs)] {
+            let dir = root.path().join(format!("n{n}"));
+            let round = distribute(n, &dir, &original, &digest, bound, tls)
+                .with_context(|| format!("{n} downloaders, TLS {}", tls.is_some()))?;
+            std::fs::remove_dir_all(&dir)?;
+            rounds.push(round);
+        }
     }
     Ok(outcome(size, bound, &rounds))
 }
@@ -51,16 +58,20 @@ fn distribute(
     original: &Path,
     digest: &str,
     bound: Duration,
+    tls: Option<&common::Certs>,
 ) -> anyhow::Result<Round> {
     let upload = UPLOAD.to_string();
-    let settings = [("SHOAL_UPLOAD_LIMIT", &*upload), ("SHOAL_WANT", FILE)];
-    let tracker = start_tracker();
+    let tls_env = tls_settings(tls, "p0");
+    let mut settings = vec![("SHOAL_UPLOAD_LIMIT", &*upload), ("SHOAL_WANT", FILE)];
+    settings.extend(common::env_refs(&tls_env));
+    let settings = &settings[..];
+    let tracker = start_tracker(tls);
     let seed_dir = dir.join("seeder");
     std::fs::create_dir_all(&seed_dir)?;
     std::fs::hard_link(original, seed_dir.join(FILE))?;
-    let seeder = start_peer(tracker.addr, &seed_dir, "seeder", &settings);
+    let seeder = start_peer(tracker.addr, &seed_dir, "seeder", settings);
     if !common::wait_until(Duration::from_secs(20), || {
-        common::holder_count(tracker.addr, FILE) == 1
+        common::holder_count_in(tracker.addr, FILE, tls) == 1
     }) {
         bail!("the seeder did not register {FILE}");
     }
@@ -71,7 +82,7 @@ fn distribute(
             .iter()
             .enumerate()
             .map(|(i, d)| {
-                s.spawn(move || start_peer(tracker.addr, d, &format!("peer{i}"), &settings))
+                s.spawn(move || start_peer(tracker.addr, d, &format!("peer{i}"), settings))
             })
             .collect();
         spawned
@@ -98,6 +109,7 @@ fn distribute(
     let allowed = n as f64 * UPLOAD as f64 * time.as_secs_f64();
     Ok(Round {
         n,
+        tls: tls.is_some(),
         time,
         seeder_copies: seeder.metric("shoal_peer_uploaded_bytes_total") / size,
         peer_upload_use: sum("shoal_peer_uploaded_bytes_total") / allowed,
@@ -114,6 +126,7 @@ fn outcome(size: u64, bound: Duration, rounds: &[Round]) -> Outcome {
             let central = r.n as f64 * size as f64 / upload;
             vec![
                 r.n.to_string(),
+                if r.tls { "mutual TLS" } else { "clear" }.to_string(),
                 secs(r.time),
                 secs(bound),
                 format!("{:.2}", r.time.as_secs_f64() / bound.as_secs_f64()),
@@ -132,7 +145,7 @@ fn outcome(size: u64, bound: Duration, rounds: &[Round]) -> Outcome {
         .iter()
         .map(|r| {
             json!({
-                "downloaders": r.n, "seconds": r.time.as_secs_f64(),
+                "downloaders": r.n, "tls": r.tls, "seconds": r.time.as_secs_f64(),
                 "bound_seconds": bound.as_secs_f64(), "ratio_to_bound": ratio(r),
                 "client_server_seconds": r.n as f64 * size as f64 / upload,
                 "seeder_uploaded_copies": r.seeder_copies, "peer_upload_use": r.peer_upload_use,
@@ -151,17 +164,18 @@ fn outcome(size: u64, bound: Duration, rounds: &[Round]) -> Outcome {
                 shoal::chunking::auto_chunk_size(size) / 1024
             ),
             "T: from starting the N downloader processes together (seeder registered) until every copy is complete; then every copy's BLAKE3 is checked".into(),
+            "connections: clear text, or mutual TLS on every connection (SHOAL_TLS_CERT/KEY/CA, rustls with ring, throwaway certificates) on a fresh tracker and peers".into(),
             "T* = max(F/U, N·F/(U + N·U)) = F/U; client-server = N·F/U; seeder sent = bytes the seeder uploaded / F; peer upload use = bytes the downloaders uploaded / (N·U·T)".into(),
         ],
         table: Table {
             head: vec![
-                "N", "T s", "T* s", "T/T*", "client-server s", "T/client-server",
+                "N", "connections", "T s", "T* s", "T/T*", "client-server s", "T/client-server",
                 "seeder sent (copies)", "peer upload use", "duplicate chunks", "holders dropped",
             ],
             rows,
         },
         goals: vec![Goal::new(
-            format!("T ≤ {SLACK}·T* for every N (worst T/T* = {worst:.2})"),
+            format!("T ≤ {SLACK}·T* for every N, clear and TLS (worst T/T* = {worst:.2})"),
             worst <= SLACK,
         )],
         data: json!({ "file_bytes": size, "upload_bytes_per_sec": UPLOAD, "chunk_bytes": shoal::chunking::auto_chunk_size(size), "rounds": data }),

@@ -64,7 +64,7 @@ pub fn throughput(scale: Scale) -> anyhow::Result<Outcome> {
 
 /// Pipelined single-chunk registers from `connections` peers, on a fresh tracker.
 fn chunk_registers(scale: Scale, connections: usize) -> anyhow::Result<Report> {
-    let tracker = start_tracker();
+    let tracker = start_tracker(None);
     let catalog = Arc::new(Catalog::new("thr", 10, 1024, MIB as u32));
     load::seed(tracker.addr, &catalog);
     let plan = Plan {
@@ -86,7 +86,7 @@ fn chunk_registers(scale: Scale, connections: usize) -> anyhow::Result<Report> {
 /// Locations queries on one file held by 1,000 peers, on a fresh tracker. Returns the run that
 /// made the holders and the run that asked.
 fn locations(scale: Scale) -> anyhow::Result<(Report, Report)> {
-    let tracker = start_tracker();
+    let tracker = start_tracker(None);
     let catalog = Arc::new(Catalog::new("hot", 1, 1024, MIB as u32));
     load::seed(tracker.addr, &catalog);
     let holders = Plan {
@@ -122,7 +122,7 @@ pub fn memory(scale: Scale) -> anyhow::Result<Outcome> {
     let peers_per_connection = scale.pick(10, 40);
     let connections = scale.pick(50, 250);
     load::require_open_files(connections);
-    let tracker = start_tracker();
+    let tracker = start_tracker(None);
     let started = memory_of(tracker.pid(), "VmRSS");
     let catalog = Arc::new(Catalog::new("mem", FILES, 1024, MIB as u32));
     let (before, after, report) =
@@ -242,7 +242,7 @@ pub fn replicas(scale: Scale) -> anyhow::Result<Outcome> {
     let mut goals = Vec::new();
     for count in [1, 3, 5] {
         let owners = count.min(2);
-        let trackers: Vec<_> = (0..count).map(|_| start_tracker()).collect();
+        let trackers: Vec<_> = (0..count).map(|_| start_tracker(None)).collect();
         let addrs: Vec<String> = trackers.iter().map(|t| t.addr.to_string()).collect();
         let keys: Vec<&str> = addrs.iter().map(String::as_str).collect();
         let mut grown = Vec::new();

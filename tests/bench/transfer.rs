@@ -1,11 +1,11 @@
 //! Scenarios 2 and 5, one large file over loopback, unthrottled, 1 MiB chunks. Raw transfer
-//! compares a seeder-to-downloader copy with plain TCP copies of the same bytes made in the same
-//! run; peer memory reads the peak resident memory of a downloader fetching from four seeders.
+//! compares a seeder-to-downloader copy, in clear text and in mutual TLS, with plain TCP copies of
+//! the same bytes made in the same run; peer memory reads the peak resident memory of a downloader fetching from four seeders.
 
 use crate::report::{Goal, Outcome, Table};
 use crate::{
     common, cpu_of, digest_of, memory_of, secs, start_peer, start_tracker, thread_cpu,
-    wait_for_files, Scale, MIB,
+    tls_settings, wait_for_files, Scale, MIB,
 };
 use anyhow::{bail, Context};
 use serde_json::json;
@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 const FILE: &str = "big.bin";
 /// Reads and writes of the plain copies, like a peer's default chunk.
 const BUF: usize = 1 << 20;
-/// Goals: throughput at least this fraction of the plain copy; peak memory below this.
+/// Goals: throughput at least this fraction of the plain copy (and TLS at least this fraction
+/// of clear text); peak memory below this.
 const RATIO_GOAL: f64 = 0.7;
 const MEMORY_GOAL: u64 = 64 * MIB;
 
@@ -51,11 +52,17 @@ impl Original {
     }
 
     /// A seeder sharing a hard link of the original: no second copy on disk.
-    fn seeder(&self, tracker: SocketAddr, name: &str) -> anyhow::Result<common::Proc> {
+    fn seeder(
+        &self,
+        tracker: SocketAddr,
+        name: &str,
+        tls: Option<&common::Certs>,
+    ) -> anyhow::Result<common::Proc> {
         let dir = self.scratch(name);
         std::fs::create_dir_all(&dir)?;
         std::fs::hard_link(&self.path, dir.join(FILE))?;
-        Ok(start_peer(tracker, &dir, name, &[]))
+        let tls = tls_settings(tls, "p0");
+        Ok(start_peer(tracker, &dir, name, &common::env_refs(&tls)))
     }
 }
 
@@ -124,15 +131,24 @@ impl Pages {
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
-    Shoal,
+    Shoal { tls: bool },
     TcpFile { sync: bool },
     TcpMemory,
 }
 
 /// The copies compared, in table order. Each Shoal row is compared with the plain copy with
 /// fsync that began with the same kind of memory.
-const COPIES: [(&str, Kind, Pages); 6] = [
-    ("shoal seeder -> downloader", Kind::Shoal, Pages::Recycled),
+const COPIES: [(&str, Kind, Pages); 7] = [
+    (
+        "shoal seeder -> downloader",
+        Kind::Shoal { tls: false },
+        Pages::Recycled,
+    ),
+    (
+        "shoal, mutual TLS",
+        Kind::Shoal { tls: true },
+        Pages::Recycled,
+    ),
     (
         "plain TCP, file to file + fsync",
         Kind::TcpFile { sync: true },
@@ -148,7 +164,11 @@ const COPIES: [(&str, Kind, Pages); 6] = [
         Kind::TcpMemory,
         Pages::Recycled,
     ),
-    ("shoal seeder -> downloader", Kind::Shoal, Pages::Fresh),
+    (
+        "shoal seeder -> downloader",
+        Kind::Shoal { tls: false },
+        Pages::Fresh,
+    ),
     (
         "plain TCP, file to file + fsync",
         Kind::TcpFile { sync: true },
@@ -167,9 +187,9 @@ fn reference(pages: Pages) -> usize {
 pub fn raw(scale: Scale) -> anyhow::Result<Outcome> {
     let original = Original::make(scale)?;
     let repeats = scale.pick(1, 5);
-    let tracker = start_tracker();
-    let seeder = original.seeder(tracker.addr, "seeder")?;
-    wait_for_holders(tracker.addr, 1)?;
+    let certs = common::Certs::new(1);
+    let clear = Swarm::start(&original, None)?;
+    let tls = Swarm::start(&original, Some(&certs))?;
     let copy = original.scratch("copy");
     let mut samples: [Vec<Timed>; COPIES.len()] = Default::default();
     let mut fetches = Vec::new();
@@ -178,9 +198,10 @@ pub fn raw(scale: Scale) -> anyhow::Result<Outcome> {
         for (k, &(_, kind, pages)) in COPIES.iter().enumerate() {
             pages.prepare(&original)?;
             let timed = match kind {
-                Kind::Shoal => {
-                    let name = format!("down{i}-{}", pages.name());
-                    let fetched = fetch(&original, tracker.addr, &[&seeder], &name)?;
+                Kind::Shoal { tls: secure } => {
+                    let swarm = if secure { &tls } else { &clear };
+                    let name = format!("down{i}-{}-{}", pages.name(), swarm.label());
+                    let fetched = fetch(&original, swarm, &name)?;
                     let timed = fetched.timed;
                     fetches.push((pages, fetched));
                     timed
@@ -208,13 +229,18 @@ pub fn raw(scale: Scale) -> anyhow::Result<Outcome> {
             .expect("row")],
     );
     let versus = |k: usize| rate(&medians[k]) / rate(&medians[reference(COPIES[k].2)]);
-    let ratio_of = |pages: Pages| {
-        let shoal = COPIES
+    let row_of = |tls: bool, pages: Pages| {
+        COPIES
             .iter()
-            .position(|c| c.1 == Kind::Shoal && c.2 == pages);
-        versus(shoal.expect("a Shoal row for every condition"))
+            .position(|c| c.1 == Kind::Shoal { tls } && c.2 == pages)
+            .expect("a Shoal row for every condition")
     };
-    let (ratio, fresh_ratio) = (ratio_of(Pages::Recycled), ratio_of(Pages::Fresh));
+    let (ratio, fresh_ratio) = (
+        versus(row_of(false, Pages::Recycled)),
+        versus(row_of(false, Pages::Fresh)),
+    );
+    let tls_ratio = rate(&medians[row_of(true, Pages::Recycled)])
+        / rate(&medians[row_of(false, Pages::Recycled)]);
     let rows = COPIES
         .iter()
         .zip(&medians)
@@ -256,7 +282,7 @@ pub fn raw(scale: Scale) -> anyhow::Result<Outcome> {
                 "{} MiB, one seeder to one downloader over 127.0.0.1, unthrottled, SHOAL_CHUNK_SIZE = 1 MiB (the automatic size for 1 GiB), other settings default; median of {repeats}, each kind interleaved with the others",
                 original.size / MIB
             ),
-            "shoal: the downloader's shoal_peer_download_duration_seconds (locate, fetch, verify every chunk, write, fsync, rename); BLAKE3 of the copy checked".into(),
+            "shoal: the downloader's shoal_peer_download_duration_seconds (locate, fetch, verify every chunk, write, fsync, rename); BLAKE3 of the copy checked. mutual TLS: the same with SHOAL_TLS_CERT/KEY/CA on a tracker, seeder and downloader of their own (rustls, ring, TLS 1.3)".into(),
             format!("plain TCP: a sender thread reading the file in {} KiB blocks and writing them to a socket, a receiver thread writing them to a file on the same disk (then fsync, like a peer, or not); memory: the same without files", BUF / 1024),
             "CPU: user + system seconds per GiB of the receiving side + the sending side (whole processes for Shoal, the two threads for the plain copies)".into(),
             format!("memory: what the receiver writes into. On a VM that hands free memory back to its host (virtio-balloon free page reporting, as here), a page cache write into memory free for over 2 s costs a host fault per page. recycled: a scratch file of the same size was written and deleted just before the copy (as on a machine without reporting); fresh: nothing was freed for {} s before it. \"vs TCP file + fsync\" compares with the plain copy with fsync into the same kind of memory", HAND_BACK.as_secs()),
@@ -272,9 +298,15 @@ pub fn raw(scale: Scale) -> anyhow::Result<Outcome> {
                     r >= RATIO_GOAL,
                 )
             })
-            .into(),
+            .into_iter()
+            .chain([Goal::new(
+                format!("mutual TLS throughput ≥ {RATIO_GOAL} of clear text, both into recycled memory (is {tls_ratio:.2})"),
+                tls_ratio >= RATIO_GOAL,
+            )])
+            .collect(),
         data: json!({
             "bytes": original.size, "ratio_to_tcp_file_copy": ratio,
+            "tls_ratio_to_clear": tls_ratio,
             "ratio_to_tcp_file_copy_fresh_memory": fresh_ratio,
             "ratio_to_tcp_memory_copy": rate(&medians[0]) / memory,
             "copies": runs, "downloads": downloads,
@@ -285,14 +317,19 @@ pub fn raw(scale: Scale) -> anyhow::Result<Outcome> {
 pub fn peer_memory(scale: Scale) -> anyhow::Result<Outcome> {
     const SEEDERS: usize = 4;
     let original = Original::make(scale)?;
-    let tracker = start_tracker();
+    let tracker = start_tracker(None);
     let seeders = (0..SEEDERS)
-        .map(|i| original.seeder(tracker.addr, &format!("seeder{i}")))
+        .map(|i| original.seeder(tracker.addr, &format!("seeder{i}"), None))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    wait_for_holders(tracker.addr, SEEDERS as u64)?;
-    let holders: Vec<&common::Proc> = seeders.iter().collect();
-    let fetched = fetch(&original, tracker.addr, &holders, "down")?;
-    let seeder_peak = seeders
+    wait_for_holders(tracker.addr, SEEDERS as u64, None)?;
+    let swarm = Swarm {
+        tracker,
+        seeders,
+        tls: None,
+    };
+    let fetched = fetch(&original, &swarm, "down")?;
+    let seeder_peak = swarm
+        .seeders
         .iter()
         .map(|s| memory_of(s.pid(), "VmHWM"))
         .max()
@@ -328,10 +365,48 @@ pub fn peer_memory(scale: Scale) -> anyhow::Result<Outcome> {
     })
 }
 
-fn wait_for_holders(tracker: SocketAddr, n: u64) -> anyhow::Result<()> {
+/// A tracker and the seeders a downloader fetches from, in one mode.
+struct Swarm<'a> {
+    tracker: common::Proc,
+    seeders: Vec<common::Proc>,
+    tls: Option<&'a common::Certs>,
+}
+
+impl<'a> Swarm<'a> {
+    /// A tracker and one seeder of `original`, registered; in mutual TLS with `tls`.
+    fn start(original: &Original, tls: Option<&'a common::Certs>) -> anyhow::Result<Swarm<'a>> {
+        let tracker = start_tracker(tls);
+        let label = if tls.is_some() {
+            "seeder-tls"
+        } else {
+            "seeder"
+        };
+        let seeder = original.seeder(tracker.addr, label, tls)?;
+        wait_for_holders(tracker.addr, 1, tls)?;
+        Ok(Swarm {
+            tracker,
+            seeders: vec![seeder],
+            tls,
+        })
+    }
+
+    fn label(&self) -> &'static str {
+        if self.tls.is_some() {
+            "tls"
+        } else {
+            "clear"
+        }
+    }
+}
+
+fn wait_for_holders(
+    tracker: SocketAddr,
+    n: u64,
+    tls: Option<&common::Certs>,
+) -> anyhow::Result<()> {
     // A seeder hashes the whole file before it registers.
     if !common::wait_until(Duration::from_secs(120), || {
-        common::holder_count(tracker, FILE) == n
+        common::holder_count_in(tracker, FILE, tls) == n
     }) {
         bail!("{n} seeders did not register {FILE}");
     }
@@ -340,17 +415,21 @@ fn wait_for_holders(tracker: SocketAddr, n: u64) -> anyhow::Result<()> {
 
 /// Starts a downloader wanting the file, waits for the complete copy, checks its bytes, reads
 /// its measurements, and stops it (it leaves the swarm).
-fn fetch(
-    original: &Original,
-    tracker: SocketAddr,
-    seeders: &[&common::Proc],
-    name: &str,
-) -> anyhow::Result<Fetch> {
+fn fetch(original: &Original, swarm: &Swarm, name: &str) -> anyhow::Result<Fetch> {
     let dir = original.scratch(name);
-    let seeders_cpu = || seeders.iter().map(|s| cpu_of(s.pid())).sum::<Duration>();
+    let seeders_cpu = || {
+        swarm
+            .seeders
+            .iter()
+            .map(|s| cpu_of(s.pid()))
+            .sum::<Duration>()
+    };
     let seeders_before = seeders_cpu();
+    let tls = tls_settings(swarm.tls, "p0");
+    let mut settings = vec![("SHOAL_WANT", FILE)];
+    settings.extend(common::env_refs(&tls));
     let started = Instant::now();
-    let mut peer = start_peer(tracker, &dir, name, &[("SHOAL_WANT", FILE)]);
+    let mut peer = start_peer(swarm.tracker.addr, &dir, name, &settings);
     let copy = dir.join(FILE);
     let limit = Duration::from_secs(300);
     let Some(wall) = wait_for_files(&[&copy], started, limit)[0] else {

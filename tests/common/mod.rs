@@ -5,6 +5,8 @@
 
 pub mod origin;
 
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -733,4 +735,129 @@ pub fn owners_of(trackers: &[Proc], name: &str, replicas: usize) -> Vec<usize> {
     let mut order = shoal::peer::trackers::rendezvous(&keys, name);
     order.truncate(replicas);
     order
+}
+
+/// Throwaway certificates for TLS tests and benchmarks, written into a temporary directory: a CA,
+/// a tracker certificate for 127.0.0.1, and peer certificates `p0`.. carrying `shoal-peer`.
+pub struct Certs {
+    pub dir: tempfile::TempDir,
+    pub ca: shoal::tls::certs::Authority,
+}
+
+impl Certs {
+    pub fn new(peers: usize) -> Certs {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = shoal::tls::certs::Authority::new("test CA").unwrap();
+        shoal::tls::certs::write(&dir.path().join("ca.pem"), ca.pem(), 0o644).unwrap();
+        let certs = Certs { dir, ca };
+        certs.issue("tracker", &["127.0.0.1", "localhost"]);
+        for i in 0..peers {
+            certs.issue(&format!("p{i}"), &["shoal-peer", &format!("p{i}")]);
+        }
+        certs
+    }
+
+    /// Issues (or replaces) `STEM.pem` and `STEM.key` for `names`.
+    pub fn issue(&self, stem: &str, names: &[&str]) -> shoal::tls::certs::Issued {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let issued = self.ca.issue(&names).unwrap();
+        issued.write(self.dir.path(), stem).unwrap();
+        issued
+    }
+
+    pub fn path(&self, file: &str) -> String {
+        self.dir.path().join(file).to_str().unwrap().to_string()
+    }
+
+    /// The `SHOAL_TLS_*` settings for the holder of `STEM.pem`.
+    pub fn env(&self, stem: &str) -> Vec<(&'static str, String)> {
+        vec![
+            ("SHOAL_TLS_CERT", self.path(&format!("{stem}.pem"))),
+            ("SHOAL_TLS_KEY", self.path(&format!("{stem}.key"))),
+            ("SHOAL_TLS_CA", self.path("ca.pem")),
+        ]
+    }
+}
+
+/// `pairs` as the `(&str, &str)` pairs the starters take.
+pub fn env_refs<'a>(pairs: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    pairs.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+pub type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// A blocking TLS client as any rustls program would make it: trusting `ca`, showing the
+/// certificate `stem` (if any) of `certs`' directory.
+pub fn tls_client(ca: &str, identity: Option<(&Certs, &str)>, addr: SocketAddr) -> TlsStream {
+    tls_client_for(ca, identity, addr, "127.0.0.1")
+}
+
+/// [`tls_client`] checking that the server's certificate carries `name` (a peer's chunk server
+/// carries `shoal-peer`, not its ip).
+pub fn tls_client_for(
+    ca: &str,
+    identity: Option<(&Certs, &str)>,
+    addr: SocketAddr,
+    name: &str,
+) -> TlsStream {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = match identity {
+        Some((certs, stem)) => {
+            let chain = CertificateDer::pem_file_iter(certs.path(&format!("{stem}.pem")))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+            let key = PrivateKeyDer::from_pem_file(certs.path(&format!("{stem}.key"))).unwrap();
+            builder.with_client_auth_cert(chain, key).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let name = ServerName::try_from(name.to_string()).unwrap();
+    let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    rustls::StreamOwned::new(conn, tcp)
+}
+
+/// Sends one request line and reads one reply line; `Err` carries the I/O error (a refusal in
+/// the handshake shows up here, on the first read, in TLS 1.3).
+pub fn tls_ask(stream: &mut TlsStream, line: &str) -> Result<Value, String> {
+    stream
+        .write_all(format!("{line}\n").as_bytes())
+        .and_then(|_| stream.flush())
+        .map_err(|e| e.to_string())?;
+    tls_recv(stream)
+}
+
+/// Reads one line (the handshake first, if it is not done); `Err` on close or an I/O error.
+pub fn tls_recv(stream: &mut TlsStream) -> Result<Value, String> {
+    let mut reply = String::new();
+    let mut reader = BufReader::new(stream);
+    match reader.read_line(&mut reply) {
+        Ok(0) => Err("closed".into()),
+        Ok(_) => Ok(serde_json::from_str(&reply).unwrap()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Holders of `file` the tracker currently lists, asked in the tracker's mode: clear text, or TLS
+/// with certificate `p0` of `certs`.
+pub fn holder_count_in(tracker: SocketAddr, file: &str, certs: Option<&Certs>) -> u64 {
+    let Some(certs) = certs else {
+        return holder_count(tracker, file);
+    };
+    let mut client = tls_client(&certs.path("ca.pem"), Some((certs, "p0")), tracker);
+    let reply = tls_ask(
+        &mut client,
+        &format!(r#"{{"v":1,"msg":3,"file":"{file}"}}"#),
+    );
+    reply.map_or(0, |r| r["total_peers"].as_u64().unwrap_or(0))
 }

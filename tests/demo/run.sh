@@ -4,7 +4,9 @@
 # stops everything cleanly: the peers first, so each can tell the tracker it leaves, then the
 # tracker. DEMO_PEERS (default 5), DEMO_MB (size of the largest file, default 48),
 # DEMO_UPLOAD_LIMIT (bytes/s per peer, default 16 MiB/s so convergence is visible),
-# DEMO_EXIT_WHEN_DONE=1 (stop once every peer holds every file; for scripted runs).
+# DEMO_EXIT_WHEN_DONE=1 (stop once every peer holds every file; for scripted runs), TLS=1 (every
+# connection in mutual TLS, with a throwaway CA and certificates from `shoal-tracker gen-certs`),
+# DEMO_BIN (where the binaries are, default target/release).
 #
 # On a terminal the table redraws in place, and Ctrl-C is read as a key rather than delivered
 # as SIGINT (stty -isig): a signal would reach make and every process at once, so the tracker
@@ -12,7 +14,8 @@
 # Elsewhere the table is printed as plain lines and SIGINT/SIGTERM stop the demo the same way.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-BIN=target/release
+BIN=${DEMO_BIN:-target/release}
+TLS=${TLS:-0}
 PEERS=${DEMO_PEERS:-5}
 MB=${DEMO_MB:-48}
 LIMIT=${DEMO_UPLOAD_LIMIT:-16777216}
@@ -74,15 +77,31 @@ head -c $((MB * 1048576 / 2)) /dev/urandom > "$WORK/seeder/model.bin"
 head -c $((MB * 1048576 / 4)) /dev/urandom > "$WORK/seeder/release.tar"
 nfiles=3
 
+# With TLS=1: a CA and one certificate per process. The tracker's names the address peers dial;
+# every peer's carries shoal-peer (what a peer checks when it dials another) and its own name.
+if [ "$TLS" = 1 ]; then
+  specs=(tracker=127.0.0.1 seeder=shoal-peer,seeder)
+  for i in $(seq 1 "$PEERS"); do specs+=("peer$i=shoal-peer,peer$i"); done
+  "$BIN/shoal-tracker" gen-certs "$WORK/certs" "${specs[@]}"
+  echo "TLS on: CA and certificates in $WORK/certs"
+fi
+# The TLS settings of the holder of certificate $1, as env assignments (none without TLS=1).
+tls_env() {
+  [ "$TLS" = 1 ] || return 0
+  echo "SHOAL_TLS_CERT=$WORK/certs/$1.pem SHOAL_TLS_KEY=$WORK/certs/$1.key SHOAL_TLS_CA=$WORK/certs/ca.pem"
+}
+
 tport=$(free_port)
-SHOAL_LISTEN=127.0.0.1:$tport SHOAL_METRICS_ADDR=127.0.0.1:$(free_port) SHOAL_ANNOUNCE_INTERVAL=2s \
-  "$BIN/shoal-tracker" 2> "$WORK/tracker.log" &
+# shellcheck disable=SC2046 # tls_env's words are separate assignments
+env $(tls_env tracker) SHOAL_LISTEN=127.0.0.1:$tport SHOAL_METRICS_ADDR=127.0.0.1:$(free_port) \
+  SHOAL_ANNOUNCE_INTERVAL=2s "$BIN/shoal-tracker" 2> "$WORK/tracker.log" &
 tracker_pid=$!
 
 start_peer() { # name data_dir want metrics_port
-  SHOAL_TRACKER=127.0.0.1:$tport SHOAL_LISTEN=127.0.0.1:0 SHOAL_METRICS_ADDR=127.0.0.1:$4 \
-    SHOAL_NAME=$1 SHOAL_DATA_DIR=$2 SHOAL_WANT=$3 SHOAL_UPLOAD_LIMIT=$LIMIT \
-    "$BIN/shoal-peer" run 2> "$WORK/$1.log" &
+  # shellcheck disable=SC2046
+  env $(tls_env "$1") SHOAL_TRACKER=127.0.0.1:$tport SHOAL_LISTEN=127.0.0.1:0 \
+    SHOAL_METRICS_ADDR=127.0.0.1:$4 SHOAL_NAME=$1 SHOAL_DATA_DIR=$2 SHOAL_WANT=$3 \
+    SHOAL_UPLOAD_LIMIT=$LIMIT "$BIN/shoal-peer" run 2> "$WORK/$1.log" &
   peer_pids+=($!)
 }
 names=(seeder); ports=($(free_port))

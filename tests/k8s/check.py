@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """Offline checks of Shoal's Kubernetes manifests (run by tests/k8s/validate.sh).
 
-Renders k8s/, k8s/monitoring and k8s/node-agent with `kubectl kustomize`, validates every built-in resource
-strictly (unknown fields rejected) against the schemas kubernetes-validate ships, checks the
-ServiceMonitor's and PrometheusRule's shape by hand (no schema ships for CRDs; the rules must be
-docker/alerts.yml's), holds every pod to Shoal's policy, checks that the node agents' pieces
-(DaemonSet, node-local Service, NetworkPolicy, PriorityClass, example reader) fit together, and
-checks the Grafana dashboard against
-the metric names the binaries export. Prints one line per
+Renders k8s/, k8s/monitoring, k8s/node-agent and k8s/tls with `kubectl kustomize`, validates every
+built-in resource strictly (unknown fields rejected) against the schemas kubernetes-validate ships,
+checks the ServiceMonitor's, PrometheusRule's and cert-manager resources' shape by hand (no schema
+ships for CRDs; the rules must be docker/alerts.yml's), holds every pod to Shoal's policy, checks
+that the node agents' pieces (DaemonSet, node-local Service, NetworkPolicy, PriorityClass, example
+reader) fit together, and checks the Grafana dashboard against the metric names the binaries
+export. Prints one line per
 check and ends with "k8s-check: N passed, M failed"; exits 1 if anything failed.
 """
 
@@ -25,12 +25,14 @@ AGENT_NAMESPACE = "shoal-node"
 USER = 65532
 
 # Settings each binary reads (the contract in k8s/README.md); anything else SHOAL_* is a typo.
+TLS_ENV = {"SHOAL_TLS_CERT", "SHOAL_TLS_KEY", "SHOAL_TLS_CA", "SHOAL_METRICS_TLS"}
 TRACKER_ENV = {"SHOAL_LISTEN", "SHOAL_METRICS_ADDR", "SHOAL_ANNOUNCE_INTERVAL", "SHOAL_SECRET",
-               "SHOAL_LOG", "SHOAL_LOG_FORMAT"}
+               "SHOAL_LOG", "SHOAL_LOG_FORMAT"} | TLS_ENV
 PEER_ENV = {"SHOAL_TRACKER", "SHOAL_TRACKER_REPLICAS", "SHOAL_LISTEN", "SHOAL_ADVERTISE", "SHOAL_NAME", "SHOAL_DATA_DIR",
             "SHOAL_WANT", "SHOAL_CHUNK_SIZE", "SHOAL_UPLOAD_LIMIT", "SHOAL_METRICS_ADDR",
-            "SHOAL_SECRET", "SHOAL_LOG", "SHOAL_LOG_FORMAT", "SHOAL_API_ADDR", "SHOAL_ORIGIN",
-            "SHOAL_ORIGIN_CONCURRENCY"}
+            "SHOAL_SECRET", "SHOAL_LOG", "SHOAL_LOG_FORMAT", "SHOAL_TLS_PEER_NAME",
+            "SHOAL_API_ADDR", "SHOAL_API_TLS", "SHOAL_ORIGIN", "SHOAL_ORIGIN_CONCURRENCY",
+            "SHOAL_ORIGIN_TIMEOUT"} | TLS_ENV
 ENV_BY_IMAGE = {"shoal-tracker": TRACKER_ENV, "shoal-peer": PEER_ENV}
 
 # Metrics the binaries export; histograms are queried through their series suffixes.
@@ -59,7 +61,7 @@ PLAIN_RULES = "docker/alerts.yml"
 
 # API groups that are CRDs: kubernetes-validate has no schema for them, so they get a structural
 # check here instead. Any other resource without a schema fails.
-CRD_GROUPS = {"monitoring.coreos.com"}
+CRD_GROUPS = {"monitoring.coreos.com", "cert-manager.io"}
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "CronJob", "Pod"}
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
                   "PriorityClass", "StorageClass", "PersistentVolume"}
@@ -69,6 +71,12 @@ SERVICEMONITOR_SPEC_KEYS = {"selector", "endpoints", "namespaceSelector", "podTa
 PROMETHEUSRULE_GROUP_KEYS = {"name", "interval", "rules", "limit", "partial_response_strategy"}
 PROMETHEUSRULE_RULE_KEYS = {"alert", "record", "expr", "for", "keep_firing_for", "labels",
                             "annotations"}
+ISSUER_SPEC_KEYS = {"selfSigned", "ca", "acme", "vault", "venafi"}
+CERTIFICATE_SPEC_KEYS = {"secretName", "dnsNames", "ipAddresses", "uris", "emailAddresses",
+                         "commonName", "duration", "renewBefore", "usages", "privateKey",
+                         "issuerRef", "isCA", "subject", "secretTemplate", "keystores",
+                         "revisionHistoryLimit", "additionalOutputFormats", "nameConstraints"}
+PEER_NAME = "shoal-peer"  # SHOAL_TLS_PEER_NAME's default: the name every peer's certificate has
 SERVICEMONITOR_ENDPOINT_KEYS = {"port", "targetPort", "path", "scheme", "interval",
                                 "scrapeTimeout", "honorLabels", "honorTimestamps", "relabelings",
                                 "metricRelabelings", "params", "tlsConfig", "followRedirects"}
@@ -503,6 +511,80 @@ def check_monitoring(report, docs, base_docs, dashboard_text):
                  problems)
 
 
+def check_certificate(doc, issuers):
+    """Structural check of a cert-manager Certificate standing in for the CRD's schema."""
+    problems = []
+    if doc.get("apiVersion") != "cert-manager.io/v1":
+        problems.append(f"apiVersion is {doc.get('apiVersion')}")
+    spec = doc.get("spec", {})
+    unknown = set(spec) - CERTIFICATE_SPEC_KEYS
+    if unknown:
+        problems.append(f"unknown spec fields {sorted(unknown)}")
+    if not spec.get("secretName"):
+        problems.append("no spec.secretName")
+    ref = spec.get("issuerRef", {})
+    if ref.get("kind", "Issuer") != "Issuer" or ref.get("name") not in issuers:
+        problems.append(f"issuerRef {ref} names no Issuer of this overlay")
+    if not spec.get("isCA") and not {"server auth", "client auth"} <= set(spec.get("usages", [])):
+        problems.append("usages lack server auth and client auth (every Shoal process is both)")
+    return problems
+
+
+def check_tls(report, docs, base_docs, out_dir, kv, version):
+    """k8s/tls: the base plus cert-manager resources, each pod mounting the certificate of its
+    role, whose names are the ones the other side checks."""
+    base = {kn(d): d for d in base_docs}
+    added = [d for d in docs if base.get(kn(d)) != d]
+    validate_schemas(report, added, "tls", out_dir, kv, version)
+    issuers = {}
+    for doc in docs:
+        if doc["kind"] == "Issuer":
+            spec = doc.get("spec", {})
+            problems = [] if doc.get("apiVersion") == "cert-manager.io/v1" else ["apiVersion"]
+            if len(set(spec) & ISSUER_SPEC_KEYS) != 1 or set(spec) - ISSUER_SPEC_KEYS:
+                problems.append(f"spec {sorted(spec)} is not one issuer type")
+            issuers[doc["metadata"]["name"]] = doc
+            report.check(f"structure tls: {kn(doc)}", problems)
+    certs = {}
+    for doc in docs:
+        if doc["kind"] == "Certificate":
+            certs[doc["spec"].get("secretName")] = doc
+            report.check(f"structure tls: {kn(doc)}", check_certificate(doc, issuers))
+        elif api_group(doc) in CRD_GROUPS and doc["kind"] != "Issuer":
+            report.check(f"structure tls: {kn(doc)}", ["no structural check for this kind"])
+    ca_issuers = [i for i in issuers.values() if "ca" in i.get("spec", {})]
+    for issuer in ca_issuers:
+        secret = issuer["spec"]["ca"].get("secretName")
+        report.check(f"tls: {kn(issuer)} signs with a CA this overlay issues",
+                     [] if certs.get(secret, {}).get("spec", {}).get("isCA") else
+                     [f"no Certificate with isCA makes Secret {secret}"])
+    configmaps = {d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "ConfigMap"}
+    tracker_host = next(iter(configmaps.values()), {}).get("SHOAL_TRACKER", "").rsplit(":", 1)[0]
+    for w in (d for d in docs if d["kind"] in WORKLOAD_KINDS):
+        check_workload(report, "tls", w, configmaps)
+        spec = pod_spec(w)
+        secrets = {v["name"]: v["secret"]["secretName"] for v in spec.get("volumes", [])
+                   if "secret" in v}
+        problems = []
+        for c in spec["containers"]:
+            env = {e["name"]: e.get("value", "") for e in c.get("env", [])}
+            mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+            for var in ("SHOAL_TLS_CERT", "SHOAL_TLS_KEY", "SHOAL_TLS_CA"):
+                path = env.get(var, "")
+                volume = mounts.get(path.rsplit("/", 1)[0])
+                if volume not in secrets:
+                    problems.append(f"{var}={path!r} is not in a mounted Secret")
+                elif secrets[volume] not in certs:
+                    problems.append(f"{var}: Secret {secrets[volume]} comes from no Certificate")
+            names = set()
+            for volume in mounts.values():
+                names |= set(certs.get(secrets.get(volume), {}).get("spec", {}).get("dnsNames", []))
+            want = tracker_host if image_name(c.get("image", "")) == "shoal-tracker" else PEER_NAME
+            if want not in names:
+                problems.append(f"its certificate does not name {want!r} (names: {sorted(names)})")
+        report.check(f"tls: {kn(w)} shows a certificate its clients check", problems)
+
+
 def check_dashboard(report, path):
     text = path.read_text()
     try:
@@ -814,6 +896,10 @@ def main():
     node_agent = render(report, "k8s/node-agent", args.out / "shoal-node-agent.yaml")
     if node_agent is not None:
         check_node_agent(report, node_agent, base or [], args.out, kv, version)
+
+    tls = render(report, "k8s/tls", args.out / "shoal-tls.yaml")
+    if tls is not None:
+        check_tls(report, tls, base or [], args.out, kv, version)
 
     check_tools(report, Path("k8s/tools"), args.out, kv, version, seeder)
 

@@ -5,7 +5,6 @@
 use super::http::{self, Remote};
 use super::part::PullPart;
 use super::{retried, Origin, Pulled, ATTEMPTS};
-use crate::connection::{Connection, Limits};
 use crate::peer::download::DownloadError;
 use crate::peer::upkeep::forgotten;
 use crate::peer::Peer;
@@ -16,7 +15,6 @@ use crate::protocol::{
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
 /// How often a pulling peer renews its claims and asks for news while it waits.
@@ -25,8 +23,6 @@ const POLL: Duration = Duration::from_millis(200);
 const MAX_REGISTRATIONS: u32 = 5;
 /// Chunks fetched from other pulling peers at once.
 const PEER_FETCHES: usize = 4;
-/// Longest chunk header line accepted from a peer.
-const MAX_HEADER_BYTES: usize = 4096;
 
 pub(super) struct Job {
     pub peer: Arc<Peer>,
@@ -234,16 +230,7 @@ impl Job {
     /// One chunk request (message 5 without a digest: the holder serves its pull of the name).
     async fn ask_peer(&self, source: &ChunkSource) -> Result<Vec<u8>, String> {
         let cfg = &self.peer.cfg;
-        let stream = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(&source.addr))
-            .await
-            .map_err(|_| "no connection in time".to_string())?
-            .map_err(|e| format!("cannot connect: {e}"))?;
-        let limits = Limits {
-            max_frame: MAX_HEADER_BYTES,
-            idle_timeout: cfg.chunk_timeout,
-            frame_timeout: cfg.chunk_timeout,
-        };
-        let mut conn = Connection::new(stream, limits);
+        let mut conn = self.peer.dial_holder(&source.addr).await?;
         let req = ChunkRequest {
             file: self.name.clone(),
             index: source.index,

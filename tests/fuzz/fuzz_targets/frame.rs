@@ -27,7 +27,7 @@ fuzz_target!(|data: &[u8]| {
             let _ = client.write_all(&bytes).await;
             let _ = client.shutdown().await;
         });
-        let mut conn = Connection::new(server, LIMITS);
+        let mut conn = Connection::new(server, LIMITS).unwrap();
         let mut total = 0;
         while let Ok(Some(line)) = conn.read_line().await {
             assert!(line.len() <= LIMITS.max_frame && !line.contains(&b'\n'));
