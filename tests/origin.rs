@@ -244,12 +244,132 @@ fn an_api_reader_gets_a_file_only_the_origin_has() {
     assert_eq!(got.status, 200, "{}", String::from_utf8_lossy(&got.body));
     assert!(got.error.is_none());
     assert_eq!(got.body, std::fs::read(&original).unwrap());
-    let (info, _) = shoal::chunking::hash_file(&original, NAME, Some(65536)).unwrap();
-    assert_eq!(
-        got.header("etag"),
-        Some(format!("\"{}\"", info.digest.to_hex()).as_str())
-    );
     assert_eq!(origin.bytes_sent(), len as u64);
+    // Once pulled, the file is a version like any other: its digest is the ETag.
+    let (info, _) = shoal::chunking::hash_file(&original, NAME, Some(65536)).unwrap();
+    let etag = format!("\"{}\"", info.digest.to_hex());
+    let head = http(api, "HEAD", &format!("/v1/files/{NAME}"), &[]);
+    assert_eq!(head.header("etag"), Some(etag.as_str()));
+}
+
+#[test]
+fn an_api_reader_gets_the_first_bytes_of_an_origin_file_while_the_pull_runs() {
+    let len = 16 * 65536;
+    let (src, path) = origin_dir(len);
+    let original = std::fs::read(&path).unwrap();
+    let origin = TestOrigin::start(src.path());
+    // The last chunk is held at the origin: bytes that arrive before it is released were
+    // streamed while the pull ran, before any digest was known.
+    let faults = &origin.origin.faults;
+    faults.stall_from.store(15 * 65536, Ordering::SeqCst);
+    let tracker = tracker(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let url = origin.url();
+    let env = [
+        ("SHOAL_API_ADDR", "127.0.0.1:0"),
+        ("SHOAL_ORIGIN", &url),
+        ("SHOAL_ORIGIN_TIMEOUT", "3s"),
+    ];
+    let node = daemon(tracker.addr, dir.path(), "agent", &env);
+    let api = node.api.expect("the API address is logged");
+    let mut stream = HttpStream::open(api, "GET", &format!("/v1/files/{NAME}"), &[]);
+    assert_eq!(stream.status, 200);
+    let header = |name: &str| {
+        let found = stream.headers.iter().find(|(n, _)| n == name);
+        found.map(|(_, v)| v.clone())
+    };
+    assert_eq!(header("content-length"), Some(len.to_string()));
+    assert_eq!(header("etag"), None, "no digest while pulling");
+    let first = stream.read_exact(65536).expect("the first chunk");
+    assert_eq!(first, original[..65536]);
+    assert!(
+        origin.bytes_sent() < len as u64,
+        "the origin has not sent the last chunk yet"
+    );
+    // A second reader, of a range, joins the same pull.
+    let range = http(
+        api,
+        "GET",
+        &format!("/v1/files/{NAME}"),
+        &[("Range", "bytes=300000-600000")],
+    );
+    assert_eq!(range.status, 206);
+    assert!(
+        range.body == original[300_000..=600_000],
+        "exactly the range"
+    );
+    // The first reader goes on up to the chunk the origin holds, which it has not sent.
+    let most = stream.read_exact(14 * 65536).expect("chunks 1 to 14");
+    assert!(most == original[65536..15 * 65536]);
+    assert!(origin.bytes_sent() < len as u64, "the last chunk is held");
+    assert!(!dir.path().join(NAME).exists(), "still pulling");
+    faults.stall_from.store(0, Ordering::SeqCst);
+    let reply = stream.finish([first, most].concat());
+    assert!(reply.error.is_none(), "{:?}", reply.error);
+    assert!(
+        reply.body == original,
+        "the streamed bytes are the origin's"
+    );
+    assert_lands(&path, &dir.path().join(NAME), &node);
+    assert_eq!(origin.bytes_sent(), len as u64, "one copy for both readers");
+}
+
+#[test]
+fn a_pull_that_fails_cuts_the_api_response_short() {
+    let len = 8 * 65536;
+    let (src, _) = origin_dir(len);
+    let origin = TestOrigin::start(src.path());
+    // The file changes at the origin after three chunks, so the pull cannot complete.
+    origin.origin.faults.change_after.store(3, Ordering::SeqCst);
+    let tracker = tracker(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let url = origin.url();
+    let env = [
+        ("SHOAL_API_ADDR", "127.0.0.1:0"),
+        ("SHOAL_ORIGIN", &url),
+        ("SHOAL_ORIGIN_CONCURRENCY", "1"),
+    ];
+    let node = daemon(tracker.addr, dir.path(), "agent", &env);
+    let api = node.api.expect("the API address is logged");
+    let mut stream = HttpStream::open(api, "GET", &format!("/v1/files/{NAME}"), &[]);
+    assert_eq!(stream.status, 200);
+    let first = stream.read_exact(65536).expect("the first chunk");
+    let reply = stream.finish(first);
+    assert!(
+        reply.body.len() < len,
+        "a failed pull must not end like a complete body ({} bytes)",
+        reply.body.len()
+    );
+    assert_nothing_landed(dir.path());
+    let later = http(api, "GET", "/v1/status", &[]);
+    assert_eq!(later.status, 200, "the API keeps serving");
+}
+
+#[test]
+fn head_of_a_name_only_the_origin_has_gives_its_size_without_pulling_it() {
+    let len = 300_000;
+    let (src, _) = origin_dir(len);
+    let origin = TestOrigin::start(src.path());
+    let tracker = tracker(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let url = origin.url();
+    let env = [("SHOAL_API_ADDR", "127.0.0.1:0"), ("SHOAL_ORIGIN", &url)];
+    let node = daemon(tracker.addr, dir.path(), "agent", &env);
+    let api = node.api.expect("the API address is logged");
+    let head = http(api, "HEAD", &format!("/v1/files/{NAME}"), &[]);
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("content-length"), Some("300000"));
+    assert_eq!(head.header("accept-ranges"), Some("bytes"));
+    assert_eq!(head.header("etag"), None, "no digest before a pull");
+    assert!(head.body.is_empty());
+    assert_eq!(origin.bytes_sent(), 0, "nothing pulled");
+    let status = http(api, "GET", "/v1/status", &[]).json();
+    assert_eq!(status["transfers"], 0, "{status}");
+    let absent = http(api, "HEAD", "/v1/files/models/absent.bin", &[]);
+    assert_eq!(
+        absent.status, 404,
+        "neither the swarm nor the origin has it"
+    );
 }
 
 #[test]

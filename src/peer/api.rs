@@ -5,6 +5,7 @@
 
 mod stream;
 
+use super::origin::{self, Failure};
 use super::store::StoredFile;
 use super::tracker_client::TrackerError;
 use super::transfers::{Resolved, Transfer, WantError};
@@ -192,20 +193,20 @@ struct Held {
 }
 
 fn held(peer: &Peer, info: &FileInfo) -> Held {
-    let Some(f) = peer.store.version(&info.name, &info.digest) else {
-        return Held {
-            state: "absent",
-            percent: 0.0,
-            chunks_held: 0,
-        };
+    match peer.store.version(&info.name, &info.digest) {
+        Some(f) if f.is_final() => share("complete", f.have().count() as u64, info.chunks()),
+        Some(f) => share("partial", f.have().count() as u64, info.chunks()),
+        None => share("absent", 0, info.chunks()),
+    }
+}
+
+/// A file in `state` of which `count` of `total` chunks are held here.
+fn share(state: &'static str, count: u64, total: u64) -> Held {
+    let percent = match (state, total) {
+        ("absent", _) => 0.0,
+        (_, 0) => 100.0,
+        (_, total) => (count as f64 * 1000.0 / total as f64).floor() / 10.0,
     };
-    let have = f.have();
-    let (count, total) = (have.count() as u64, info.chunks());
-    let percent = match total {
-        0 => 100.0,
-        total => (count as f64 * 1000.0 / total as f64).floor() / 10.0,
-    };
-    let state = if f.is_final() { "complete" } else { "partial" };
     Held {
         state,
         percent,
@@ -253,7 +254,8 @@ async fn files(peer: &Peer) -> Response<Body> {
 #[derive(Serialize)]
 struct FileStatus<'a> {
     name: &'a str,
-    digest: Hash,
+    /// `null` while the file is pulled from the origin and not every chunk hash is known.
+    digest: Option<Hash>,
     size: u64,
     #[serde(flatten)]
     here: Held,
@@ -270,14 +272,14 @@ struct FileStatus<'a> {
 
 /// `GET /v1/status`: this node, its files, transfers and traffic.
 fn status(peer: &Peer) -> Response<Body> {
-    type Key = (String, Hash);
+    type Key = (String, Option<Hash>);
     let mut held_here: BTreeMap<Key, Arc<StoredFile>> = BTreeMap::new();
     for f in peer.store.all() {
-        held_here.insert((f.info.name.clone(), f.info.digest), f);
+        held_here.insert((f.info.name.clone(), Some(f.info.digest)), f);
     }
     let mut transfers: BTreeMap<Key, Arc<Transfer>> = BTreeMap::new();
     for t in peer.transfers.all() {
-        transfers.insert((t.info.name.clone(), t.info.digest), t);
+        transfers.insert((t.name.clone(), t.digest()), t);
     }
     let mut keys: Vec<&Key> = held_here.keys().chain(transfers.keys()).collect();
     keys.sort();
@@ -286,12 +288,20 @@ fn status(peer: &Peer) -> Response<Body> {
         .into_iter()
         .map(|key| {
             let (f, t) = (held_here.get(key), transfers.get(key));
-            let info = f.map_or_else(|| &t.expect("listed").info, |f| &f.info);
+            let (size, here) = match (f, t) {
+                (Some(f), _) => (f.info.size, held(peer, &f.info)),
+                (None, Some(t)) => {
+                    let (size, chunk_size) = t.shape().unwrap_or((0, 1));
+                    let chunks = size.div_ceil(u64::from(chunk_size));
+                    (size, share("partial", t.chunks_held(), chunks))
+                }
+                (None, None) => unreachable!("listed"),
+            };
             FileStatus {
-                name: &info.name,
-                digest: info.digest,
-                size: info.size,
-                here: held(peer, info),
+                name: &key.0,
+                digest: key.1,
+                size,
+                here,
                 downloading: t.is_some(),
                 download_bytes_per_second: t.map_or(0, |t| t.down.rate()),
                 upload_bytes_per_second: f.map_or(0, |f| f.sent.rate()),
@@ -336,63 +346,93 @@ async fn file(peer: &Arc<Peer>, req: &Request<Incoming>, raw: &str) -> Response<
         Err(why) => return error(StatusCode::BAD_REQUEST, why),
     };
     // HEAD only looks; GET starts (or joins) the download of a file not held here.
-    let (info, transfer) = if req.method() == Method::HEAD {
-        match peer.resolve(&name, digest).await {
-            Ok(Resolved::Held(f)) => (f.info.clone(), None),
-            Ok(Resolved::Swarm(loc)) => (loc.file, None),
-            Err(e) => return want_error(&e),
+    let (size, digest, transfer) = if req.method() == Method::HEAD {
+        match look(peer, &name, digest).await {
+            Ok((size, digest)) => (size, digest, None),
+            Err(r) => return r,
         }
     } else {
-        match peer.want(&name, digest).await {
-            Ok(t) => (t.info.clone(), Some(t)),
+        let t = match peer.want(&name, digest).await {
+            Ok(t) => t,
             Err(e) => return want_error(&e),
+        };
+        match t.ready().await {
+            Ok((size, chunk_size)) => (size, t.digest(), Some((t, chunk_size))),
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         }
     };
-    let etag = format!("\"{}\"", info.digest.to_hex());
-    let mut head = Response::builder()
-        .header(header::ETAG, &etag)
-        .header(header::ACCEPT_RANGES, "bytes");
-    if matches_etag(req, &etag) {
-        return head
-            .status(StatusCode::NOT_MODIFIED)
-            .body(Body::empty())
-            .expect("valid response");
+    let mut head = Response::builder().header(header::ACCEPT_RANGES, "bytes");
+    // A file being pulled from the origin has no digest until every chunk hash is known.
+    if let Some(digest) = digest {
+        let etag = format!("\"{}\"", digest.to_hex());
+        head = head.header(header::ETAG, &etag);
+        if matches_etag(req, &etag) {
+            return head
+                .status(StatusCode::NOT_MODIFIED)
+                .body(Body::empty())
+                .expect("valid response");
+        }
     }
     let range = req
         .headers()
         .get(header::RANGE)
         .and_then(|r| r.to_str().ok());
-    let (first, last) = match stream::wanted(range, info.size) {
+    let (first, last) = match stream::wanted(range, size) {
         Wanted::Unsatisfiable => {
             let mut r = error(
                 StatusCode::RANGE_NOT_SATISFIABLE,
-                format!(
-                    "the range {range:?} lies outside the file's {} bytes",
-                    info.size
-                ),
+                format!("the range {range:?} lies outside the file's {size} bytes"),
             );
-            let all = HeaderValue::from_str(&format!("bytes */{}", info.size)).expect("ascii");
+            let all = HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii");
             r.headers_mut().insert(header::CONTENT_RANGE, all);
             return r;
         }
         Wanted::Part(first, last) => {
-            let span = format!("bytes {first}-{last}/{}", info.size);
+            let span = format!("bytes {first}-{last}/{size}");
             head = head
                 .status(StatusCode::PARTIAL_CONTENT)
                 .header(header::CONTENT_RANGE, span);
             (first, last)
         }
-        Wanted::Whole => (0, info.size.saturating_sub(1)),
+        Wanted::Whole => (0, size.saturating_sub(1)),
     };
-    let len = if info.size == 0 { 0 } else { last - first + 1 };
+    let len = if size == 0 { 0 } else { last - first + 1 };
     let head = head
         .header(header::CONTENT_TYPE, "application/octet-stream")
         .header(header::CONTENT_LENGTH, len);
     let body = match transfer {
-        Some(t) if len > 0 => stream::file_bytes(peer, t, first, last),
+        Some((t, chunk_size)) if len > 0 => stream::file_bytes(peer, t, chunk_size, (first, last)),
         _ => Body::empty(),
     };
     head.body(body).expect("valid response")
+}
+
+/// The size and digest of `name` (version `digest`, or the newest) for `HEAD`, without starting
+/// a download: held here, known to the swarm, or (without a digest) at the origin, whose `HEAD`
+/// gives the size; a file that is only at the origin has no digest yet.
+async fn look(
+    peer: &Peer,
+    name: &str,
+    digest: Option<Hash>,
+) -> Result<(u64, Option<Hash>), Response<Body>> {
+    match peer.resolve(name, digest).await {
+        Ok(Resolved::Held(f)) => Ok((f.info.size, Some(f.info.digest))),
+        Ok(Resolved::Swarm(loc)) => Ok((loc.file.size, Some(loc.file.digest))),
+        Err(WantError::NotFound(why)) => {
+            let Some(origin) = peer.origin.as_ref().filter(|_| digest.is_none()) else {
+                return Err(error(StatusCode::NOT_FOUND, why));
+            };
+            match origin::head(peer, origin, name).await {
+                Ok(remote) => Ok((remote.size, None)),
+                Err(e) if e.failure == Failure::NotFound => Err(error(
+                    StatusCode::NOT_FOUND,
+                    format!("{why}, nor does the origin: {e}"),
+                )),
+                Err(e) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+            }
+        }
+        Err(e) => Err(want_error(&e)),
+    }
 }
 
 /// The version pinned by `?digest=D`, if any.

@@ -183,7 +183,8 @@ pub async fn drive(
 ) -> Result<PathBuf, DownloadError> {
     // Versions of one name share its partial file: let those asked for earlier finish first.
     for earlier in peer.transfers.before(transfer) {
-        tracing::info!(digest = %earlier.info.digest.to_hex(), "waiting for the download of another version of this name");
+        let digest = earlier.digest().map(|d| d.to_hex());
+        tracing::info!(digest = ?digest, "waiting for the download of another version of this name");
         tokio::select! {
             _ = earlier.finished() => {}
             _ = peer.stop.cancelled() => {}
@@ -301,7 +302,8 @@ pub(super) async fn locate_or_pull(
 /// Pulls this peer's share of `name` from the origin until the tracker knows the version, and
 /// opens what it fetched as the partial download of that version (its chunks re-checked and
 /// reported as held). One pull of a name at a time here: a second caller waits for the first
-/// and then finds the version.
+/// and then finds the version. The pull is a transfer that readers follow chunk by chunk; it
+/// goes on as the version's transfer once the caller opens that.
 async fn pull_from_origin(
     peer: &Arc<Peer>,
     origin: &Arc<Origin>,
@@ -312,7 +314,22 @@ async fn pull_from_origin(
         Err(DownloadError::NoSuchFile(_)) => {}
         found => return found,
     }
-    let pulled = origin::pull(peer, origin, name).await?;
+    let transfer = peer.transfers.open_pull(name);
+    let pulled = pull_version(peer, origin, name, &transfer).await;
+    match &pulled {
+        Ok(loc) => transfer.pulled(loc.file.digest),
+        Err(e) => peer.transfers.close(&transfer, Err(Arc::new(e.shared()))),
+    }
+    pulled
+}
+
+async fn pull_version(
+    peer: &Arc<Peer>,
+    origin: &Arc<Origin>,
+    name: &str,
+    transfer: &Arc<Transfer>,
+) -> Result<LocationsReply, DownloadError> {
+    let pulled = origin::pull(peer, origin, name, transfer).await?;
     let loc = locate(peer, name, Some(pulled.digest), true).await?;
     let hashes = loc.hashes.clone().unwrap_or_default();
     if loc.file.size != pulled.size || hashes.digest() != loc.file.digest {

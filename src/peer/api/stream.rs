@@ -6,7 +6,7 @@
 
 use crate::metrics::Active;
 use crate::peer::store::ReadError;
-use crate::peer::transfers::Transfer;
+use crate::peer::transfers::{Data, Transfer};
 use crate::peer::Peer;
 use bytes::Bytes;
 use hyper::body::{Frame, SizeHint};
@@ -117,12 +117,25 @@ pub fn wanted(range: Option<&str>, size: u64) -> Wanted {
     Wanted::Part(start, end.min(size - 1))
 }
 
-/// A body of bytes `first..=last` of the transfer's file, sent in order as chunks are held.
-pub fn file_bytes(peer: &Arc<Peer>, transfer: Arc<Transfer>, first: u64, last: u64) -> Body {
+/// A body of bytes `first..=last` of the transfer's file (in chunks of `chunk_size`), sent in
+/// order as chunks are held.
+pub fn file_bytes(
+    peer: &Arc<Peer>,
+    transfer: Arc<Transfer>,
+    chunk_size: u32,
+    (first, last): (u64, u64),
+) -> Body {
     let (tx, rx) = mpsc::channel(STREAM_BUFFER_CHUNKS);
-    let span = tracing::debug_span!("api stream", file = %transfer.info.name, first, last);
-    peer.tasks
-        .spawn(send(peer.clone(), transfer, first, last, tx).instrument(span));
+    let span = tracing::debug_span!("api stream", file = %transfer.name, first, last);
+    let send = send(
+        peer.clone(),
+        transfer,
+        u64::from(chunk_size),
+        first,
+        last,
+        tx,
+    );
+    peer.tasks.spawn(send.instrument(span));
     Body(Kind::Stream {
         rx,
         len: last - first + 1,
@@ -134,12 +147,12 @@ pub fn file_bytes(peer: &Arc<Peer>, transfer: Arc<Transfer>, first: u64, last: u
 async fn send(
     peer: Arc<Peer>,
     transfer: Arc<Transfer>,
+    chunk_size: u64,
     first: u64,
     last: u64,
     tx: mpsc::Sender<io::Result<Bytes>>,
 ) {
     let _active = Active::new(&peer.metrics.api_streams);
-    let chunk_size = u64::from(transfer.chunk_size());
     let (first_chunk, last_chunk) = ((first / chunk_size) as u32, (last / chunk_size) as u32);
     let reader = transfer.reader(first_chunk, last_chunk);
     for index in first_chunk..=last_chunk {
@@ -148,7 +161,7 @@ async fn send(
             _ = tx.closed() => return tracing::debug!("client left"),
             _ = peer.stop.cancelled() => Err("the peer is shutting down".to_string()),
             held = transfer.chunk(index) => match held {
-                Ok(file) => read_chunk(&peer, file, index).await,
+                Ok(data) => read_chunk(&peer, data, index).await,
                 Err(e) => Err(e.to_string()),
             },
         };
@@ -174,24 +187,29 @@ async fn send(
 }
 
 /// Reads chunk `index` and checks it against its hash (on a blocking thread).
-async fn read_chunk(
-    peer: &Peer,
-    file: Arc<crate::peer::store::StoredFile>,
-    index: u32,
-) -> Result<Bytes, String> {
+async fn read_chunk(peer: &Peer, data: Data, index: u32) -> Result<Bytes, String> {
     let read = tokio::task::spawn_blocking(move || {
         let mut buf = Vec::new();
-        file.read_verified(index, &mut buf).map(|()| buf)
+        let read = match data {
+            Data::File(file) => file.read_verified(index, &mut buf).map_err(Some),
+            // A chunk of a pull that no longer matches its hash is `None` (the pull failed and
+            // its data was started afresh).
+            Data::Pull(part) => part.read_verified(index, &mut buf).map(drop).ok_or(None),
+        };
+        read.map(|()| buf)
     })
     .await
     .map_err(|e| format!("read task failed: {e}"))?;
     match read {
         Ok(buf) => Ok(Bytes::from(buf)),
-        Err(e @ ReadError::Changed) => {
+        Err(Some(e @ ReadError::Changed)) => {
             peer.rescan.notify_one();
             Err(format!("chunk {index}: {e}"))
         }
-        Err(e) => Err(format!("chunk {index}: {e}")),
+        Err(Some(e)) => Err(format!("chunk {index}: {e}")),
+        Err(None) => Err(format!(
+            "chunk {index} no longer matches its hash in the data pulled from the origin"
+        )),
     }
 }
 

@@ -17,6 +17,7 @@ pub use http::{Failure, OriginUrl, Remote};
 pub use part::PullPart;
 
 use super::download::DownloadError;
+use super::transfers::Transfer;
 use super::Peer;
 use crate::bitfield::Bitfield;
 use crate::chunking::auto_chunk_size;
@@ -137,11 +138,12 @@ pub struct Pulled {
 }
 
 /// Fetches this peer's share of `name` from the origin until the tracker knows every chunk
-/// hash (see the module comment).
+/// hash (see the module comment), telling `transfer` (and so its readers) of each chunk.
 pub async fn pull(
     peer: &Arc<Peer>,
     origin: &Arc<Origin>,
     name: &str,
+    transfer: &Arc<Transfer>,
 ) -> Result<Pulled, DownloadError> {
     let url = origin.url.url_of(name);
     let remote = head(peer, origin, name).await?;
@@ -166,6 +168,7 @@ pub async fn pull(
         published: remote.modified_ms().unwrap_or_else(now_ms),
         remote,
         part: part.clone(),
+        transfer: transfer.clone(),
         tracker: Mutex::new(None),
     });
     origin.set_part(name, Some(part));

@@ -29,6 +29,11 @@ impl PullPart {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The file's size at the origin.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
     pub fn chunk_size(&self) -> u32 {
         self.lock().0
     }

@@ -6,6 +6,7 @@ use super::http::{self, Remote};
 use super::part::PullPart;
 use super::{retried, Origin, Pulled, ATTEMPTS};
 use crate::peer::download::DownloadError;
+use crate::peer::transfers::Transfer;
 use crate::peer::upkeep::forgotten;
 use crate::peer::Peer;
 use crate::protocol::{
@@ -33,6 +34,8 @@ pub(super) struct Job {
     /// The stamp proposed for the version (see [`OriginClaim::published`]).
     pub published: u64,
     pub part: Arc<PullPart>,
+    /// The pull's readers learn from it when the shape is settled and each chunk lands.
+    pub transfer: Arc<Transfer>,
     /// The tracker asked last (its address). Held briefly, never across an await.
     pub tracker: Mutex<Option<String>>,
 }
@@ -77,6 +80,10 @@ impl Job {
                 continue;
             };
             self.part.set_chunk_size(grant.chunk_size);
+            // The first reply settles the chunk size: readers can map bytes to chunks now.
+            if self.transfer.shape().is_none() {
+                self.transfer.pulling_into(self.part.clone());
+            }
             for &index in &grant.refused {
                 tracing::warn!(chunk = index, "the tracker holds another hash for this chunk; fetching it from the peers that have it");
                 self.part.forget(index);
@@ -264,7 +271,7 @@ impl Job {
 
     /// Writes a chunk into the hidden partial file and marks it held (served from now on).
     async fn land(&self, index: u32, hash: Hash, data: Vec<u8>) -> Result<(), DownloadError> {
-        let part = self.part.clone();
+        let (part, len) = (self.part.clone(), data.len() as u64);
         tokio::task::spawn_blocking(move || part.write(index, hash, &data))
             .await
             .map_err(|e| DownloadError::Local(e.into()))?
@@ -273,6 +280,8 @@ impl Job {
                     "cannot write chunk {index} of {:?}: {e}",
                     self.name
                 ))
-            })
+            })?;
+        self.transfer.landed(len);
+        Ok(())
     }
 }
