@@ -882,7 +882,8 @@ def main():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if test.swarm and not ok and test.swarm.containers:
-            for name in ("tracker-1", test.partitioned.name if test.partitioned else "peer-1"):
+            for name in ("tracker-1", test.partitioned.name if test.partitioned else "peer-1",
+                         "consumer"):
                 if name in test.swarm.containers:
                     print(f"\n---- last log lines of {name} ----")
                     print(test.swarm.logs(test.swarm[name]))
