@@ -266,18 +266,29 @@ pub struct FileInfo {
 impl FileInfo {
     /// Number of chunks; the last one may be shorter. An empty file has none.
     pub fn chunks(&self) -> u64 {
-        if self.chunk_size == 0 {
-            return 0;
-        }
-        self.size.div_ceil(u64::from(self.chunk_size))
+        chunk_count(self.size, self.chunk_size)
     }
 
     /// Byte offset and length of chunk `index` (which must be in range).
     pub fn chunk_span(&self, index: u32) -> (u64, u32) {
-        let offset = u64::from(index) * u64::from(self.chunk_size);
-        let len = (self.size - offset).min(u64::from(self.chunk_size));
-        (offset, len as u32)
+        chunk_span(self.size, self.chunk_size, index)
     }
+}
+
+/// Number of chunks of a file of `size` bytes cut every `chunk_size` bytes; the last one may be
+/// shorter. An empty file has none.
+pub fn chunk_count(size: u64, chunk_size: u32) -> u64 {
+    if chunk_size == 0 {
+        return 0;
+    }
+    size.div_ceil(u64::from(chunk_size))
+}
+
+/// Byte offset and length of chunk `index` of a file of `size` bytes (empty past its end).
+pub fn chunk_span(size: u64, chunk_size: u32, index: u32) -> (u64, u32) {
+    let offset = u64::from(index) * u64::from(chunk_size);
+    let len = size.saturating_sub(offset).min(u64::from(chunk_size));
+    (offset, len as u32)
 }
 
 /// Checks that `name` is a safe relative path: `/`-separated components, each non-empty, not

@@ -10,7 +10,7 @@ use super::store::StoredFile;
 use super::tracker_client::TrackerError;
 use super::transfers::{Resolved, Transfer, WantError};
 use super::Peer;
-use crate::protocol::{FileInfo, Hash};
+use crate::protocol::{self, FileInfo, Hash};
 use crate::tls::HttpClients;
 use hyper::header::{self, HeaderValue};
 use hyper::{body::Incoming, Method, Request, Response, StatusCode};
@@ -292,7 +292,7 @@ fn status(peer: &Peer) -> Response<Body> {
                 (Some(f), _) => (f.info.size, held(peer, &f.info)),
                 (None, Some(t)) => {
                     let (size, chunk_size) = t.shape().unwrap_or((0, 1));
-                    let chunks = size.div_ceil(u64::from(chunk_size));
+                    let chunks = protocol::chunk_count(size, chunk_size);
                     (size, share("partial", t.chunks_held(), chunks))
                 }
                 (None, None) => unreachable!("listed"),

@@ -9,7 +9,9 @@
 //! Plain data guarded by the index's lock (see `state.rs`); no I/O, no awaits.
 
 use crate::bitfield::Bitfield;
-use crate::protocol::{ChunkHash, ErrorCode, FileInfo, Hash, HashList, OriginClaim, Refusal};
+use crate::protocol::{
+    chunk_count, ChunkHash, ErrorCode, FileInfo, Hash, HashList, OriginClaim, Refusal,
+};
 use rand::seq::SliceRandom;
 use rand::Rng;
 use std::collections::HashMap;
@@ -290,13 +292,7 @@ impl Origins {
             );
             return Err(Refusal::new(ErrorCode::LimitReached, why));
         }
-        let info = FileInfo {
-            name: req.file.clone(),
-            size: req.size,
-            chunk_size: req.chunk_size,
-            digest: Hash([0; 32]),
-        };
-        let chunks = info.chunks();
+        let chunks = chunk_count(req.size, req.chunk_size);
         if chunks > limits.max_chunks {
             let why = format!(
                 "{chunks} chunks exceed the limit of {} per file",

@@ -2,7 +2,7 @@
 //! of it this peer holds with their hashes. The chunk server reads from it (message 5 without a
 //! digest), so that pulling peers pass chunks to each other while the origin transfer runs.
 
-use crate::protocol::Hash;
+use crate::protocol::{chunk_span, Hash};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -46,9 +46,7 @@ impl PullPart {
 
     /// Offset and length of chunk `index`.
     pub fn span(&self, index: u32) -> (u64, u32) {
-        let chunk = u64::from(self.chunk_size());
-        let offset = u64::from(index) * chunk;
-        (offset, self.size.saturating_sub(offset).min(chunk) as u32)
+        chunk_span(self.size, self.chunk_size(), index)
     }
 
     pub fn holds(&self, index: u32) -> bool {
