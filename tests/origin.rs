@@ -70,7 +70,17 @@ fn eight_peers_wanting_a_new_file_get_one_copy_from_the_origin_then_the_swarm_ke
     let tracker = tracker(&[]);
     let dirs = tempfile::tempdir().unwrap();
     let extra = [("SHOAL_ORIGIN_TIMEOUT", "5s")];
+    // Range answers wait until more chunks are claimed than one peer may fetch at once
+    // (SHOAL_ORIGIN_CONCURRENCY, 4): so at least two peers hold claims, whoever starts first.
+    origin.origin.faults.hold.send_replace(true);
     let peers = pullers(&tracker, dirs.path(), 8, &origin, &extra);
+    assert!(
+        wait_until(Duration::from_secs(20), || tracker
+            .metric("shoal_tracker_origin_claims")
+            > 4.0),
+        "the peers never claimed more than one peer's share"
+    );
+    origin.origin.faults.hold.send_replace(false);
     assert_all_land(&original, dirs.path(), &peers, 0);
     let sent = origin.bytes_sent();
     eprintln!(

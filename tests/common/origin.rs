@@ -32,6 +32,8 @@ pub struct Faults {
     /// After this many range answers every file has other bytes and another ETag and
     /// Last-Modified (0 = never).
     pub change_after: AtomicU64,
+    /// While true, range answers wait (none is lost); `send_replace(false)` lets them all go.
+    pub hold: tokio::sync::watch::Sender<bool>,
 }
 
 /// What the origin sent.
@@ -141,6 +143,9 @@ async fn respond(origin: &Origin, req: Request<Incoming>) -> Response<Full<Bytes
     let stall_from = origin.faults.stall_from.load(Ordering::SeqCst);
     if code == StatusCode::PARTIAL_CONTENT && stall_from > 0 && first >= stall_from {
         std::future::pending::<()>().await;
+    }
+    if code == StatusCode::PARTIAL_CONTENT {
+        let _ = origin.faults.hold.subscribe().wait_for(|held| !*held).await;
     }
     let delay = origin.faults.delay_ms.load(Ordering::SeqCst);
     if code == StatusCode::PARTIAL_CONTENT && delay > 0 {
