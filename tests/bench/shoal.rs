@@ -8,13 +8,16 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod bittorrent;
 mod load;
+mod netns;
 mod report;
 mod swarm;
 mod tracker;
 mod transfer;
 
 use common::Proc;
+use netns::{Place, Spot};
 use report::{Failure, Outcome, Setup};
 use std::net::SocketAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -49,8 +52,9 @@ impl Scale {
 
 type Scenario = fn(Scale) -> anyhow::Result<Outcome>;
 
-const SCENARIOS: [(&str, Scenario); 6] = [
+const SCENARIOS: [(&str, Scenario); 7] = [
     ("swarm", swarm::run),
+    ("swarm_net", swarm::net),
     ("transfer", transfer::raw),
     ("tracker_throughput", tracker::throughput),
     ("tracker_memory", tracker::memory),
@@ -164,12 +168,25 @@ pub const MIB: u64 = 1 << 20;
 /// cap high enough for [`load::verify`] to see every holder; in mutual TLS with `tls`.
 pub fn start_tracker(tls: Option<&common::Certs>) -> Proc {
     let tls = tls_settings(tls, "tracker");
-    let mut settings = vec![
-        ("SHOAL_ANNOUNCE_INTERVAL", "10m"),
-        ("SHOAL_MAX_HOLDERS", "100000"),
-    ];
+    let mut settings = TRACKER_SETTINGS.to_vec();
     settings.extend(common::env_refs(&tls));
     common::tracker(&settings)
+}
+
+const TRACKER_SETTINGS: [(&str, &str); 2] = [
+    ("SHOAL_ANNOUNCE_INTERVAL", "10m"),
+    ("SHOAL_MAX_HOLDERS", "100000"),
+];
+
+/// [`start_tracker`] without TLS at the hub of `place`, its metrics on that place's 127.0.0.1.
+pub fn start_tracker_at(place: &Place) -> Proc {
+    let mut cmd = place.command(Spot::Hub, common::TRACKER);
+    cmd.env("SHOAL_LISTEN", format!("{}:0", place.ip(Spot::Hub)))
+        .env("SHOAL_METRICS_ADDR", "127.0.0.1:0")
+        .envs(TRACKER_SETTINGS)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+    Proc::spawn(cmd, "tracker listening")
 }
 
 /// The `SHOAL_TLS_*` settings of the holder of certificate `stem` of `tls`; none without TLS.
@@ -180,10 +197,25 @@ pub fn tls_settings(tls: Option<&common::Certs>, stem: &str) -> Vec<(&'static st
 
 /// `shoal-peer run` sharing `dir`, with every setting at its default except `settings`.
 pub fn start_peer(tracker: SocketAddr, dir: &Path, name: &str, settings: &[(&str, &str)]) -> Proc {
+    start_peer_at(&Place::Loopback, 0, tracker, dir, name, settings)
+}
+
+/// [`start_peer`] as peer `i` of `place`, listening on its address.
+pub fn start_peer_at(
+    place: &Place,
+    i: usize,
+    tracker: SocketAddr,
+    dir: &Path,
+    name: &str,
+    settings: &[(&str, &str)],
+) -> Proc {
     std::fs::create_dir_all(dir).expect("data dir");
-    let mut cmd = std::process::Command::new(common::PEER);
+    let listen = format!("{}:0", place.ip(Spot::Peer(i)));
+    let mut all = vec![("SHOAL_LISTEN", listen.as_str())];
+    all.extend_from_slice(settings);
+    let mut cmd = place.command(Spot::Peer(i), common::PEER);
     cmd.arg("run");
-    common::placed_peer(&mut cmd, tracker, dir, name, settings);
+    common::placed_peer(&mut cmd, tracker, dir, name, &all);
     Proc::spawn(cmd, "peer listening")
 }
 
