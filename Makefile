@@ -11,7 +11,7 @@ export COMPOSE_PROJECT_NAME := $(PROJECT)
 # TLS=1: `make up` and `make demo` run every connection in mutual TLS with throwaway certificates.
 TLS ?= 0
 
-.PHONY: help build test alerts lint fmt image up down status e2e k8s-check bench bench-smoke fuzz demo
+.PHONY: help build test alerts lint fmt image up down status e2e k8s-check bench bench-net bench-smoke fuzz demo
 
 help: ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -47,8 +47,11 @@ e2e: image ## Container end-to-end run with faults; exit code is the verdict
 k8s-check: ## Render the Kubernetes manifests and validate them strictly, offline
 	bash tests/k8s/validate.sh
 
-bench: ## Full benchmarks (~3 min after the build): tables, target/bench/*.json, rewrites docs/BENCHMARKS.md
+bench: ## Full benchmarks beside BitTorrent (~30 min after the build): tables, target/bench/*.json, rewrites docs/BENCHMARKS.md
 	$(CARGO) bench --locked --bench shoal -- full
+
+bench-net: ## Swarm with every peer in its own network namespace, caps enforced by tc (root; ~5 min)
+	$(CARGO) bench --locked --bench shoal -- full swarm_net
 
 bench-smoke: ## Quick benchmarks at a small scale (CI): fail on any corrupted copy or lost registration
 	$(CARGO) bench --locked --bench shoal -- smoke

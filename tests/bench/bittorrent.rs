@@ -13,8 +13,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Why the BitTorrent side cannot run here, after trying to install it; `None` if it can.
+/// Why the BitTorrent side is not run (`shoal-only`, or it cannot be installed here); `None`
+/// if it runs.
 pub fn unavailable() -> Option<String> {
+    if crate::shoal_only() {
+        return Some("left out (`shoal-only`)".into());
+    }
     let missing = |tool: &str| {
         Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
@@ -148,7 +152,10 @@ pub fn distribute(
     });
     if !complete {
         let missing = done.iter().filter(|d| d.is_none()).count();
-        bail!("{missing} of {} aria2c copies incomplete after {limit:?}", plan.n);
+        bail!(
+            "{missing} of {} aria2c copies incomplete after {limit:?}",
+            plan.n
+        );
     }
     let seeder_sent = place.run(Spot::Peer(0), || uploaded(rpc))?;
     let cpu = std::iter::once(&seeder)
@@ -226,13 +233,16 @@ fn aria2c(
 /// A port free at `spot` right now (the program that gets it binds it a moment later).
 fn free_port(place: &Place, spot: Spot) -> anyhow::Result<u16> {
     let ip = place.ip(spot);
-    Ok(place.run(spot, || TcpListener::bind((ip, 0))?.local_addr())?.port())
+    Ok(place
+        .run(spot, || TcpListener::bind((ip, 0))?.local_addr())?
+        .port())
 }
 
 /// Bytes the aria2c at `rpc` uploaded so far (JSON-RPC `aria2.getGlobalStat` has only speeds,
 /// so this sums `uploadLength` over its active downloads).
 fn uploaded(rpc: SocketAddr) -> anyhow::Result<u64> {
-    let body = r#"{"jsonrpc":"2.0","id":"b","method":"aria2.tellActive","params":[["uploadLength"]]}"#;
+    let body =
+        r#"{"jsonrpc":"2.0","id":"b","method":"aria2.tellActive","params":[["uploadLength"]]}"#;
     let mut stream = TcpStream::connect_timeout(&rpc, Duration::from_secs(2))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(

@@ -116,13 +116,24 @@ impl Fabric {
         let hub = fabric.namespace(Spot::Hub);
         fabric.add_namespace(&hub)?;
         ip(&["-n", &hub, "link", "add", "br0", "type", "bridge"])?;
-        ip(&["-n", &hub, "addr", "add", &format!("{}/16", fabric_ip(Spot::Hub)), "dev", "br0"])?;
+        ip(&[
+            "-n",
+            &hub,
+            "addr",
+            "add",
+            &format!("{}/16", fabric_ip(Spot::Hub)),
+            "dev",
+            "br0",
+        ])?;
         ip(&["-n", &hub, "link", "set", "br0", "up"])?;
         for (i, &upload) in links.upload.iter().enumerate() {
             let ns = fabric.namespace(Spot::Peer(i));
             fabric.add_namespace(&ns)?;
             let port = format!("v{i}");
-            ip(&["-n", &hub, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+            ip(&[
+                "-n", &hub, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
+                &ns,
+            ])?;
             ip(&["-n", &hub, "link", "set", &port, "master", "br0", "up"])?;
             let addr = format!("{}/16", fabric_ip(Spot::Peer(i)));
             ip(&["-n", &ns, "addr", "add", &addr, "dev", "eth0"])?;
@@ -233,7 +244,9 @@ fn shape(ns: &str, dev: &str, rate: u64) -> anyhow::Result<()> {
     let rate_arg = format!("{rate}bps");
     let burst = (rate / 50).max(128 * 1024).to_string();
     let status = Command::new("tc")
-        .args(["-n", ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", &rate_arg])
+        .args([
+            "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", &rate_arg,
+        ])
         .args(["burst", &burst, "latency", "100ms"])
         .output()
         .context("cannot run tc")?;
@@ -268,7 +281,10 @@ fn delete_namespace(name: &str) {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
-    for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+    for pid in pids
+        .split_whitespace()
+        .filter_map(|p| p.parse::<i32>().ok())
+    {
         // SAFETY: kill has no memory preconditions; the pid is one listed in our namespace.
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }

@@ -4,11 +4,12 @@
 //! small scale that asserts nothing about time but fails on any corrupted copy, failed request
 //! or lost registration.
 //!
-//! `cargo bench --bench shoal -- [full|smoke] [scenario...]` (default smoke, every scenario).
+//! `cargo bench --bench shoal -- [full|smoke] [shoal-only] [scenario...]` (default smoke, every
+//! scenario; `shoal-only` leaves BitTorrent out of the swarm scenarios).
 
+mod bittorrent;
 #[path = "../common/mod.rs"]
 mod common;
-mod bittorrent;
 mod load;
 mod netns;
 mod report;
@@ -73,10 +74,13 @@ fn main() -> ExitCode {
     } else {
         Scale::Smoke
     };
+    if args.iter().any(|a| a == "shoal-only") {
+        SHOAL_ONLY.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     let chosen: Vec<&str> = args
         .iter()
         .map(String::as_str)
-        .filter(|a| !matches!(*a, "full" | "smoke"))
+        .filter(|a| !matches!(*a, "full" | "smoke" | "shoal-only"))
         .collect();
     if let Some(bad) = chosen
         .iter()
@@ -125,7 +129,7 @@ fn main() -> ExitCode {
             why: format!("cannot write the JSON results: {e}"),
         }),
     }
-    if scale == Scale::Full && chosen.is_empty() && failures.is_empty() {
+    if scale == Scale::Full && chosen.is_empty() && !shoal_only() && failures.is_empty() {
         let command = "make bench";
         match report::write_doc(&date, &setup, command, &outcomes) {
             Ok(()) => println!("docs/BENCHMARKS.md rewritten"),
@@ -143,6 +147,14 @@ fn main() -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// Set by the `shoal-only` argument.
+static SHOAL_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the swarm scenarios leave BitTorrent out (`shoal-only`).
+pub fn shoal_only() -> bool {
+    SHOAL_ONLY.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {

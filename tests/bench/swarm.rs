@@ -65,7 +65,11 @@ use Variant::{Download, Joins, Uneven, Uniform};
 /// Loopback rows, caps by each program's limiter, smoke then full. The full scale sums to about
 /// 11 minutes on 2 cores: the largest N on the smallest files, the largest file with a small N.
 const LOOPBACK_ROWS: [&[Row]; 2] = [
-    &[row(2, 8, 4, Uniform), row(2, 8, 4, Uneven), row(2, 8, 4, Joins)],
+    &[
+        row(2, 8, 4, Uniform),
+        row(2, 8, 4, Uneven),
+        row(2, 8, 4, Joins),
+    ],
     &[
         row(8, 32, 8, Uniform),
         row(16, 32, 4, Uniform),
@@ -173,7 +177,10 @@ pub struct Run {
 
 impl Run {
     fn time(&self) -> f64 {
-        self.done.iter().map(Duration::as_secs_f64).fold(0.0, f64::max)
+        self.done
+            .iter()
+            .map(Duration::as_secs_f64)
+            .fold(0.0, f64::max)
     }
 
     fn ratio(&self, plan: &Plan) -> f64 {
@@ -235,7 +242,7 @@ struct Measured {
 
 /// `swarm`: caps by the programs' limiters on 127.0.0.1.
 pub fn run(scale: Scale) -> anyhow::Result<Outcome> {
-    let skipped = bittorrent::unavailable();
+    let skipped = bittorrent_skipped();
     let mut measured = Vec::new();
     for row in scale.pick(LOOPBACK_ROWS[0], LOOPBACK_ROWS[1]) {
         measured.push(measure(row, &Place::Loopback, skipped.is_none())?);
@@ -254,9 +261,15 @@ pub fn net(scale: Scale) -> anyhow::Result<Outcome> {
     const TITLE: &str = "1b. Swarm distribution, caps set by the network";
     if let Some(why) = crate::netns::unavailable() {
         println!("  swarm_net skipped: {why}");
-        return Ok(outcome("swarm_net", TITLE, "", Some(why), &[]));
+        return Ok(outcome(
+            "swarm_net",
+            TITLE,
+            "",
+            Some(format!("skipped: {why}")),
+            &[],
+        ));
     }
-    let skipped = bittorrent::unavailable();
+    let skipped = bittorrent_skipped();
     let mut measured = Vec::new();
     let mut checks = Vec::new();
     for row in scale.pick(KERNEL_ROWS[0], KERNEL_ROWS[1]) {
@@ -285,6 +298,13 @@ pub fn net(scale: Scale) -> anyhow::Result<Outcome> {
         checks.join("; ")
     ));
     Ok(out)
+}
+
+/// "BitTorrent skipped: why", printed at once, if aria2c does not run beside Shoal.
+fn bittorrent_skipped() -> Option<String> {
+    let why = bittorrent::unavailable()?;
+    println!("  BitTorrent skipped: {why}");
+    Some(format!("BitTorrent skipped: {why}"))
 }
 
 /// A measured link rate against its `tc` cap: fails if the cap does not hold.
@@ -380,7 +400,8 @@ fn distribute(
                     // Schedule, not synchronisation: the plan says when each peer joins.
                     std::thread::sleep(at.saturating_duration_since(Instant::now()));
                     let joined = started.elapsed();
-                    let peer = start_peer_at(place, i, tracker, dir, &format!("peer{i}"), &settings);
+                    let peer =
+                        start_peer_at(place, i, tracker, dir, &format!("peer{i}"), &settings);
                     (peer, joined)
                 })
             })
@@ -448,9 +469,7 @@ fn outcome(
         "per peer: (done_i - t_i)/b_i, p50/p99/max; CPU: user + system seconds of every peer process (seeder included) per GiB delivered to the downloaders; seeder sent: bytes the seeder uploaded / F; tracker req/chunk: requests Shoal's tracker answered / chunks delivered".into(),
         "Shoal: every setting at its default but the cap; aria2c: same file, pieces of Shoal's chunk size, opentracker, DHT, LPD and PEX off, seeding on after completion".into(),
     ];
-    if let Some(why) = &skipped {
-        settings.push(format!("BitTorrent skipped: {why}"));
-    }
+    settings.extend(skipped.clone());
     let mut rows = Vec::new();
     let mut data = Vec::new();
     let mut goals = Vec::new();
@@ -496,10 +515,22 @@ fn outcome(
         settings,
         table: Table {
             head: vec![
-                "N", "F MiB", "U MiB/s", "variant", "T* s", "Shoal T s", "Shoal T/T*",
-                "aria2c T s", "aria2c T/T*", "Shoal per peer p50/p99/max",
-                "aria2c per peer p50/p99/max", "Shoal CPU s/GiB", "aria2c CPU s/GiB",
-                "Shoal seeder sent", "aria2c seeder sent", "Shoal tracker req/chunk",
+                "N",
+                "F MiB",
+                "U MiB/s",
+                "variant",
+                "T* s",
+                "Shoal T s",
+                "Shoal T/T*",
+                "aria2c T s",
+                "aria2c T/T*",
+                "Shoal per peer p50/p99/max",
+                "aria2c per peer p50/p99/max",
+                "Shoal CPU s/GiB",
+                "aria2c CPU s/GiB",
+                "Shoal seeder sent",
+                "aria2c seeder sent",
+                "Shoal tracker req/chunk",
                 "chunk KiB",
             ],
             rows,
