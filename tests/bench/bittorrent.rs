@@ -31,11 +31,16 @@ pub fn unavailable() -> Option<String> {
         let root = unsafe { libc::geteuid() } == 0;
         if root && !missing("apt-get") {
             println!("  installing opentracker and aria2 with apt-get");
-            let _ = Command::new("apt-get")
-                .args(["install", "-y", "-q", "opentracker", "aria2"])
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .stdout(Stdio::null())
-                .status();
+            for args in [
+                &["update", "-q"][..],
+                &["install", "-y", "-q", "opentracker", "aria2"],
+            ] {
+                let _ = Command::new("apt-get")
+                    .args(args)
+                    .env("DEBIAN_FRONTEND", "noninteractive")
+                    .stdout(Stdio::null())
+                    .status();
+            }
         }
     }
     let absent: Vec<&str> = ["opentracker", "aria2c"]
