@@ -156,10 +156,21 @@ pub fn distribute(
         leechers.len() == plan.n && done.iter().all(Option::is_some)
     });
     if !complete {
-        let missing = done.iter().filter(|d| d.is_none()).count();
+        let incomplete: Vec<String> = done
+            .iter()
+            .zip(leechers.iter_mut())
+            .enumerate()
+            .filter(|(_, (d, _))| d.is_none())
+            .map(|(i, (_, leecher))| match leecher.0.try_wait() {
+                Ok(Some(status)) => format!("{} ({status})", i + 1),
+                _ => format!("{} (running)", i + 1),
+            })
+            .collect();
         bail!(
-            "{missing} of {} aria2c copies incomplete after {limit:?}",
-            plan.n
+            "{} of {} aria2c copies incomplete after {limit:?}: leechers {}",
+            incomplete.len(),
+            plan.n,
+            incomplete.join(", ")
         );
     }
     let seeder_sent = place.run(Spot::Peer(0), || uploaded(rpc))?;

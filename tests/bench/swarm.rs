@@ -156,7 +156,7 @@ impl Plan {
 
     /// How long to wait for every copy before calling the run failed.
     pub fn wait_limit(&self) -> Duration {
-        Duration::from_secs_f64(self.bound(&self.joins) * 8.0 + 30.0)
+        Duration::from_secs_f64(self.bound(&self.joins) * 8.0 + 60.0)
     }
 }
 
