@@ -179,23 +179,17 @@ pub const MIB: u64 = 1 << 20;
 /// A tracker as an operator would run it, with leases that outlive any scenario and a holder
 /// cap high enough for [`load::verify`] to see every holder; in mutual TLS with `tls`.
 pub fn start_tracker(tls: Option<&common::Certs>) -> Proc {
-    let tls = tls_settings(tls, "tracker");
-    let mut settings = TRACKER_SETTINGS.to_vec();
-    settings.extend(common::env_refs(&tls));
-    common::tracker(&settings)
+    start_tracker_at(&Place::Loopback, tls)
 }
 
-const TRACKER_SETTINGS: [(&str, &str); 2] = [
-    ("SHOAL_ANNOUNCE_INTERVAL", "10m"),
-    ("SHOAL_MAX_HOLDERS", "100000"),
-];
-
-/// [`start_tracker`] without TLS at the hub of `place`, its metrics on that place's 127.0.0.1.
-pub fn start_tracker_at(place: &Place) -> Proc {
+/// [`start_tracker`] at the hub of `place`, its metrics on that place's 127.0.0.1.
+pub fn start_tracker_at(place: &Place, tls: Option<&common::Certs>) -> Proc {
     let mut cmd = place.command(Spot::Hub, common::TRACKER);
     cmd.env("SHOAL_LISTEN", format!("{}:0", place.ip(Spot::Hub)))
         .env("SHOAL_METRICS_ADDR", "127.0.0.1:0")
-        .envs(TRACKER_SETTINGS)
+        .env("SHOAL_ANNOUNCE_INTERVAL", "10m")
+        .env("SHOAL_MAX_HOLDERS", "100000")
+        .envs(tls_settings(tls, "tracker"))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null());
     Proc::spawn(cmd, "tracker listening")

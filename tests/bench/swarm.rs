@@ -11,9 +11,12 @@
 
 use crate::netns::{Fabric, Links, Place, Spot};
 use crate::report::{Goal, Outcome, Table};
-use crate::{bittorrent, common, digest_of, start_peer_at, start_tracker_at, Scale, MIB};
+use crate::{
+    bittorrent, common, digest_of, start_peer_at, start_tracker_at, tls_settings, Scale, MIB,
+};
 use anyhow::{bail, Context};
 use serde_json::json;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -30,6 +33,8 @@ enum Variant {
     Joins,
     /// Every peer at U both ways (kernel caps only).
     Download,
+    /// Uniform, every connection in mutual TLS (Shoal only: aria2c has no counterpart).
+    Tls,
 }
 
 impl Variant {
@@ -39,6 +44,7 @@ impl Variant {
             Variant::Uneven => "half at U/4",
             Variant::Joins => "joins 1/s",
             Variant::Download => "download at U too",
+            Variant::Tls => "mutual TLS",
         }
     }
 }
@@ -60,7 +66,7 @@ const fn row(n: usize, mib: u64, up: u64, variant: Variant) -> Row {
     }
 }
 
-use Variant::{Download, Joins, Uneven, Uniform};
+use Variant::{Download, Joins, Tls, Uneven, Uniform};
 
 /// Loopback rows, caps by each program's limiter, smoke then full. The full scale sums to about
 /// 11 minutes on 2 cores: the largest N on the smallest files, the largest file with a small N.
@@ -69,6 +75,7 @@ const LOOPBACK_ROWS: [&[Row]; 2] = [
         row(2, 8, 4, Uniform),
         row(2, 8, 4, Uneven),
         row(2, 8, 4, Joins),
+        row(2, 8, 4, Tls),
     ],
     &[
         row(8, 32, 8, Uniform),
@@ -80,6 +87,7 @@ const LOOPBACK_ROWS: [&[Row]; 2] = [
         row(16, 256, 8, Uniform),
         row(16, 32, 4, Uneven),
         row(16, 32, 4, Joins),
+        row(16, 32, 4, Tls),
     ],
 ];
 
@@ -339,9 +347,17 @@ fn measure(row: &'static Row, place: &Place, bittorrent: bool) -> anyhow::Result
     let root = tempfile::tempdir()?;
     let original = common::make_file(&root.path().join("origin"), FILE, plan.size as usize, 11);
     let digest = digest_of(&original)?;
-    let shoal = distribute(&plan, place, &root.path().join("shoal"), &original, &digest)
-        .with_context(|| format!("Shoal, {what}"))?;
-    let bittorrent = if bittorrent {
+    let tls = row.variant == Variant::Tls;
+    let shoal = distribute(
+        &plan,
+        place,
+        tls,
+        &root.path().join("shoal"),
+        &original,
+        &digest,
+    )
+    .with_context(|| format!("Shoal, {what}"))?;
+    let bittorrent = if bittorrent && row.variant != Variant::Tls {
         let dir = root.path().join("bittorrent");
         let run = bittorrent::distribute(&plan, place, &dir, &original, &digest, shoal.piece)
             .with_context(|| format!("aria2c, {what}"))?;
@@ -357,22 +373,26 @@ fn measure(row: &'static Row, place: &Place, bittorrent: bool) -> anyhow::Result
     })
 }
 
-/// One Shoal seeder and `plan.n` downloaders on a fresh tracker; returns when every copy is
-/// verified.
+/// One Shoal seeder and `plan.n` downloaders on a fresh tracker, every connection in mutual TLS
+/// with `tls`; returns when every copy is verified.
 fn distribute(
     plan: &Plan,
     place: &Place,
+    tls: bool,
     dir: &Path,
     original: &Path,
     digest: &str,
 ) -> anyhow::Result<Run> {
-    let tracker = start_tracker_at(place);
+    let certs = tls.then(|| common::Certs::new(1));
+    let tracker = start_tracker_at(place, certs.as_ref());
     let limits: Vec<String> = plan.uploads.iter().map(u64::to_string).collect();
+    let tls_env = tls_settings(certs.as_ref(), "p0");
     let settings = |i: usize| -> Vec<(&str, &str)> {
         let mut s = vec![("SHOAL_WANT", FILE)];
         if matches!(place, Place::Loopback) {
             s.push(("SHOAL_UPLOAD_LIMIT", &limits[i]));
         }
+        s.extend(common::env_refs(&tls_env));
         s
     };
     let seed_dir = dir.join("seeder");
@@ -381,7 +401,7 @@ fn distribute(
     let seeder = start_peer_at(place, 0, tracker.addr, &seed_dir, "seeder", &settings(0));
     if !common::wait_until(Duration::from_secs(20), || {
         place.run(Spot::Hub, || {
-            common::holder_count_in(tracker.addr, FILE, None) == 1
+            common::holder_count_in(tracker.addr, FILE, certs.as_ref()) == 1
         })
     }) {
         bail!("the seeder did not register {FILE}");
@@ -437,9 +457,7 @@ fn distribute(
     let seeder_sent = place.run(Spot::Peer(0), || {
         seeder.metric("shoal_peer_uploaded_bytes_total")
     });
-    let chunks = place.run(Spot::Hub, || {
-        common::locations(tracker.addr, FILE)["chunks"].as_u64()
-    });
+    let chunks = place.run(Spot::Hub, || chunk_count(tracker.addr, certs.as_ref()));
     let chunks = chunks.context("the tracker's locations reply has no chunk count")?;
     for (i, copy) in copies.iter().enumerate() {
         if digest_of(copy)? != digest {
@@ -454,6 +472,19 @@ fn distribute(
         tracker_requests: Some(requests),
         piece: plan.size.div_ceil(chunks.max(1)),
     })
+}
+
+/// The number of chunks the tracker lists for [`FILE`], asked in its mode (clear or TLS).
+fn chunk_count(tracker: SocketAddr, certs: Option<&common::Certs>) -> Option<u64> {
+    let ask = format!(r#"{{"v":1,"msg":3,"file":"{FILE}"}}"#);
+    let reply = match certs {
+        None => common::Raw::connect(tracker).ask(&ask),
+        Some(c) => {
+            let mut client = common::tls_client(&c.path("ca.pem"), Some((c, "p0")), tracker);
+            common::tls_ask(&mut client, &ask).ok()?
+        }
+    };
+    reply["chunks"].as_u64()
 }
 
 fn outcome(
@@ -569,7 +600,7 @@ fn row_goals(m: &Measured) -> Vec<Goal> {
                 ),
             ]
         }
-        Variant::Uniform | Variant::Download => {
+        Variant::Uniform | Variant::Download | Variant::Tls => {
             let slack = if row.n <= 64 { 1.15 } else { 1.25 };
             vec![Goal::new(
                 format!("{label}: T ≤ {slack}·T* ({ratio:.2})"),
