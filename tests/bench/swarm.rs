@@ -82,6 +82,7 @@ const LOOPBACK_ROWS: [&[Row]; 2] = [
         row(16, 32, 4, Uniform),
         row(32, 64, 4, Uniform),
         row(64, 16, 2, Uniform),
+        row(64, 64, 4, Uniform),
         row(128, 16, 1, Uniform),
         row(256, 16, 1, Uniform),
         row(16, 256, 8, Uniform),
@@ -267,15 +268,11 @@ pub fn run(scale: Scale) -> anyhow::Result<Outcome> {
 /// `swarm_net`: every peer in its own network namespace, caps by the kernel.
 pub fn net(scale: Scale) -> anyhow::Result<Outcome> {
     const TITLE: &str = "1b. Swarm distribution, caps set by the network";
+    const CAPS: &str = "every peer in its own network namespace, linked by a veth pair to a bridge in the tracker's namespace; each peer's upload (and in the `download` rows its download) capped by `tc` `tbf` on its link, SHOAL_UPLOAD_LIMIT unset, aria2c unlimited";
     if let Some(why) = crate::netns::unavailable() {
         println!("  swarm_net skipped: {why}");
-        return Ok(outcome(
-            "swarm_net",
-            TITLE,
-            "",
-            Some(format!("skipped: {why}")),
-            &[],
-        ));
+        let skipped = Some(format!("skipped: {why}"));
+        return Ok(outcome("swarm_net", TITLE, CAPS, skipped, &[]));
     }
     let skipped = bittorrent_skipped();
     let mut measured = Vec::new();
@@ -294,13 +291,7 @@ pub fn net(scale: Scale) -> anyhow::Result<Outcome> {
         }
         measured.push(measure(row, &Place::Kernel(fabric), skipped.is_none())?);
     }
-    let mut out = outcome(
-        "swarm_net",
-        TITLE,
-        "every peer in its own network namespace, linked by a veth pair to a bridge in the tracker's namespace; each peer's upload (and in the `download` rows its download) capped by `tc` `tbf` on its link, SHOAL_UPLOAD_LIMIT unset, aria2c unlimited",
-        skipped,
-        &measured,
-    );
+    let mut out = outcome("swarm_net", TITLE, CAPS, skipped, &measured);
     out.settings.push(format!(
         "caps checked before each row with one unthrottled TCP stream over the seeder's link: {}",
         checks.join("; ")
