@@ -47,10 +47,10 @@ e2e: image ## Container end-to-end run with faults; exit code is the verdict
 k8s-check: ## Render the Kubernetes manifests and validate them strictly, offline
 	bash tests/k8s/validate.sh
 
-bench: ## Full benchmarks beside BitTorrent (~30 min after the build): tables, target/bench/*.json, rewrites docs/BENCHMARKS.md
+bench: ## Full benchmarks beside BitTorrent (~20 min after the build): tables, target/bench/*.json, rewrites docs/BENCHMARKS.md
 	$(CARGO) bench --locked --bench shoal -- full
 
-bench-net: ## Swarm with every peer in its own network namespace, caps enforced by tc (root; ~5 min)
+bench-net: ## Swarm with every peer in its own network namespace, caps enforced by tc (root; ~3 min)
 	$(CARGO) bench --locked --bench shoal -- full swarm_net
 
 bench-smoke: ## Quick benchmarks at a small scale (CI): fail on any corrupted copy or lost registration

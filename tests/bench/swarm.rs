@@ -68,8 +68,9 @@ const fn row(n: usize, mib: u64, up: u64, variant: Variant) -> Row {
 
 use Variant::{Download, Joins, Tls, Uneven, Uniform};
 
-/// Loopback rows, caps by each program's limiter, smoke then full. The full scale sums to about
-/// 11 minutes on 2 cores: the largest N on the smallest files, the largest file with a small N.
+/// Loopback rows, caps by each program's limiter, smoke then full. The full scale takes about
+/// 12 minutes on 2 cores (each row about 3.5 T*, Shoal then aria2c, plus start-up): the largest
+/// N on the smallest files, the largest file with a small N.
 const LOOPBACK_ROWS: [&[Row]; 2] = [
     &[
         row(2, 8, 4, Uniform),
