@@ -57,6 +57,18 @@ struct Row {
     variant: Variant,
 }
 
+impl Row {
+    fn label(&self) -> String {
+        format!(
+            "N = {}, F = {} MiB, U = {} MiB/s, {}",
+            self.n,
+            self.mib,
+            self.up,
+            self.variant.name()
+        )
+    }
+}
+
 const fn row(n: usize, mib: u64, up: u64, variant: Variant) -> Row {
     Row {
         n,
@@ -285,11 +297,12 @@ pub fn net(scale: Scale) -> anyhow::Result<Outcome> {
             download: plan.download,
         })?;
         let upload = fabric.measure(0, true, 2.0)?;
-        checks.push(check_cap("upload", upload, plan.uploads[0])?);
+        let mut check = check_cap("upload", upload, plan.uploads[0])?;
         if let Some(cap) = plan.download {
             let download = fabric.measure(0, false, 2.0)?;
-            checks.push(check_cap("download", download, cap)?);
+            check += &format!(", {}", check_cap("download", download, cap)?);
         }
+        checks.push(format!("{}: {check}", row.label()));
         measured.push(measure(row, &Place::Kernel(fabric), skipped.is_none())?);
     }
     let mut out = outcome("swarm_net", TITLE, CAPS, skipped, &measured);
@@ -328,13 +341,7 @@ fn check_cap(way: &str, measured: f64, cap: u64) -> anyhow::Result<String> {
 /// Runs one row with Shoal, then (if `bittorrent`) aria2c, on one file.
 fn measure(row: &'static Row, place: &Place, bittorrent: bool) -> anyhow::Result<Measured> {
     let plan = Plan::of(row);
-    let what = format!(
-        "N = {}, F = {} MiB, U = {} MiB/s, {}",
-        row.n,
-        row.mib,
-        row.up,
-        row.variant.name()
-    );
+    let what = row.label();
     println!("  {what}");
     let root = tempfile::tempdir()?;
     let original = common::make_file(&root.path().join("origin"), FILE, plan.size as usize, 11);
@@ -566,13 +573,7 @@ fn outcome(
 /// The goals of issue 16 that a row speaks to.
 fn row_goals(m: &Measured) -> Vec<Goal> {
     let (row, plan, shoal) = (m.row, &m.plan, &m.shoal);
-    let label = format!(
-        "N = {}, F = {} MiB, U = {} MiB/s, {}",
-        row.n,
-        row.mib,
-        row.up,
-        row.variant.name()
-    );
+    let label = row.label();
     let ratio = shoal.ratio(plan);
     match row.variant {
         Variant::Joins => {
