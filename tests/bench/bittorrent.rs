@@ -26,21 +26,18 @@ pub fn unavailable() -> Option<String> {
             .status()
             .map_or(true, |s| !s.success())
     };
-    if missing("opentracker") || missing("aria2c") {
-        // SAFETY: geteuid has no preconditions.
-        let root = unsafe { libc::geteuid() } == 0;
-        if root && !missing("apt-get") {
-            println!("  installing opentracker and aria2 with apt-get");
-            for args in [
-                &["update", "-q"][..],
-                &["install", "-y", "-q", "opentracker", "aria2"],
-            ] {
-                let _ = Command::new("apt-get")
-                    .args(args)
-                    .env("DEBIAN_FRONTEND", "noninteractive")
-                    .stdout(Stdio::null())
-                    .status();
-            }
+    let installable = crate::is_root() && !missing("apt-get");
+    if (missing("opentracker") || missing("aria2c")) && installable {
+        println!("  installing opentracker and aria2 with apt-get");
+        for args in [
+            &["update", "-q"][..],
+            &["install", "-y", "-q", "opentracker", "aria2"],
+        ] {
+            let _ = Command::new("apt-get")
+                .args(args)
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .stdout(Stdio::null())
+                .status();
         }
     }
     let absent: Vec<&str> = ["opentracker", "aria2c"]

@@ -86,8 +86,7 @@ pub struct Fabric {
 
 /// Why namespaces cannot be made here, or `None` if they can.
 pub fn unavailable() -> Option<String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !crate::is_root() {
         return Some("network namespaces need root".into());
     }
     for tool in ["ip", "tc"] {
@@ -315,7 +314,8 @@ fn install_cleanup() {
             }
         }
         let handler = ctrlc::set_handler(|| {
-            for name in LIVE.lock().unwrap().drain(..) {
+            // A panic elsewhere may have poisoned the list; its names are still right.
+            for name in LIVE.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
                 delete_namespace(&name);
             }
             std::process::exit(130);

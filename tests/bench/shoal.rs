@@ -286,6 +286,12 @@ fn cpu_in(stat: &str) -> Duration {
     Duration::from_millis(ticks * 10)
 }
 
+/// Whether the bench runs as root (namespaces, installing packages).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
 /// Seconds with two decimals, for tables.
 pub fn secs(d: Duration) -> String {
     format!("{:.2}", d.as_secs_f64())
