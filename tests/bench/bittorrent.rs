@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 /// Why the BitTorrent side is not run (`shoal-only`, or it cannot be installed here); `None`
 /// if it runs.
 pub fn unavailable() -> Option<String> {
-    if crate::shoal_only() {
+    if crate::options().shoal_only {
         return Some("left out (`shoal-only`)".into());
     }
     let missing = |tool: &str| {

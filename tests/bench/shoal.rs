@@ -4,8 +4,9 @@
 //! small scale that asserts nothing about time but fails on any corrupted copy, failed request
 //! or lost registration.
 //!
-//! `cargo bench --bench shoal -- [full|smoke] [shoal-only] [scenario...]` (default smoke, every
-//! scenario; `shoal-only` leaves BitTorrent out of the swarm scenarios).
+//! `cargo bench --bench shoal -- [full|smoke] [shoal-only] [n=N...] [scenario...]` (default
+//! smoke, every scenario; `shoal-only` leaves BitTorrent out of the swarm scenarios, `n=N` keeps
+//! only their rows of N downloaders).
 
 mod bittorrent;
 #[path = "../common/mod.rs"]
@@ -74,13 +75,26 @@ fn main() -> ExitCode {
     } else {
         Scale::Smoke
     };
-    if args.iter().any(|a| a == "shoal-only") {
-        SHOAL_ONLY.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut sizes = Vec::new();
+    for n in args.iter().filter_map(|a| a.strip_prefix("n=")) {
+        match n.parse() {
+            Ok(n) => sizes.push(n),
+            Err(_) => {
+                eprintln!("n={n}: the number of downloaders must be a whole number");
+                return ExitCode::from(2);
+            }
+        }
     }
+    let options = Options {
+        shoal_only: args.iter().any(|a| a == "shoal-only"),
+        sizes,
+    };
+    let partial = options.shoal_only || !options.sizes.is_empty();
+    OPTIONS.set(options).expect("options set once");
     let chosen: Vec<&str> = args
         .iter()
         .map(String::as_str)
-        .filter(|a| !matches!(*a, "full" | "smoke" | "shoal-only"))
+        .filter(|a| !matches!(*a, "full" | "smoke" | "shoal-only") && !a.starts_with("n="))
         .collect();
     if let Some(bad) = chosen
         .iter()
@@ -129,7 +143,7 @@ fn main() -> ExitCode {
             why: format!("cannot write the JSON results: {e}"),
         }),
     }
-    if scale == Scale::Full && chosen.is_empty() && !shoal_only() && failures.is_empty() {
+    if scale == Scale::Full && chosen.is_empty() && !partial && failures.is_empty() {
         let command = "make bench";
         match report::write_doc(&date, &setup, command, &outcomes) {
             Ok(()) => println!("docs/BENCHMARKS.md rewritten"),
@@ -149,12 +163,20 @@ fn main() -> ExitCode {
     }
 }
 
-/// Set by the `shoal-only` argument.
-static SHOAL_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// What the command line narrows in the swarm scenarios.
+#[derive(Debug, Default)]
+pub struct Options {
+    /// `shoal-only`: leave BitTorrent out.
+    pub shoal_only: bool,
+    /// `n=N`: only the rows of these numbers of downloaders (every row when empty).
+    pub sizes: Vec<usize>,
+}
 
-/// Whether the swarm scenarios leave BitTorrent out (`shoal-only`).
-pub fn shoal_only() -> bool {
-    SHOAL_ONLY.load(std::sync::atomic::Ordering::Relaxed)
+static OPTIONS: std::sync::OnceLock<Options> = std::sync::OnceLock::new();
+
+/// The command line's [`Options`].
+pub fn options() -> &'static Options {
+    OPTIONS.get_or_init(Options::default)
 }
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {

@@ -115,6 +115,13 @@ const KERNEL_ROWS: [&[Row]; 2] = [
     ],
 ];
 
+/// The rows of `rows` the command line keeps (`n=N`).
+fn chosen(rows: &'static [Row]) -> impl Iterator<Item = &'static Row> {
+    let sizes = &crate::options().sizes;
+    rows.iter()
+        .filter(move |r| sizes.is_empty() || sizes.contains(&r.n))
+}
+
 /// What one row asks of a swarm, whoever runs it.
 pub struct Plan {
     pub n: usize,
@@ -266,7 +273,7 @@ struct Measured {
 pub fn run(scale: Scale) -> anyhow::Result<Outcome> {
     let skipped = bittorrent_skipped();
     let mut measured = Vec::new();
-    for row in scale.pick(LOOPBACK_ROWS[0], LOOPBACK_ROWS[1]) {
+    for row in chosen(scale.pick(LOOPBACK_ROWS[0], LOOPBACK_ROWS[1])) {
         measured.push(measure(row, &Place::Loopback, skipped.is_none())?);
     }
     Ok(outcome(
@@ -290,7 +297,7 @@ pub fn net(scale: Scale) -> anyhow::Result<Outcome> {
     let skipped = bittorrent_skipped();
     let mut measured = Vec::new();
     let mut checks = Vec::new();
-    for row in scale.pick(KERNEL_ROWS[0], KERNEL_ROWS[1]) {
+    for row in chosen(scale.pick(KERNEL_ROWS[0], KERNEL_ROWS[1])) {
         let plan = Plan::of(row);
         let fabric = Fabric::new(&Links {
             upload: plan.uploads.clone(),
