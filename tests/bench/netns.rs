@@ -100,8 +100,30 @@ pub fn unavailable() -> Option<String> {
             return Some(format!("`{tool}` (iproute2) is not installed"));
         }
     }
-    None
+    probe().err().map(|e| format!("{e:#}"))
 }
+
+/// Makes what a [`Fabric`] needs once, in a namespace of its own (a container may refuse
+/// namespaces, bridges, veth pairs or `tbf`), and deletes it.
+fn probe() -> anyhow::Result<()> {
+    install_cleanup();
+    let ns = format!("{PREFIX}{}-probe", std::process::id());
+    ip(&["netns", "add", &ns]).context("cannot make a network namespace")?;
+    LIVE.lock().unwrap().push(ns.clone());
+    let made = ip(&["-n", &ns, "link", "add", "br0", "type", "bridge"])
+        .and_then(|()| {
+            ip(&[
+                "-n", &ns, "link", "add", "probe0", "type", "veth", "peer", "name", "probe1",
+            ])
+        })
+        .and_then(|()| shape(&ns, "probe0", MIB_PER_SEC));
+    delete_namespace(&ns);
+    LIVE.lock().unwrap().retain(|n| *n != ns);
+    made
+}
+
+/// The rate [`probe`] shapes a link to.
+const MIB_PER_SEC: u64 = 1 << 20;
 
 impl Fabric {
     /// A hub namespace with a bridge and one namespace per peer, each linked to the bridge with
