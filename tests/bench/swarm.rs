@@ -266,7 +266,8 @@ struct Measured {
     row: &'static Row,
     plan: Plan,
     shoal: Run,
-    bittorrent: Option<Run>,
+    /// `Err`: why aria2c did not complete the row (shown in the table; Shoal's figures stand).
+    bittorrent: Option<Result<Run, String>>,
 }
 
 /// `swarm`: caps by the programs' limiters on 127.0.0.1.
@@ -366,7 +367,10 @@ fn measure(row: &'static Row, place: &Place, bittorrent: bool) -> anyhow::Result
     let bittorrent = if bittorrent && row.variant != Variant::Tls {
         let dir = root.path().join("bittorrent");
         let run = bittorrent::distribute(&plan, place, &dir, &original, &digest, shoal.piece)
-            .with_context(|| format!("aria2c, {what}"))?;
+            .map_err(|e| format!("{e:#}"));
+        if let Err(e) = &run {
+            println!("  aria2c failed, {what}: {e}");
+        }
         Some(run)
     } else {
         None
@@ -513,8 +517,14 @@ fn outcome(
     for m in measured {
         let (row, plan) = (m.row, &m.plan);
         let [p50, p99, max] = m.shoal.own_ratios(plan);
-        let bt = m.bittorrent.as_ref();
-        let or_dash = |f: &dyn Fn(&Run) -> String| bt.map_or("-".to_string(), f);
+        if let Some(Err(e)) = &m.bittorrent {
+            settings.push(format!("aria2c failed, {}: {e}", row.label()));
+        }
+        let bt = m.bittorrent.as_ref().and_then(|r| r.as_ref().ok());
+        let failed = matches!(m.bittorrent, Some(Err(_)));
+        let or_dash = |f: &dyn Fn(&Run) -> String| {
+            bt.map_or_else(|| if failed { "failed" } else { "-" }.to_string(), f)
+        };
         rows.push(vec![
             row.n.to_string(),
             row.mib.to_string(),
