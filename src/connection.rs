@@ -207,6 +207,24 @@ impl Connection {
         }
     }
 
+    /// Accepts lines of up to `max_frame` bytes from now on.
+    pub fn set_max_frame(&mut self, max_frame: usize) {
+        self.limits.max_frame = max_frame;
+    }
+
+    /// Resolves when a whole further line is buffered (or more than a frame's worth, which
+    /// [`Connection::read_line`] then refuses), or the other side closes its end or the
+    /// connection fails. Cancel-safe: what it reads stays buffered.
+    pub async fn line_or_close(&mut self) {
+        while !self.has_buffered_line() && self.buf.len() <= self.limits.max_frame {
+            self.buf.reserve(4096);
+            match self.stream.get_mut().read_buf(&mut self.buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    }
+
     /// Whether a whole further line is already buffered (so a reply need not be flushed yet).
     pub fn has_buffered_line(&self) -> bool {
         self.buf.contains(&b'\n')

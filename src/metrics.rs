@@ -189,6 +189,8 @@ pub struct PeerMetrics {
     pub versions_published: IntCounter,
     pub files_withdrawn: IntCounter,
     pub chunks_reused: IntCounter,
+    pub haves_sent: IntCounter,
+    pub haves_received: IntCounter,
     pub api_requests: IntCounterVec,
     pub api_bytes_sent: IntCounter,
     pub api_streams: IntGauge,
@@ -313,6 +315,16 @@ impl Default for PeerMetrics {
                 &r,
                 "shoal_peer_chunks_reused_total",
                 "Chunks of a download copied from a file already held here instead of fetched.",
+            ),
+            haves_sent: counter(
+                &r,
+                "shoal_peer_haves_sent_total",
+                "Message 10 (have) replies this peer's chunk server sent: its held chunks, told to a downloader waiting for news.",
+            ),
+            haves_received: counter(
+                &r,
+                "shoal_peer_haves_received_total",
+                "Message 10 (have) replies received from holders while downloading.",
             ),
             api_requests: api_requests(&r),
             api_bytes_sent: counter(

@@ -34,6 +34,7 @@ pub enum Msg {
     Announce = 7,
     Withdraw = 8,
     Origin = 9,
+    Have = 10,
 }
 
 impl Msg {
@@ -48,6 +49,7 @@ impl Msg {
             7 => Msg::Announce,
             8 => Msg::Withdraw,
             9 => Msg::Origin,
+            10 => Msg::Have,
             _ => return None,
         })
     }
@@ -64,6 +66,7 @@ impl Msg {
             Msg::Announce => "announce",
             Msg::Withdraw => "withdraw",
             Msg::Origin => "origin",
+            Msg::Have => "have",
         }
     }
 }
@@ -731,6 +734,40 @@ pub struct ChunkRequest {
     pub peer_id: Option<u64>,
 }
 
+/// 10 have (peer to peer): "answer once you hold more than `held` chunks of this version, or
+/// after `wait_ms`". The reply is a [`HaveReply`]. A downloader sends it to a holder it has
+/// nothing left to ask, instead of polling the tracker for that holder's progress.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HaveRequest {
+    pub file: String,
+    pub digest: Hash,
+    /// How many chunks the requester knows this holder holds.
+    pub held: u64,
+    /// How long the holder may wait for more, in milliseconds (it caps this at
+    /// [`MAX_HAVE_WAIT_MS`]); 0 answers at once.
+    pub wait_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
+/// Longest wait a holder grants a message 10, in milliseconds.
+pub const MAX_HAVE_WAIT_MS: u64 = 10_000;
+
+/// Reply to 10: every chunk of the version the holder holds now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HaveReply {
+    pub file: String,
+    pub held: u64,
+    pub have: WireBits,
+}
+
+impl HaveReply {
+    /// Bytes of the bitfield of a file of `chunks` chunks in a reply line (base64).
+    pub fn bitfield_bytes(chunks: u64) -> usize {
+        (chunks.div_ceil(8).div_ceil(3) * 4) as usize
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkHeader {
     pub file: String,
@@ -996,6 +1033,24 @@ mod tests {
                 }],
                 claim_ms: 3000,
                 digest: Some(Hash([5; 32])),
+            },
+        );
+        round_trip(
+            Msg::Have,
+            HaveRequest {
+                file: "models/a.bin".into(),
+                digest: Hash([4; 32]),
+                held: 3,
+                wait_ms: 1000,
+                secret: None,
+            },
+        );
+        round_trip(
+            Msg::Have,
+            HaveReply {
+                file: "models/a.bin".into(),
+                held: 4,
+                have: WireBits(vec![0xf0]),
             },
         );
         round_trip(

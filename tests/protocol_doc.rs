@@ -261,6 +261,7 @@ fn the_limits_table_gives_the_real_defaults() {
             "Origin validator length",
             shoal::tracker::origin::MAX_VALIDATOR_BYTES as u64,
         ),
+        ("Wait for news (message 10)", MAX_HAVE_WAIT_MS),
     ]);
     let rows = table_rows(doc.section("## Limits"));
     assert!(rows.len() >= 15, "the limits table looks truncated");
@@ -387,6 +388,7 @@ fn reencode_request(msg: Msg, line: &[u8]) -> Result<Vec<u8>, Refusal> {
         Msg::Leave | Msg::Announce => encode_request(msg, &decode_body::<PeerAuth>(line)?),
         Msg::Withdraw => encode_request(msg, &decode_body::<Withdraw>(line)?),
         Msg::Origin => encode_request(msg, &decode_body::<OriginClaim>(line)?),
+        Msg::Have => encode_request(msg, &decode_body::<HaveRequest>(line)?),
     })
 }
 
@@ -401,6 +403,7 @@ fn reencode_reply(msg: Msg, line: &[u8]) -> Result<Vec<u8>, Refusal> {
             encode_reply(msg, &decode_reply::<Acknowledged>(msg, line)?)
         }
         Msg::Origin => encode_reply(msg, &decode_reply::<OriginGrant>(msg, line)?),
+        Msg::Have => encode_reply(msg, &decode_reply::<HaveReply>(msg, line)?),
     })
 }
 

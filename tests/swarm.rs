@@ -3,6 +3,7 @@
 
 mod common;
 use common::*;
+use shoal::bitfield::{Bitfield, WireBits};
 use std::time::Duration;
 
 #[test]
@@ -252,4 +253,73 @@ fn an_empty_file_is_shared_listed_located_and_downloaded() {
         ) == 2),
         "a peer that fetched an empty file holds it too"
     );
+}
+
+#[test]
+fn a_holder_tells_a_waiting_downloader_of_each_chunk_it_gains() {
+    // The seeder sends 256 KiB/s, so the downloader gains its 16 chunks one by one.
+    let limit = [("SHOAL_UPLOAD_LIMIT", "262144")];
+    let (tracker, seeder, dir, original) = seeded("news.bin", 1 << 20, 5, &limit);
+    let digest = listed_digest(tracker.addr, "news.bin");
+    let ask = |held: u64, wait_ms: u64| {
+        format!(
+            r#"{{"v":1,"msg":10,"file":"news.bin","digest":"{digest}","held":{held},"wait_ms":{wait_ms}}}"#
+        )
+    };
+
+    // A downloader answers each wait as soon as a further chunk lands there.
+    let copy = dir.path().join("d");
+    let downloader = daemon(tracker.addr, &copy, "d", &[("SHOAL_WANT", "news.bin")]);
+    let mut to_downloader = Raw::connect(downloader.addr);
+    assert!(
+        wait_until(Duration::from_secs(10), || to_downloader.ask(&ask(0, 0))
+            ["ok"]
+            == true),
+        "the downloader never knew the file"
+    );
+    let mut held = 0;
+    let mut news = 0;
+    while held < 16 && news < 64 {
+        let reply = to_downloader.ask(&ask(held, 10_000));
+        assert_eq!(reply["ok"], true, "{reply}");
+        let now = reply["held"].as_u64().unwrap();
+        let have: WireBits = serde_json::from_value(reply["have"].clone()).unwrap();
+        let bits = Bitfield::from_bytes(have.0, 16).expect("16 bits");
+        assert_eq!(bits.count() as u64, now, "{reply}");
+        assert!(now > held, "answered without news: {reply}");
+        held = now;
+        news += 1;
+    }
+    assert_eq!(held, 16);
+    assert!(news >= 2, "the downloader gained its chunks in one go");
+    assert_lands(&original, &copy.join("news.bin"), &downloader);
+    assert!(downloader.metric("shoal_peer_haves_sent_total") >= news as f64);
+
+    // A complete holder that holds more than the asker knows answers with all of it.
+    let mut to_seeder = Raw::connect(seeder.addr);
+    let all = to_seeder.ask(&ask(0, 10_000));
+    assert_eq!(
+        (all["ok"].as_bool(), all["held"].as_u64()),
+        (Some(true), Some(16)),
+        "{all}"
+    );
+    assert_eq!(all["have"], "//8=", "{all}");
+    // With nothing new, a chunk request that follows ends the wait; both are answered in order.
+    to_seeder.send(&ask(16, 10_000));
+    to_seeder.send(r#"{"v":1,"msg":5,"file":"news.bin","index":3}"#);
+    let same = to_seeder.recv().expect("the reply to message 10");
+    assert_eq!(
+        (same["msg"].as_u64(), same["held"].as_u64()),
+        (Some(10), Some(16)),
+        "{same}"
+    );
+    let header = to_seeder.recv().expect("the chunk header");
+    assert_eq!(
+        (header["msg"].as_u64(), header["index"].as_u64()),
+        (Some(5), Some(3)),
+        "{header}"
+    );
+    to_seeder.recv_bytes(65536);
+    let other = to_seeder.ask(&ask(0, 0).replace(&digest, &"ab".repeat(32)));
+    assert_eq!(other["error"], "unknown_file", "{other}");
 }

@@ -15,13 +15,13 @@ use super::origin::{self, Origin};
 use super::store::{ChunkBuf, Finished, StoredFile, Unwritable, Written};
 use super::tracker_client::TrackerError;
 use super::transfers::{Opened, Transfer};
-use super::Peer;
+use super::{Peer, MAX_HEADER_BYTES};
 use crate::bitfield::Bitfield;
 use crate::connection::{Connection, FrameError};
 use crate::metrics::Active;
 use crate::protocol::{
     decode_reply, encode_request, validate_name, ChunkHeader, ChunkRequest, ErrorCode, FileInfo,
-    Hash, LocationsReply, Msg,
+    Hash, HaveReply, HaveRequest, LocationsReply, Msg,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -584,6 +584,27 @@ impl Scheduler {
         Some(chosen as u32)
     }
 
+    /// Holder `addr` holds `have` now (its own word, message 10): availability follows.
+    fn learn(&mut self, addr: &str, have: Bitfield) {
+        let now = Instant::now();
+        let Some(h) = self.holders.get_mut(addr) else {
+            return;
+        };
+        let usable = h.usable(now);
+        let old = std::mem::replace(&mut h.have, have);
+        if !usable {
+            return;
+        }
+        let new = &self.holders[addr].have;
+        for i in 0..new.len() {
+            match (old.get(i), new.get(i)) {
+                (false, true) => self.availability[i] += 1,
+                (true, false) => self.availability[i] = self.availability[i].saturating_sub(1),
+                _ => {}
+            }
+        }
+    }
+
     /// A request for chunk `i` ended (answered, failed or abandoned).
     fn settle(&mut self, i: u32) {
         let i = i as usize;
@@ -899,7 +920,14 @@ impl Job {
     ) -> Result<(), Fault> {
         let cfg = &self.peer.cfg;
         let mut conn = self.peer.dial_holder(addr).await.map_err(Fault::Failed)?;
+        conn.set_max_frame(MAX_HEADER_BYTES + HaveReply::bitfield_bytes(self.file.info.chunks()));
         let failed = |e: std::io::Error| Fault::Failed(format!("send failed: {e}"));
+        let mut haves = Haves {
+            supported: true,
+            asked: false,
+            starving: false,
+        };
+        let mut idle_since = None;
         loop {
             while queue.len() < cfg.pipeline_depth {
                 let mine: Vec<u32> = queue.iter().map(|p| p.index).collect();
@@ -931,20 +959,37 @@ impl Job {
                     }
                     continue;
                 }
-                // Nothing to ask this holder now: say so (the coordinator refreshes early),
-                // then give news a moment before closing the connection.
-                self.starving.store(true, Ordering::Relaxed);
-                self.wake.notify_one();
-                let news = tokio::time::timeout(IDLE_GRACE, self.changed.notified())
-                    .await
-                    .is_ok();
-                if news && self.sched().has_work(addr, Instant::now()) {
-                    continue;
+                let since = *idle_since.get_or_insert_with(tokio::time::Instant::now);
+                if !haves.supported && !haves.starving {
+                    // Nothing to ask, and no news from the holder itself: say so (the
+                    // coordinator refreshes from the tracker early).
+                    haves.starving = true;
+                    self.starving.store(true, Ordering::Relaxed);
+                    self.wake.notify_one();
                 }
-                return Ok(());
+                if since.elapsed() >= IDLE_GRACE {
+                    self.starving.store(true, Ordering::Relaxed);
+                    self.wake.notify_one();
+                    return Ok(());
+                }
+                if haves.supported && !haves.asked {
+                    self.ask_news(addr, &mut conn, since + IDLE_GRACE).await?;
+                    haves.asked = true;
+                }
+                // Give news a moment: the holder's (message 10) or chunks back in the pool.
+                tokio::select! {
+                    line = conn.read_line(), if haves.asked => {
+                        self.take_news(addr, line, &mut haves)?;
+                    }
+                    _ = self.changed.notified() => {}
+                    _ = tokio::time::sleep_until(since + IDLE_GRACE) => {}
+                }
+                continue;
             };
+            idle_since = None;
+            haves.starving = false;
             conn.flush().await.map_err(failed)?;
-            let received = self.receive(&mut conn, index).await;
+            let received = self.receive(addr, &mut conn, index, &mut haves).await;
             queue.pop_front();
             let data = match received {
                 Ok(data) => data,
@@ -973,17 +1018,75 @@ impl Job {
         }
     }
 
-    /// Reads the reply to the request for `index` into a buffer of the download's.
-    async fn receive(&self, conn: &mut Connection, index: u32) -> Result<Loan, Received> {
-        let fault = |why: String| Received::Fault(Fault::Failed(why));
-        let line = match conn.read_line().await {
-            Ok(Some(line)) => line,
-            Ok(None) => return Err(fault("closed the connection".into())),
-            Err(e @ (FrameError::Stalled(_) | FrameError::Idle(_))) => {
-                return Err(fault(format!("stalled: {e}")))
-            }
-            Err(e) => return Err(fault(e.to_string())),
+    /// Asks the holder for news of its chunks (message 10), to be answered by `until`.
+    async fn ask_news(
+        &self,
+        addr: &str,
+        conn: &mut Connection,
+        until: tokio::time::Instant,
+    ) -> Result<(), Fault> {
+        let held = self.sched().holders.get(addr).map_or(0, |h| h.have.count());
+        let req = HaveRequest {
+            file: self.name().to_string(),
+            digest: self.file.info.digest,
+            held: held as u64,
+            wait_ms: until
+                .saturating_duration_since(tokio::time::Instant::now())
+                .as_millis() as u64,
+            secret: self.peer.cfg.secret.clone(),
         };
+        let sent = async {
+            conn.write_line(&encode_request(Msg::Have, &req)).await?;
+            conn.flush().await
+        };
+        sent.await
+            .map_err(|e| Fault::Failed(format!("send failed: {e}")))
+    }
+
+    /// Reads the reply to message 10 (`line`) into what the holder is known to hold. A holder
+    /// that refuses it (one that predates it answers `unknown_msg`) is not asked again.
+    fn take_news(
+        &self,
+        addr: &str,
+        line: Result<Option<bytes::BytesMut>, FrameError>,
+        haves: &mut Haves,
+    ) -> Result<(), Fault> {
+        haves.asked = false;
+        let line = read_or_fault(line)?;
+        let reply = match decode_reply::<HaveReply>(Msg::Have, &line) {
+            Ok(reply) => reply,
+            Err(r) => {
+                tracing::debug!(holder = %addr, reason = %r, "holder gives no news of its chunks");
+                haves.supported = false;
+                return Ok(());
+            }
+        };
+        let chunks = self.file.info.chunks() as usize;
+        let have = Bitfield::from_bytes(reply.have.0, chunks)
+            .filter(|_| reply.file == self.name())
+            .ok_or_else(|| {
+                Fault::Failed("answered message 10 with another file's chunks".into())
+            })?;
+        self.peer.metrics.haves_received.inc();
+        self.sched().learn(addr, have);
+        Ok(())
+    }
+
+    /// Reads the reply to the request for `index` into a buffer of the download's, after the
+    /// reply to message 10 if one is due first.
+    async fn receive(
+        &self,
+        addr: &str,
+        conn: &mut Connection,
+        index: u32,
+        haves: &mut Haves,
+    ) -> Result<Loan, Received> {
+        let fault = |why: String| Received::Fault(Fault::Failed(why));
+        if haves.asked {
+            let line = conn.read_line().await;
+            self.take_news(addr, line, haves).map_err(Received::Fault)?;
+        }
+        let line = read_or_fault(conn.read_line().await).map_err(Received::Fault)?;
         let header: ChunkHeader = match decode_reply(Msg::ChunkRequest, &line) {
             Ok(h) => h,
             // Not there, or an origin asks us to fetch it from the peer it just sent it to.
@@ -1103,6 +1206,30 @@ impl Job {
             self.wake.notify_one();
         }
     }
+}
+
+/// A line read from a holder, or why the connection is no use.
+fn read_or_fault(
+    line: Result<Option<bytes::BytesMut>, FrameError>,
+) -> Result<bytes::BytesMut, Fault> {
+    match line {
+        Ok(Some(line)) => Ok(line),
+        Ok(None) => Err(Fault::Failed("closed the connection".into())),
+        Err(e @ (FrameError::Stalled(_) | FrameError::Idle(_))) => {
+            Err(Fault::Failed(format!("stalled: {e}")))
+        }
+        Err(e) => Err(Fault::Failed(e.to_string())),
+    }
+}
+
+/// News of a holder's chunks on one connection (message 10).
+struct Haves {
+    /// The holder answers message 10 (until it refuses one).
+    supported: bool,
+    /// A message 10 is unanswered: its reply comes before any later chunk's.
+    asked: bool,
+    /// The coordinator was told this source has nothing to ask.
+    starving: bool,
 }
 
 /// A chunk request on the wire; counted as an active transfer while it lives, also when a
@@ -1310,6 +1437,28 @@ mod tests {
         s.settle(1);
         s.settle(1);
         assert_eq!(s.requested_at[1], None);
+    }
+
+    #[test]
+    fn a_holders_news_moves_availability_and_picks() {
+        let t = true;
+        let f = false;
+        let mut s = sched(&[f, f, f], &[("a", &[t, f, f]), ("b", &[t, f, f])]);
+        assert_eq!(s.availability, vec![2, 0, 0]);
+        assert_eq!(s.pick("b", &[], &[]), Some(0));
+        assert_eq!(s.pick("b", &[0], &[]), None, "b has nothing else");
+        // b tells of chunk 2 and no longer of chunk 0 (its word is the freshest).
+        s.learn("b", bits(&[f, f, t]));
+        assert_eq!(s.availability, vec![1, 0, 1]);
+        assert_eq!(s.pick("b", &[0], &[]), Some(2));
+        // News of a banned holder changes what it holds, not what is available.
+        s.holders.get_mut("a").unwrap().banned = true;
+        s.recount();
+        s.learn("a", bits(&[t, t, t]));
+        assert_eq!(s.availability, vec![0, 0, 1]);
+        assert!(s.holders["a"].have.is_full());
+        s.learn("gone", bits(&[t, t, t]));
+        assert_eq!(s.availability, vec![0, 0, 1]);
     }
 
     proptest! {

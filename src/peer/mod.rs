@@ -38,7 +38,7 @@ use trackers::Trackers;
 use transfers::Transfers;
 
 /// Longest chunk header line accepted from a holder.
-const MAX_HEADER_BYTES: usize = 4096;
+pub(crate) const MAX_HEADER_BYTES: usize = 4096;
 
 /// A running peer. Cheap to share (`Arc<Peer>`); every task holds one.
 pub struct Peer {

@@ -1,5 +1,6 @@
 //! The peer's chunk server: answers message 5 with a header line and the raw chunk bytes, for
-//! chunks it holds verified, of files it registered, under the shared upload rate limit.
+//! chunks it holds verified, of files it registered, under the shared upload rate limit; and
+//! message 10 with the chunks it holds of a version, once it holds more than the requester knew.
 //! Requests on one connection are answered in order, one at a time; a client may pipeline
 //! further requests, which wait in the socket buffer (the in-flight bound is that buffer).
 //! A chunk is sent only in one of the upload slots; a request that cannot get one within a
@@ -10,11 +11,12 @@
 use super::origin::PullPart;
 use super::store::{ReadError, StoredFile};
 use super::Peer;
+use crate::bitfield::WireBits;
 use crate::connection::{Connection, FrameError, Limits};
 use crate::metrics::Active;
 use crate::protocol::{
     decode_body, decode_envelope, encode_refusal, encode_reply, secret_matches, validate_name,
-    ChunkHeader, ChunkRequest, ErrorCode, Msg, Refusal,
+    ChunkHeader, ChunkRequest, ErrorCode, HaveReply, HaveRequest, Msg, Refusal, MAX_HAVE_WAIT_MS,
 };
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -140,7 +142,24 @@ async fn serve(peer: &Peer, conn: &mut Connection) -> &'static str {
             }
             Err(_) => return "read failed or timed out",
         };
-        let answer = match check(peer, &line) {
+        let checked = match parse_request(&line, peer.cfg.secret.as_deref()) {
+            Ok(Request::Have(req)) => {
+                let reply = match answer_have(peer, conn, &req).await {
+                    Ok(reply) => {
+                        peer.metrics.haves_sent.inc();
+                        encode_reply(Msg::Have, &reply)
+                    }
+                    Err(refusal) => encode_refusal(Msg::Have as u64, &refusal),
+                };
+                if conn.write_line(&reply).await.is_err() || conn.flush().await.is_err() {
+                    return "write failed";
+                }
+                continue;
+            }
+            Ok(Request::Chunk(req)) => check(peer, req),
+            Err(refused) => Err(refused),
+        };
+        let answer = match checked {
             Ok((req, source)) => match upload_slot(peer, conn).await {
                 Ok(slot) => load(peer, &req, &source, &mut buf)
                     .await
@@ -197,22 +216,102 @@ async fn serve(peer: &Peer, conn: &mut Connection) -> &'static str {
     }
 }
 
+/// A request a peer answers.
+#[derive(Debug)]
+pub enum Request {
+    Chunk(ChunkRequest),
+    Have(HaveRequest),
+}
+
+impl Request {
+    pub fn file(&self) -> &str {
+        match self {
+            Request::Chunk(r) => &r.file,
+            Request::Have(r) => &r.file,
+        }
+    }
+
+    pub fn secret(&self) -> Option<&str> {
+        match self {
+            Request::Chunk(r) => r.secret.as_deref(),
+            Request::Have(r) => r.secret.as_deref(),
+        }
+    }
+}
+
 /// Parses and checks a request line up to what needs the store: the message number, the
 /// fields, the secret and the name. The refusal carries the message number to echo.
-pub fn parse_request(line: &[u8], secret: Option<&str>) -> Result<ChunkRequest, (u64, Refusal)> {
+pub fn parse_request(line: &[u8], secret: Option<&str>) -> Result<Request, (u64, Refusal)> {
     let (msg, _) = decode_envelope(line)?;
     let n = msg as u64;
-    if msg != Msg::ChunkRequest {
-        let why = format!("a peer answers only message 5, not {n}");
-        return Err((n, Refusal::new(ErrorCode::UnknownMsg, why)));
+    let req = match msg {
+        Msg::ChunkRequest => decode_body(line).map(Request::Chunk),
+        Msg::Have => decode_body(line).map(Request::Have),
+        _ => {
+            let why = format!("a peer answers only messages 5 and 10, not {n}");
+            return Err((n, Refusal::new(ErrorCode::UnknownMsg, why)));
+        }
     }
-    let req: ChunkRequest = decode_body(line).map_err(|r| (n, r))?;
-    if !secret_matches(secret, req.secret.as_deref()) {
+    .map_err(|r| (n, r))?;
+    if !secret_matches(secret, req.secret()) {
         let why = "missing or wrong cluster secret";
         return Err((n, Refusal::new(ErrorCode::Unauthorized, why)));
     }
-    validate_name(&req.file).map_err(|r| (n, r))?;
+    validate_name(req.file()).map_err(|r| (n, r))?;
     Ok(req)
+}
+
+/// Answers message 10 with the chunks of the version held here, once there are more than the
+/// requester knows of, when the wait it asked for ends (at most [`MAX_HAVE_WAIT_MS`]), or at
+/// once when a further request arrives on the connection (requests are answered in order) or
+/// the requester closes it. Chunks land while the version is downloaded here; nothing else
+/// adds any, so without a download running only the wait ends it.
+async fn answer_have(
+    peer: &Peer,
+    conn: &mut Connection,
+    req: &HaveRequest,
+) -> Result<HaveReply, Refusal> {
+    let file = peer
+        .store
+        .find(&req.file, Some(&req.digest))
+        .ok_or_else(|| {
+            let why = format!(
+                "this peer does not share version {} of {:?}",
+                req.digest.to_hex(),
+                req.file
+            );
+            Refusal::new(ErrorCode::UnknownFile, why)
+        })?;
+    let wait = Duration::from_millis(req.wait_ms.min(MAX_HAVE_WAIT_MS));
+    let until = tokio::time::Instant::now() + wait;
+    let mut landings = peer.transfers.landings(&file.info);
+    loop {
+        let have = file.have();
+        let held = have.count() as u64;
+        let done = held > req.held
+            || conn.has_buffered_line()
+            || tokio::time::Instant::now() >= until
+            || peer.stop.is_cancelled();
+        if done {
+            return Ok(HaveReply {
+                file: req.file.clone(),
+                held,
+                have: WireBits::from(&have),
+            });
+        }
+        let landed = async {
+            match landings.as_mut() {
+                Some(rx) => rx.changed().await.is_ok(),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep_until(until) => {}
+            _ = conn.line_or_close() => {}
+            _ = peer.stop.cancelled() => {}
+            open = landed => if !open { landings = None },
+        }
+    }
 }
 
 /// Why a request got no upload slot.
@@ -256,11 +355,10 @@ enum Source {
     Pulled(Arc<PullPart>),
 }
 
-/// Checks a request line against the store: the request, and the file it names, whose chunk
+/// Checks a chunk request against the store: the request, and the file it names, whose chunk
 /// this peer holds verified. A request without a digest for a name this peer is pulling from
 /// the origin is served from that pull.
-fn check(peer: &Peer, line: &[u8]) -> Result<(ChunkRequest, Source), (u64, Refusal)> {
-    let req = parse_request(line, peer.cfg.secret.as_deref())?;
+fn check(peer: &Peer, req: ChunkRequest) -> Result<(ChunkRequest, Source), (u64, Refusal)> {
     let n = Msg::ChunkRequest as u64;
     let origin = peer.origin.as_ref();
     if let Some(part) = origin.and_then(|o| o.part(&req.file)) {

@@ -138,6 +138,12 @@ impl Transfers {
         transfer.news.send_replace(Some(outcome));
     }
 
+    /// Changes whenever a chunk of this version lands here, while it is being downloaded.
+    pub fn landings(&self, info: &FileInfo) -> Option<watch::Receiver<Option<Outcome>>> {
+        let key = (info.name.clone(), Some(info.digest));
+        self.map().get(&key).map(|t| t.news.subscribe())
+    }
+
     /// The transfers in flight now.
     pub fn all(&self) -> Vec<Arc<Transfer>> {
         self.map().values().cloned().collect()

@@ -185,11 +185,13 @@ impl Tracker {
             Msg::Origin => {
                 encode_reply(msg, &self.state.origin(&decode_body(line)?, identity, now)?)
             }
-            Msg::ChunkRequest => {
-                return Err(Refusal::new(
-                    ErrorCode::UnknownMsg,
-                    "message 5 (chunk request) goes to a peer, not the tracker",
-                ))
+            Msg::ChunkRequest | Msg::Have => {
+                let why = format!(
+                    "message {} ({}) goes to a peer, not the tracker",
+                    msg as u8,
+                    msg.label().replace('_', " ")
+                );
+                return Err(Refusal::new(ErrorCode::UnknownMsg, why));
             }
         };
         self.update_gauges();

@@ -684,6 +684,17 @@ fn serve_hostile(stream: TcpStream, behaviour: Hostile, size: u64, chunk: u64) {
             continue;
         }
         let req: Value = serde_json::from_str(&line).unwrap();
+        if req["msg"] != 5 {
+            // As a peer of an earlier revision, which knows no message 10.
+            let refusal = serde_json::json!({
+                "v": 1, "msg": req["msg"], "ok": false, "error": "unknown_msg",
+                "message": format!("a peer answers only message 5, not {}", req["msg"]),
+            });
+            if writeln!(writer, "{refusal}").is_err() {
+                return;
+            }
+            continue;
+        }
         let index = req["index"].as_u64().unwrap();
         let len = chunk.min(size - index * chunk);
         let header = serde_json::json!({
