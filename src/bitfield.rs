@@ -91,6 +91,20 @@ impl<B: AsRef<[u8]>> Bitfield<B> {
 
     /// Whether `self` holds any chunk that `other` lacks.
     pub fn has_any_not_in<O: AsRef<[u8]>>(&self, other: &Bitfield<O>) -> bool {
+        self.any_word(other, |a, b| a & !b != 0)
+    }
+
+    /// Whether `self` and `other` hold a chunk in common.
+    pub fn intersects<O: AsRef<[u8]>>(&self, other: &Bitfield<O>) -> bool {
+        self.any_word(other, |a, b| a & b != 0)
+    }
+
+    /// Whether `test` holds for some pair of words at the same place in `self` and `other`.
+    fn any_word<O: AsRef<[u8]>>(
+        &self,
+        other: &Bitfield<O>,
+        test: impl Fn(u64, u64) -> bool,
+    ) -> bool {
         // Eight bytes at a time: the tracker runs this over every holder of a popular file.
         let word = |b: &[u8]| {
             let mut w = [0u8; 8];
@@ -100,7 +114,7 @@ impl<B: AsRef<[u8]>> Bitfield<B> {
         self.as_bytes()
             .chunks(8)
             .zip(other.as_bytes().chunks(8))
-            .any(|(a, b)| word(a) & !word(b) != 0)
+            .any(|(a, b)| test(word(a), word(b)))
     }
 
     /// Human form for the menu: `0-15,17,20-21`.
@@ -260,7 +274,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn has_any_not_in_matches_bit_by_bit(a in proptest::collection::vec(any::<bool>(), 0..200), seed in any::<u64>()) {
+        fn has_any_not_in_and_intersects_match_bit_by_bit(a in proptest::collection::vec(any::<bool>(), 0..200), seed in any::<u64>()) {
             let mut x = Bitfield::new(a.len());
             let mut y = Bitfield::new(a.len());
             for (i, &on) in a.iter().enumerate() {
@@ -269,6 +283,8 @@ mod tests {
             }
             let naive = (0..a.len()).any(|i| x.get(i) && !y.get(i));
             prop_assert_eq!(x.has_any_not_in(&y), naive);
+            let common = (0..a.len()).any(|i| x.get(i) && y.get(i));
+            prop_assert_eq!(x.intersects(&y), common);
         }
 
         #[test]

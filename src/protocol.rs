@@ -746,6 +746,10 @@ pub struct HaveRequest {
     /// How long the holder may wait for more, in milliseconds (it caps this at
     /// [`MAX_HAVE_WAIT_MS`]); 0 answers at once.
     pub wait_ms: u64,
+    /// The chunks the requester lacks and does not know this holder holds: with it, the holder
+    /// answers once it holds one of them, not once it holds more than `held`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub want: Option<WireBits>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret: Option<String>,
 }
@@ -1042,6 +1046,7 @@ mod tests {
                 digest: Hash([4; 32]),
                 held: 3,
                 wait_ms: 1000,
+                want: Some(WireBits(vec![0x0f])),
                 secret: None,
             },
         );

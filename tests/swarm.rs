@@ -320,6 +320,16 @@ fn a_holder_tells_a_waiting_downloader_of_each_chunk_it_gains() {
         "{header}"
     );
     to_seeder.recv_bytes(65536);
+    // With `want`, holding one of the wanted chunks is news, whatever `held` says.
+    let wanted = ask(16, 10_000).replace('}', r#","want":"gAA="}"#);
+    let news = to_seeder.ask(&wanted);
+    assert_eq!(
+        (news["ok"].as_bool(), news["held"].as_u64()),
+        (Some(true), Some(16)),
+        "{news}"
+    );
+    let too_short = to_seeder.ask(&ask(0, 0).replace('}', r#","want":"gA=="}"#));
+    assert_eq!(too_short["error"], "out_of_range", "{too_short}");
     let other = to_seeder.ask(&ask(0, 0).replace(&digest, &"ab".repeat(32)));
     assert_eq!(other["error"], "unknown_file", "{other}");
 }

@@ -16,7 +16,7 @@ use super::store::{ChunkBuf, Finished, StoredFile, Unwritable, Written};
 use super::tracker_client::TrackerError;
 use super::transfers::{Opened, Transfer};
 use super::{Peer, MAX_HEADER_BYTES};
-use crate::bitfield::Bitfield;
+use crate::bitfield::{Bitfield, WireBits};
 use crate::connection::{Connection, FrameError};
 use crate::metrics::Active;
 use crate::protocol::{
@@ -46,6 +46,8 @@ const MAX_REQUESTS_PER_CHUNK: u8 = 2;
 const ENDGAME_MIN_WAIT: f64 = 0.25;
 /// Early refreshes (when a source runs dry) are at least this far apart.
 const MIN_REFRESH_GAP: Duration = Duration::from_millis(250);
+/// Longest `want` bitfield sent with message 10 (base64), well within a peer's request line.
+const MAX_WANT_BYTES: usize = super::server::MAX_REQUEST_BYTES / 2;
 /// Chunks from one connection being verified and written at once while the next arrives.
 const LANDINGS: usize = 2;
 /// Chunk buffers one download may hold (receiving, or landing), in bytes; at least
@@ -973,8 +975,7 @@ impl Job {
                     return Ok(());
                 }
                 if haves.supported && !haves.asked {
-                    self.ask_news(addr, &mut conn, since + IDLE_GRACE).await?;
-                    haves.asked = true;
+                    haves.asked = self.ask_news(addr, &mut conn, since + IDLE_GRACE).await?;
                 }
                 // Give news a moment: the holder's (message 10) or chunks back in the pool.
                 tokio::select! {
@@ -1018,14 +1019,34 @@ impl Job {
         }
     }
 
-    /// Asks the holder for news of its chunks (message 10), to be answered by `until`.
+    /// Asks the holder for news of its chunks (message 10), to be answered by `until`: once it
+    /// holds a chunk missing here that it was not known to hold. False when there is no such
+    /// chunk to wait for (nothing was asked).
     async fn ask_news(
         &self,
         addr: &str,
         conn: &mut Connection,
         until: tokio::time::Instant,
-    ) -> Result<(), Fault> {
-        let held = self.sched().holders.get(addr).map_or(0, |h| h.have.count());
+    ) -> Result<bool, Fault> {
+        let (held, want) = {
+            let s = self.sched();
+            let Some(h) = s.holders.get(addr) else {
+                return Ok(false);
+            };
+            let mut known = h.have.clone();
+            known.union_with(&s.have);
+            let mut want = Bitfield::full(known.len());
+            for i in known.ones() {
+                want.clear(i);
+            }
+            (h.have.count(), want)
+        };
+        if want.count() == 0 {
+            return Ok(false);
+        }
+        // A long bitfield would not fit a request line: the holder then answers any new chunk.
+        let want = (HaveReply::bitfield_bytes(want.len() as u64) <= MAX_WANT_BYTES)
+            .then(|| WireBits::from(&want));
         let req = HaveRequest {
             file: self.name().to_string(),
             digest: self.file.info.digest,
@@ -1033,6 +1054,7 @@ impl Job {
             wait_ms: until
                 .saturating_duration_since(tokio::time::Instant::now())
                 .as_millis() as u64,
+            want,
             secret: self.peer.cfg.secret.clone(),
         };
         let sent = async {
@@ -1040,7 +1062,8 @@ impl Job {
             conn.flush().await
         };
         sent.await
-            .map_err(|e| Fault::Failed(format!("send failed: {e}")))
+            .map_err(|e| Fault::Failed(format!("send failed: {e}")))?;
+        Ok(true)
     }
 
     /// Reads the reply to message 10 (`line`) into what the holder is known to hold. A holder

@@ -11,7 +11,7 @@
 use super::origin::PullPart;
 use super::store::{ReadError, StoredFile};
 use super::Peer;
-use crate::bitfield::WireBits;
+use crate::bitfield::{Bitfield, WireBits};
 use crate::connection::{Connection, FrameError, Limits};
 use crate::metrics::Active;
 use crate::protocol::{
@@ -262,7 +262,7 @@ pub fn parse_request(line: &[u8], secret: Option<&str>) -> Result<Request, (u64,
 }
 
 /// Answers message 10 with the chunks of the version held here, once there are more than the
-/// requester knows of, when the wait it asked for ends (at most [`MAX_HAVE_WAIT_MS`]), or at
+/// requester knows of (or, with `want`, once one of those it wants is here), when the wait it asked for ends (at most [`MAX_HAVE_WAIT_MS`]), or at
 /// once when a further request arrives on the connection (requests are answered in order) or
 /// the requester closes it. Chunks land while the version is downloaded here; nothing else
 /// adds any, so without a download running only the wait ends it.
@@ -282,13 +282,25 @@ async fn answer_have(
             );
             Refusal::new(ErrorCode::UnknownFile, why)
         })?;
+    let chunks = file.info.chunks() as usize;
+    let want = match &req.want {
+        Some(w) => Some(Bitfield::from_bytes(w.0.clone(), chunks).ok_or_else(|| {
+            let why = format!("want must be a bitfield of {chunks} chunks");
+            Refusal::new(ErrorCode::OutOfRange, why)
+        })?),
+        None => None,
+    };
     let wait = Duration::from_millis(req.wait_ms.min(MAX_HAVE_WAIT_MS));
     let until = tokio::time::Instant::now() + wait;
     let mut landings = peer.transfers.landings(&file.info);
     loop {
         let have = file.have();
         let held = have.count() as u64;
-        let done = held > req.held
+        let news = match &want {
+            Some(want) => have.intersects(want),
+            None => held > req.held,
+        };
+        let done = news
             || conn.has_buffered_line()
             || tokio::time::Instant::now() >= until
             || peer.stop.is_cancelled();
