@@ -95,28 +95,40 @@ impl Catalog {
     }
 }
 
+/// Hashes per seeding message: about 1 MiB of JSON, well under the tracker's frame limit.
+const SEED_HASHES_PER_MESSAGE: usize = 16 * 1024;
+
 /// Registers every file of the catalog, hash lists included, as one seeding peer holding all
-/// chunks (the "first connection" of a load run). Returns its peer id.
+/// chunks (the "first connection" of a load run), in as many messages as the frame limit
+/// needs: the first registers the peer, the others add files to it. Returns its peer id.
 pub fn seed(tracker: SocketAddr, catalog: &Catalog) -> u64 {
-    let req = Register {
-        name: "seeder".into(),
-        addr: "127.0.0.1:1".into(),
-        secret: None,
-        peer_id: None,
-        token: None,
-        files: catalog.files.clone(),
-    };
-    let line = encode_request(Msg::Register, &req);
-    let reply = Raw::connect(tracker).ask(std::str::from_utf8(&line).expect("JSON is UTF-8"));
-    assert_eq!(reply["ok"], true, "seeding refused: {reply}");
-    let refused: Vec<&Value> = reply["files"]
-        .as_array()
-        .expect("verdicts")
-        .iter()
-        .filter(|v| v["accepted"] != true)
-        .collect();
-    assert!(refused.is_empty(), "seed files refused: {refused:?}");
-    reply["peer_id"].as_u64().expect("peer id")
+    let per_message = (SEED_HASHES_PER_MESSAGE / catalog.chunks().max(1) as usize).max(1);
+    let mut raw = Raw::connect(tracker);
+    let mut session: Option<(u64, String)> = None;
+    for files in catalog.files.chunks(per_message) {
+        let req = Register {
+            name: "seeder".into(),
+            addr: "127.0.0.1:1".into(),
+            secret: None,
+            peer_id: session.as_ref().map(|s| s.0),
+            token: session.as_ref().map(|s| s.1.clone()),
+            files: files.to_vec(),
+        };
+        let line = encode_request(Msg::Register, &req);
+        let reply = raw.ask(std::str::from_utf8(&line).expect("JSON is UTF-8"));
+        assert_eq!(reply["ok"], true, "seeding refused: {reply}");
+        let refused: Vec<&Value> = reply["files"]
+            .as_array()
+            .expect("verdicts")
+            .iter()
+            .filter(|v| v["accepted"] != true)
+            .collect();
+        assert!(refused.is_empty(), "seed files refused: {refused:?}");
+        let id = reply["peer_id"].as_u64().expect("peer id");
+        let token = reply["token"].as_str().expect("token").to_string();
+        session = Some((id, token));
+    }
+    session.expect("a catalog has files").0
 }
 
 /// What every connection of a run does, bounded by these counts and by `time_limit`.
