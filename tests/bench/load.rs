@@ -67,6 +67,11 @@ impl Catalog {
         self.files[0].hashes.0.len() as u32
     }
 
+    /// How many files [`seed`] registers per message.
+    fn files_per_seed_message(&self) -> usize {
+        (SEED_HASHES_PER_MESSAGE / self.chunks().max(1) as usize).max(1)
+    }
+
     fn name(&self, file: usize) -> &str {
         &self.files[file].info.name
     }
@@ -102,10 +107,9 @@ const SEED_HASHES_PER_MESSAGE: usize = 16 * 1024;
 /// chunks (the "first connection" of a load run), in as many messages as the frame limit
 /// needs: the first registers the peer, the others add files to it. Returns its peer id.
 pub fn seed(tracker: SocketAddr, catalog: &Catalog) -> u64 {
-    let per_message = (SEED_HASHES_PER_MESSAGE / catalog.chunks().max(1) as usize).max(1);
     let mut raw = Raw::connect(tracker);
     let mut session: Option<(u64, String)> = None;
-    for files in catalog.files.chunks(per_message) {
+    for files in catalog.files.chunks(catalog.files_per_seed_message()) {
         let req = Register {
             name: "seeder".into(),
             addr: "127.0.0.1:1".into(),
@@ -648,13 +652,17 @@ pub fn verify(tracker: &Proc, catalog: &Catalog, runs: &[&Report]) -> Vec<String
         }
         problems.extend(check_holders(tracker.addr, offer, &holders));
     }
+    let seeding = catalog
+        .files
+        .len()
+        .div_ceil(catalog.files_per_seed_message());
     let sent_registrations: usize = runs.iter().map(|r| r.plan.peers()).sum();
     let sent_chunks: u64 = expected.values().flatten().map(|b| b.count() as u64).sum();
     let recorded: u64 = runs.iter().map(|r| r.recorded).sum();
     for (metric, want) in [
         (
             "shoal_tracker_registrations_total",
-            1 + sent_registrations as u64,
+            (seeding + sent_registrations) as u64,
         ),
         ("shoal_tracker_chunk_registrations_total", sent_chunks),
     ] {
