@@ -1017,9 +1017,11 @@ impl Store {
             let why = format!("{} was removed or replaced meanwhile", part.display());
             return Ok(Finished::Damaged(why));
         }
+        // A length set right changes the stamp, so a file cut or extended at any time is
+        // hashed again below.
+        fit_length(&stored.file, &part, stored.info.size)?;
         if !stored.untouched_since_complete(&part) {
             tracing::info!(file = %name, "its data file changed after the last chunk was written; hashing it again");
-            fit_length(&stored.file, &part, stored.info.size)?;
             let all = 0..stored.info.chunks() as usize;
             let damaged = failing_chunks(&stored.file, &stored.info, &stored.hashes, all);
             if !damaged.is_empty() {
