@@ -737,16 +737,36 @@ pub fn open_file_limit() -> u64 {
         .unwrap_or(u64::MAX)
 }
 
-/// Fails clearly when this process (or the tracker it starts) could not open `connections`
-/// sockets at once.
+/// Makes sure this process (and the tracker it starts, which inherits the limit) can open
+/// `connections` sockets at once: raises the soft limit on open files up to the hard one if
+/// needed, and fails clearly if even that is too low.
 pub fn require_open_files(connections: usize) {
     let need = connections as u64 + 256;
+    if open_file_limit() < need {
+        raise_open_file_limit(need);
+    }
     let limit = open_file_limit();
     assert!(
         limit >= need,
-        "the open file limit is {limit}, but {connections} connections need at least {need}: \
-         raise it with `ulimit -n {need}` and run again"
+        "the open file limit is {limit} (the hard limit: it cannot be raised from here), but \
+         {connections} connections need at least {need}: raise it (`ulimit -Hn {need}` as root) \
+         and run again"
     );
+}
+
+/// Raises the soft limit on open files to `want`, or to the hard limit if that is lower.
+fn raise_open_file_limit(want: u64) {
+    let mut limits = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed to them.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limits) == 0 {
+            limits.rlim_cur = want.min(limits.rlim_max);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limits);
+        }
+    }
 }
 
 #[test]
