@@ -311,7 +311,6 @@ pub fn replicas(scale: Scale) -> anyhow::Result<Outcome> {
 
 /// One index shape of the scale scenario.
 struct Shape {
-    label: &'static str,
     files: usize,
     chunks: u32,
     /// Chunks per message 4; each peer sends [`SCALE_REGISTERS`] of them.
@@ -331,13 +330,11 @@ pub fn scale(scale: Scale) -> anyhow::Result<Outcome> {
     load::require_open_files(connections);
     let shapes = [
         Shape {
-            label: "one file",
             files: 1,
             chunks: 256,
             chunks_per_register: 16,
         },
         Shape {
-            label: "1,000 files",
             files: scale.pick(50, 1000),
             chunks: 256,
             chunks_per_register: 256,
@@ -367,12 +364,16 @@ pub fn scale(scale: Scale) -> anyhow::Result<Outcome> {
         checked(load::verify(&tracker, &catalog, &[&report]))?;
         let holders = holders_per_file(&report, shape, peers);
         let mib = format!("{:.1}", after as f64 / MIB as f64);
+        let index = match shape.files {
+            1 => "one file".to_string(),
+            n => format!("{n} files"),
+        };
         for m in report.stats() {
             if m.msg == shoal::protocol::Msg::Locations {
                 p99.push(m.p99_us);
             }
             rows.push(vec![
-                shape.label.into(),
+                index.clone(),
                 shape.files.to_string(),
                 format!("{holders:.0}"),
                 m.msg.label().into(),
@@ -384,7 +385,7 @@ pub fn scale(scale: Scale) -> anyhow::Result<Outcome> {
             ]);
         }
         data.push(json!({
-            "shape": shape.label, "files": shape.files, "chunks_per_file": shape.chunks,
+            "index": index, "files": shape.files, "chunks_per_file": shape.chunks,
             "holders_per_file": holders, "rss_before_bytes": before, "rss_after_bytes": after,
             "load": report_json(&report),
         }));
