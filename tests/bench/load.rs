@@ -108,14 +108,14 @@ const SEED_HASHES_PER_MESSAGE: usize = 16 * 1024;
 /// needs: the first registers the peer, the others add files to it. Returns its peer id.
 pub fn seed(tracker: SocketAddr, catalog: &Catalog) -> u64 {
     let mut raw = Raw::connect(tracker);
-    let mut session: Option<(u64, String)> = None;
+    let mut seeder: Option<(u64, String)> = None;
     for files in catalog.files.chunks(catalog.files_per_seed_message()) {
         let req = Register {
             name: "seeder".into(),
             addr: "127.0.0.1:1".into(),
             secret: None,
-            peer_id: session.as_ref().map(|s| s.0),
-            token: session.as_ref().map(|s| s.1.clone()),
+            peer_id: seeder.as_ref().map(|s| s.0),
+            token: seeder.as_ref().map(|s| s.1.clone()),
             files: files.to_vec(),
         };
         let line = encode_request(Msg::Register, &req);
@@ -130,9 +130,9 @@ pub fn seed(tracker: SocketAddr, catalog: &Catalog) -> u64 {
         assert!(refused.is_empty(), "seed files refused: {refused:?}");
         let id = reply["peer_id"].as_u64().expect("peer id");
         let token = reply["token"].as_str().expect("token").to_string();
-        session = Some((id, token));
+        seeder = Some((id, token));
     }
-    session.expect("a catalog has files").0
+    seeder.expect("a catalog has files").0
 }
 
 /// What every connection of a run does, bounded by these counts and by `time_limit`.
