@@ -6,12 +6,14 @@
 //! preallocated, chunks written at their offsets), `DIR/.BASE.shoal-meta` (file info, version
 //! stamp and chunk hashes, JSON, written durably: temporary file, fsync, rename, fsync of the
 //! directory) and `DIR/.BASE.shoal-have` (the bitfield of chunks written, updated one byte at a
-//! time: only a hint). Resume trusts nothing it has not checked, and a complete file is hashed
-//! in full once more before it is fsynced, given its version stamp as mtime and renamed over
-//! `DIR/BASE`, so damage to the hidden files can cost a refetch but never a corrupt file. The
-//! open descriptor keeps serving across the rename. Directories a download needs are created
-//! inside the data dir only: every component is checked to be a real directory, never a
-//! symlink out.
+//! time: only a hint). Every chunk is verified against its hash before it is written, and
+//! resume hashes again every chunk the bitmap claims. A complete file is fsynced, given its
+//! version stamp as mtime and renamed over `DIR/BASE`; if its data file was replaced or changed
+//! (size, mtime or ctime, see [`Stamp`]) after the last chunk went in, it is first hashed in
+//! full again, so damage to the hidden files can cost a refetch but never a corrupt file,
+//! without reading back a file nothing touched. The open descriptor keeps serving across the
+//! rename. Directories a download needs are created inside the data dir only: every component
+//! is checked to be a real directory, never a symlink out.
 //!
 //! A name may be held in several versions (one per digest); the newest by
 //! [`version_key`] is the one offered under the bare name. Verified chunks go to disk with
@@ -219,6 +221,10 @@ struct Progress {
     path: PathBuf,
     /// The complete file's stamp at `path` when it was hashed or finished; `None` while partial.
     stamp: Option<Stamp>,
+    /// The partial data file's stamp just after its last missing chunk was verified into it
+    /// (or after resume hashed every chunk of a complete one); `None` while chunks are missing.
+    /// If the file still has it at the finish, nothing wrote to it since.
+    completed: Option<Stamp>,
 }
 
 /// Why a chunk could not be served.
@@ -375,11 +381,29 @@ impl StoredFile {
                 .write_all_at(&p.have.as_bytes()[byte..byte + 1], byte as u64)
                 .with_context(|| format!("cannot record chunk {index} of {:?}", self.info.name))?;
         }
-        Ok(if p.have.is_full() {
-            Written::LastChunk
-        } else {
-            Written::Partial
-        })
+        if !p.have.is_full() {
+            return Ok(Written::Partial);
+        }
+        // Every chunk's write has returned before its bit was set, so this stamp follows all
+        // of them.
+        p.completed = Some(self.stamp_now()?);
+        Ok(Written::LastChunk)
+    }
+
+    /// The stamp of the open data file.
+    fn stamp_now(&self) -> anyhow::Result<Stamp> {
+        let m = self
+            .file
+            .metadata()
+            .with_context(|| format!("cannot stat the data of {:?}", self.info.name))?;
+        Ok(Stamp::of(&m))
+    }
+
+    /// Whether the data file at `path` still has the stamp it had when its last chunk went in:
+    /// nothing wrote to it, cut it or replaced it since, so every chunk is as verified.
+    fn untouched_since_complete(&self, path: &Path) -> bool {
+        let completed = self.lock().completed;
+        completed.is_some_and(|c| Stamp::read(path).is_ok_and(|now| now == c))
     }
 }
 
@@ -564,6 +588,7 @@ impl Store {
             have_file: None,
             path: path.to_path_buf(),
             stamp: Some(before),
+            completed: None,
         };
         let stored = Arc::new(StoredFile {
             info,
@@ -949,6 +974,7 @@ impl Store {
             have_file: Some(have_file),
             path: part,
             stamp: None,
+            completed: None,
         };
         let stored = Arc::new(StoredFile {
             info,
@@ -961,17 +987,22 @@ impl Store {
             changed: AtomicBool::new(false),
             sent: Meter::default(),
         });
+        if stored.is_complete() {
+            // Every chunk held was verified just now (hashed by resume), so it needs no
+            // second look at the finish unless something touches it.
+            stored.lock().completed = Some(stored.stamp_now()?);
+        }
         self.insert(stored.clone());
         Ok(stored)
     }
 
-    /// Checks a complete download once more and, if every chunk still matches its hash, makes
-    /// it durable and visible under its name (blocking), replacing an older version held there
-    /// in one rename: a reader sees the old bytes or the new, never a mix. Whatever changed the
-    /// partial file since its chunks were written (another program, a restore, a human) is
-    /// caught here: the file is read and hashed in full, so a corrupt file never gets the final
-    /// name. The file's mtime becomes its version stamp, so a rescan after a restart derives the
-    /// same.
+    /// Makes a complete download durable and visible under its name (blocking), replacing an
+    /// older version held there in one rename: a reader sees the old bytes or the new, never a
+    /// mix. Whatever changed the partial file after its last chunk was written (another
+    /// program, a restore, a human) is caught here by its stamp, and the file is then read and
+    /// hashed in full, so a corrupt file never gets the final name; a file nothing touched is
+    /// not read back (its chunks were verified as they were written). The file's mtime becomes
+    /// its version stamp, so a rescan after a restart derives the same.
     pub fn finish(&self, stored: &Arc<StoredFile>) -> anyhow::Result<Finished> {
         let name = &stored.info.name;
         if stored.is_final() {
@@ -986,17 +1017,22 @@ impl Store {
             let why = format!("{} was removed or replaced meanwhile", part.display());
             return Ok(Finished::Damaged(why));
         }
+        // A length set right changes the stamp, so a file cut or extended at any time is
+        // hashed again below.
         fit_length(&stored.file, &part, stored.info.size)?;
-        let all = 0..stored.info.chunks() as usize;
-        let damaged = failing_chunks(&stored.file, &stored.info, &stored.hashes, all);
-        if !damaged.is_empty() {
-            stored.forget(&damaged)?;
-            let why = format!(
-                "{} of its chunks in {} no longer match their hashes",
-                damaged.len(),
-                part.display()
-            );
-            return Ok(Finished::Damaged(why));
+        if !stored.untouched_since_complete(&part) {
+            tracing::info!(file = %name, "its data file changed after the last chunk was written; hashing it again");
+            let all = 0..stored.info.chunks() as usize;
+            let damaged = failing_chunks(&stored.file, &stored.info, &stored.hashes, all);
+            if !damaged.is_empty() {
+                stored.forget(&damaged)?;
+                let why = format!(
+                    "{} of its chunks in {} no longer match their hashes",
+                    damaged.len(),
+                    part.display()
+                );
+                return Ok(Finished::Damaged(why));
+            }
         }
         stored
             .file
@@ -1448,6 +1484,21 @@ mod tests {
         let done = dst.path().join("d.bin");
         assert_eq!(store.finish(&f).unwrap(), Finished::InPlace(done.clone()));
         assert_eq!(std::fs::read(done).unwrap(), original, "cut to size too");
+    }
+
+    #[test]
+    fn bytes_overwritten_in_place_after_the_last_chunk_are_caught_by_the_stamp() {
+        let (src, dst) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (_, store, f) = complete(src.path(), dst.path(), "g.bin");
+        let part = hidden(dst.path(), "g.bin", PART);
+        let writer = OpenOptions::new().write(true).open(&part).unwrap();
+        writer.write_all_at(b"garbage", 100).unwrap();
+        let Finished::Damaged(why) = store.finish(&f).unwrap() else {
+            panic!("a file changed in place was finished");
+        };
+        assert!(why.contains("1 of its chunks"), "{why}");
+        assert_eq!(f.have().ones().collect::<Vec<_>>(), vec![1]);
+        assert!(!dst.path().join("g.bin").exists());
     }
 
     #[test]

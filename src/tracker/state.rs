@@ -804,8 +804,10 @@ fn id_base(secs: u64, offset: u64) -> u64 {
 /// does not cover yet (so the rarest chunks are always reachable); then random others.
 /// Random order spreads load: two askers rarely get the same sample of a popular file.
 /// `have` gives a candidate's chunks: the index passes a peer id and a row number, so that
-/// gathering and shuffling thousands of candidates stays cheap and only the rows looked at are
-/// read.
+/// gathering thousands of candidates stays cheap and only the rows looked at are read.
+/// Candidates are drawn one at a time (a Fisher-Yates shuffle done as far as needed): a file
+/// with 10,000 holders is usually covered after a few draws, so a query costs about `want`
+/// draws, not a shuffle of every holder.
 pub fn sample_holders<'a, T: Copy, R: Rng>(
     candidates: &mut [T],
     want: usize,
@@ -813,21 +815,25 @@ pub fn sample_holders<'a, T: Copy, R: Rng>(
     have: impl Fn(T) -> Bitfield<&'a [u8]>,
     rng: &mut R,
 ) -> Vec<T> {
-    candidates.shuffle(rng);
     if candidates.len() <= want {
+        candidates.shuffle(rng);
         return candidates.to_vec();
     }
+    let candidates_len = candidates.len();
+    let mut drawn = 0;
+    let mut draw = || {
+        let next = rng.gen_range(drawn..candidates_len);
+        candidates.swap(drawn, next);
+        drawn += 1;
+        candidates[drawn - 1]
+    };
     let mut covered = Bitfield::new(chunks);
     let mut all_covered = chunks == 0;
     let mut chosen = Vec::with_capacity(want);
     let mut skipped = Vec::new();
-    let mut unseen = candidates.iter();
-    // Stop as soon as the sample is full or covers every chunk: a popular file has thousands
-    // of holders and this runs under the index lock.
-    while chosen.len() < want && !all_covered {
-        let Some(&candidate) = unseen.next() else {
-            break;
-        };
+    // Stop as soon as the sample is full or covers every chunk: this runs under the index lock.
+    while chosen.len() < want && !all_covered && skipped.len() + chosen.len() < candidates_len {
+        let candidate = draw();
         let bits = have(candidate);
         if bits.has_any_not_in(&covered) {
             covered.union_with(&bits);
@@ -838,7 +844,10 @@ pub fn sample_holders<'a, T: Copy, R: Rng>(
         }
     }
     let missing = want - chosen.len();
-    chosen.extend(skipped.into_iter().chain(unseen.copied()).take(missing));
+    chosen.extend(skipped.into_iter().take(missing));
+    while chosen.len() < want {
+        chosen.push(draw());
+    }
     chosen
 }
 
@@ -1652,5 +1661,25 @@ mod tests {
                 "the only holder of chunk 7 was left out"
             );
         }
+    }
+
+    #[test]
+    fn a_sample_names_each_holder_once_and_varies() {
+        let full = Bitfield::full(8);
+        let full = view(&full);
+        let mut rng = rand::thread_rng();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..20 {
+            let mut candidates: Vec<_> = (0..1000).map(|i| (i, full)).collect();
+            let mut ids: Vec<u32> = sample_holders(&mut candidates, 50, 8, |(_, b)| b, &mut rng)
+                .into_iter()
+                .map(|(id, _)| id)
+                .collect();
+            ids.sort_unstable();
+            ids.dedup();
+            assert_eq!(ids.len(), 50, "a holder was named twice");
+            seen.extend(ids);
+        }
+        assert!(seen.len() > 200, "samples of 50 out of 1,000 should differ");
     }
 }

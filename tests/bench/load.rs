@@ -67,6 +67,11 @@ impl Catalog {
         self.files[0].hashes.0.len() as u32
     }
 
+    /// How many files [`seed`] registers per message.
+    fn files_per_seed_message(&self) -> usize {
+        (SEED_HASHES_PER_MESSAGE / self.chunks().max(1) as usize).max(1)
+    }
+
     fn name(&self, file: usize) -> &str {
         &self.files[file].info.name
     }
@@ -95,28 +100,39 @@ impl Catalog {
     }
 }
 
+/// Hashes per seeding message: about 1 MiB of JSON, well under the tracker's frame limit.
+const SEED_HASHES_PER_MESSAGE: usize = 16 * 1024;
+
 /// Registers every file of the catalog, hash lists included, as one seeding peer holding all
-/// chunks (the "first connection" of a load run). Returns its peer id.
+/// chunks (the "first connection" of a load run), in as many messages as the frame limit
+/// needs: the first registers the peer, the others add files to it. Returns its peer id.
 pub fn seed(tracker: SocketAddr, catalog: &Catalog) -> u64 {
-    let req = Register {
-        name: "seeder".into(),
-        addr: "127.0.0.1:1".into(),
-        secret: None,
-        peer_id: None,
-        token: None,
-        files: catalog.files.clone(),
-    };
-    let line = encode_request(Msg::Register, &req);
-    let reply = Raw::connect(tracker).ask(std::str::from_utf8(&line).expect("JSON is UTF-8"));
-    assert_eq!(reply["ok"], true, "seeding refused: {reply}");
-    let refused: Vec<&Value> = reply["files"]
-        .as_array()
-        .expect("verdicts")
-        .iter()
-        .filter(|v| v["accepted"] != true)
-        .collect();
-    assert!(refused.is_empty(), "seed files refused: {refused:?}");
-    reply["peer_id"].as_u64().expect("peer id")
+    let mut raw = Raw::connect(tracker);
+    let mut seeder: Option<(u64, String)> = None;
+    for files in catalog.files.chunks(catalog.files_per_seed_message()) {
+        let req = Register {
+            name: "seeder".into(),
+            addr: "127.0.0.1:1".into(),
+            secret: None,
+            peer_id: seeder.as_ref().map(|s| s.0),
+            token: seeder.as_ref().map(|s| s.1.clone()),
+            files: files.to_vec(),
+        };
+        let line = encode_request(Msg::Register, &req);
+        let reply = raw.ask(std::str::from_utf8(&line).expect("JSON is UTF-8"));
+        assert_eq!(reply["ok"], true, "seeding refused: {reply}");
+        let refused: Vec<&Value> = reply["files"]
+            .as_array()
+            .expect("verdicts")
+            .iter()
+            .filter(|v| v["accepted"] != true)
+            .collect();
+        assert!(refused.is_empty(), "seed files refused: {refused:?}");
+        let id = reply["peer_id"].as_u64().expect("peer id");
+        let token = reply["token"].as_str().expect("token").to_string();
+        seeder = Some((id, token));
+    }
+    seeder.expect("a catalog has files").0
 }
 
 /// What every connection of a run does, bounded by these counts and by `time_limit`.
@@ -636,13 +652,17 @@ pub fn verify(tracker: &Proc, catalog: &Catalog, runs: &[&Report]) -> Vec<String
         }
         problems.extend(check_holders(tracker.addr, offer, &holders));
     }
+    let seeding = catalog
+        .files
+        .len()
+        .div_ceil(catalog.files_per_seed_message());
     let sent_registrations: usize = runs.iter().map(|r| r.plan.peers()).sum();
     let sent_chunks: u64 = expected.values().flatten().map(|b| b.count() as u64).sum();
     let recorded: u64 = runs.iter().map(|r| r.recorded).sum();
     for (metric, want) in [
         (
             "shoal_tracker_registrations_total",
-            1 + sent_registrations as u64,
+            (seeding + sent_registrations) as u64,
         ),
         ("shoal_tracker_chunk_registrations_total", sent_chunks),
     ] {
@@ -717,16 +737,36 @@ pub fn open_file_limit() -> u64 {
         .unwrap_or(u64::MAX)
 }
 
-/// Fails clearly when this process (or the tracker it starts) could not open `connections`
-/// sockets at once.
+/// Makes sure this process (and the tracker it starts, which inherits the limit) can open
+/// `connections` sockets at once: raises the soft limit on open files up to the hard one if
+/// needed, and fails clearly if even that is too low.
 pub fn require_open_files(connections: usize) {
     let need = connections as u64 + 256;
+    if open_file_limit() < need {
+        raise_open_file_limit(need);
+    }
     let limit = open_file_limit();
     assert!(
         limit >= need,
-        "the open file limit is {limit}, but {connections} connections need at least {need}: \
-         raise it with `ulimit -n {need}` and run again"
+        "the open file limit is {limit} (the hard limit: it cannot be raised from here), but \
+         {connections} connections need at least {need}: raise it (`ulimit -Hn {need}` as root) \
+         and run again"
     );
+}
+
+/// Raises the soft limit on open files to `want`, or to the hard limit if that is lower.
+fn raise_open_file_limit(want: u64) {
+    let mut limits = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed to them.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limits) == 0 {
+            limits.rlim_cur = want.min(limits.rlim_max);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limits);
+        }
+    }
 }
 
 #[test]

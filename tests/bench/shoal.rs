@@ -54,7 +54,7 @@ impl Scale {
 
 type Scenario = fn(Scale) -> anyhow::Result<Outcome>;
 
-const SCENARIOS: [(&str, Scenario); 7] = [
+const SCENARIOS: [(&str, Scenario); 8] = [
     ("swarm", swarm::run),
     ("swarm_net", swarm::net),
     ("transfer", transfer::raw),
@@ -62,6 +62,7 @@ const SCENARIOS: [(&str, Scenario); 7] = [
     ("tracker_memory", tracker::memory),
     ("peer_memory", transfer::peer_memory),
     ("tracker_replicas", tracker::replicas),
+    ("tracker_scale", tracker::scale),
 ];
 
 fn main() -> ExitCode {

@@ -308,3 +308,122 @@ pub fn replicas(scale: Scale) -> anyhow::Result<Outcome> {
         data: json!({ "runs": data }),
     })
 }
+
+/// One index shape of the scale scenario.
+struct Shape {
+    files: usize,
+    chunks: u32,
+    /// Chunks per message 4; each peer sends [`SCALE_REGISTERS`] of them.
+    chunks_per_register: u32,
+}
+
+/// Message-4 requests per simulated peer in the scale scenario.
+const SCALE_REGISTERS: usize = 10;
+
+/// Scenario 7: the tracker with 10,000 simulated peers, all on one file (every locations query
+/// picks its 50 from 10,000 holders) and spread over 1,000 files (about 100 holders each):
+/// latency of locations and chunk registers sent together, and the tracker's memory.
+pub fn scale(scale: Scale) -> anyhow::Result<Outcome> {
+    let connections = scale.pick(20, 250);
+    let peers_per_connection = scale.pick(10, 40);
+    let peers = connections * peers_per_connection;
+    load::require_open_files(connections);
+    let shapes = [
+        Shape {
+            files: 1,
+            chunks: 256,
+            chunks_per_register: 16,
+        },
+        Shape {
+            files: scale.pick(50, 1000),
+            chunks: 256,
+            chunks_per_register: 256,
+        },
+    ];
+    let mut rows = Vec::new();
+    let mut data = Vec::new();
+    let mut p99 = Vec::new();
+    for shape in &shapes {
+        let tracker = start_tracker(None);
+        let catalog = Arc::new(Catalog::new("scale", shape.files, shape.chunks, MIB as u32));
+        load::seed(tracker.addr, &catalog);
+        let before = memory_of(tracker.pid(), "VmRSS");
+        let plan = Plan {
+            label: "scale",
+            connections,
+            peers_per_connection,
+            chunk_registers: SCALE_REGISTERS,
+            chunks_per_register: shape.chunks_per_register,
+            locations: scale.pick(20, 200),
+            locations_want: Some(50),
+            pipeline: 4,
+            time_limit: Duration::from_secs(300),
+        };
+        let report = load::run(tracker.addr, &catalog, &plan);
+        let after = memory_of(tracker.pid(), "VmRSS");
+        checked(load::verify(&tracker, &catalog, &[&report]))?;
+        let holders = holders_per_file(&report, shape, peers);
+        let mib = format!("{:.1}", after as f64 / MIB as f64);
+        let index = match shape.files {
+            1 => "one file".to_string(),
+            n => format!("{n} files"),
+        };
+        for m in report.stats() {
+            if m.msg == shoal::protocol::Msg::Locations {
+                p99.push(m.p99_us);
+            }
+            rows.push(vec![
+                index.clone(),
+                shape.files.to_string(),
+                format!("{holders:.0}"),
+                m.msg.label().into(),
+                m.requests.to_string(),
+                format!("{:.0}", m.per_second),
+                m.p50_us.to_string(),
+                m.p99_us.to_string(),
+                mib.clone(),
+            ]);
+        }
+        data.push(json!({
+            "index": index, "files": shape.files, "chunks_per_file": shape.chunks,
+            "holders_per_file": holders, "rss_before_bytes": before, "rss_after_bytes": after,
+            "load": report_json(&report),
+        }));
+    }
+    // Work per query that grew with the holders would show as a p99 that grows with them.
+    let (crowded, spread) = (p99[0] as f64, p99[1] as f64);
+    Ok(Outcome {
+        name: "tracker_scale",
+        title: "7. Tracker at scale",
+        settings: vec![
+            format!("{peers} simulated peers on {connections} persistent connections ({peers_per_connection} peers each, 4 requests pipelined per connection); each peer sends {SCALE_REGISTERS} chunk registers (message 4) while every connection also asks {} locations queries (message 3, want 50, no hash list), all at once", scale.pick(20, 200)),
+            format!("files of 256 chunks; one file: each message 4 names 16 chunks; {} files: each message 4 names a whole file, so every peer holds {SCALE_REGISTERS} files", shapes[1].files),
+            "latency: from writing the request to reading its reply, so it includes waiting behind the pipelined requests; the generator shares the cores with the tracker. RSS: the tracker's VmRSS after the run".into(),
+        ],
+        table: Table {
+            head: vec![
+                "index", "files", "holders per file", "message", "requests", "per second",
+                "p50 µs", "p99 µs", "tracker RSS MiB",
+            ],
+            rows,
+        },
+        goals: vec![Goal::new(
+            format!(
+                "locations p99 with every peer on one file ≤ 2 × with the peers spread over {} files (is {:.2})",
+                shapes[1].files,
+                crowded / spread.max(1.0)
+            ),
+            crowded <= 2.0 * spread,
+        )],
+        data: json!({ "peers": peers, "shapes": data }),
+    })
+}
+
+/// The mean number of holders per file at the end of a scale run.
+fn holders_per_file(report: &Report, shape: &Shape, peers: usize) -> f64 {
+    if shape.files == 1 {
+        return peers as f64;
+    }
+    // Whole-file registers: every answered one makes its peer a holder of one more file.
+    report.done.iter().sum::<usize>() as f64 / shape.files as f64
+}
