@@ -171,7 +171,7 @@ async fn content(
     upstream: &Upstream,
     target: &Target<'_>,
 ) -> Response<Body> {
-    let digest = Digest::parse(target.reference).expect("parsed");
+    let digest = Digest::parse(target.reference).expect("the path parser checked the digest");
     let path = target.upstream_path();
     let checked = ask(peer, req, upstream, path.clone(), Method::HEAD, "check").await;
     let (status, headers, _) = match checked {
@@ -304,7 +304,8 @@ async fn ask(
     answer
 }
 
-/// Upstream's refusal passed on: 401 with its challenge, 403, 404 at once, 5xx as 502.
+/// Upstream's refusal passed on: 401 with its challenge, 403, 404 at once, other 4xx as they
+/// are; anything else as 502.
 fn refused(
     upstream: &Upstream,
     status: StatusCode,
@@ -329,8 +330,9 @@ fn refused(
             "TOOMANYREQUESTS",
             format!("upstream {host} asks to slow down"),
         ),
-        s if s.is_server_error() => return bad_gateway(upstream, s),
-        s => ("UNKNOWN", format!("upstream {host} answered {s}")),
+        s if s.is_client_error() => ("UNKNOWN", format!("upstream {host} answered {s}")),
+        // 5xx, and answers the mirror cannot pass on as they are (a redirect to storage).
+        s => return bad_gateway(upstream, s),
     };
     let mut r = oci_error(status, code, why);
     pass_on(headers, r.headers_mut(), &["www-authenticate"]);
