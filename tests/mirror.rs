@@ -2,8 +2,8 @@
 //! Debian's `docker-registry` as upstream and `skopeo` pulling through a `registries.conf`
 //! mirror entry. Pulled images match upstream's digests, agents pulling at once make upstream
 //! send each blob about once, tags are never cached, a digest upstream lacks is a fast 404, a
-//! tampered blob is never served complete, and a private blob needs the client's own
-//! upstream credentials.
+//! tampered blob is never served complete, a private blob needs the client's own upstream
+//! credentials, and an upstream list that names no http registry stops the agent.
 
 mod common;
 
@@ -442,6 +442,29 @@ fn a_private_blob_needs_the_clients_own_upstream_credentials() {
     let allowed = http(api, "GET", &path, &[("Authorization", &bearer)]);
     assert_eq!(allowed.status, 200);
     assert_eq!(sha256_digest(&allowed.body), *layer);
+}
+
+#[test]
+fn an_upstream_that_is_not_an_http_registry_stops_the_agent_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    for (flag, says) in [
+        ("ftp://registry.example", "not an http:// URL"),
+        ("http://registry.example/v2", "has a path"),
+        ("docker.io=", "not a URL"),
+    ] {
+        let out = std::process::Command::new(PEER)
+            .args(["run", "--registry-upstream", flag, "--data-dir"])
+            .arg(dir.path())
+            .env_remove("SHOAL_CONFIG")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag}: {stderr}");
+        assert!(
+            stderr.contains("SHOAL_REGISTRY_UPSTREAM") && stderr.contains(says),
+            "{flag}: {stderr}"
+        );
+    }
 }
 
 const USER: &str = "reader";
