@@ -20,6 +20,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -391,7 +392,7 @@ fn a_private_blob_needs_the_clients_own_upstream_credentials() {
     else {
         return;
     };
-    let realm = TokenRealm::start(registry.addr);
+    let realm = Front::start(registry.addr, Role::TokenRealm, None);
     let tracker = tracker(&[]);
     let node = agent(tracker.addr, &dir.path().join("agent"), Some(&realm.url()));
     let api = node.api.unwrap();
@@ -445,10 +446,58 @@ fn a_private_blob_needs_the_clients_own_upstream_credentials() {
 }
 
 #[test]
+fn an_https_upstream_is_checked_against_the_configured_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((registry, image)) = registry_with(dir.path(), "app", "v1", &[128 * KIB], 1) else {
+        return;
+    };
+    let certs = Certs::new(0);
+    certs.issue("registry", &["127.0.0.1"]);
+    let front = Front::start(
+        registry.addr,
+        Role::Relay,
+        Some(tls_server(&certs, "registry")),
+    );
+    let https = format!("https://{}", front.host());
+    let tracker = tracker(&[]);
+    let ca = certs.path("ca.pem");
+    let env = [
+        ("SHOAL_API_ADDR", "127.0.0.1:0"),
+        ("SHOAL_REGISTRY_UPSTREAM", https.as_str()),
+        ("SHOAL_ORIGIN_CA", ca.as_str()),
+    ];
+    let trusting = daemon(tracker.addr, &dir.path().join("trusting"), "trusting", &env);
+    let api = trusting.api.unwrap();
+    let layer = &image.layers[0].digest;
+    let blob = http(api, "GET", &format!("/v2/app/blobs/{layer}"), &[]);
+    assert_eq!(blob.status, 200, "{}", String::from_utf8_lossy(&blob.body));
+    assert_eq!(sha256_digest(&blob.body), *layer);
+    let tag = http(
+        api,
+        "GET",
+        "/v2/app/manifests/v1",
+        &[("Accept", MANIFEST_ACCEPT)],
+    );
+    assert_eq!(sha256_digest(&tag.body), image.manifest.digest);
+
+    // Without the CA, the registry's certificate is refused: upstream is unreachable.
+    let doubting = agent(tracker.addr, &dir.path().join("doubting"), Some(&https));
+    let refused = http(
+        doubting.api.unwrap(),
+        "GET",
+        &format!("/v2/app/blobs/{layer}"),
+        &[],
+    );
+    assert_eq!(refused.status, 503);
+    let why = String::from_utf8_lossy(&refused.body).to_string();
+    assert!(why.contains("certificate"), "{why}");
+}
+
+#[test]
 fn an_upstream_that_is_not_an_http_registry_stops_the_agent_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     for (flag, says) in [
-        ("ftp://registry.example", "not an http:// URL"),
+        ("ftp://registry.example", "not an http:// or https:// URL"),
         ("http://registry.example/v2", "has a path"),
         ("docker.io=", "not a URL"),
     ] {
@@ -471,17 +520,26 @@ const USER: &str = "reader";
 const PASSWORD: &str = "open-sesame";
 const TOKEN: &str = "token-for-reader";
 
-/// A registry that wants a bearer token, Docker Hub style: requests without `Bearer TOKEN` get
-/// `401` with a challenge naming the realm `/token`, which gives the token for `USER:PASSWORD`
-/// (basic auth) only; everything else is passed to the registry behind. On its own runtime,
-/// on 127.0.0.1 port 0, stopped when dropped.
-struct TokenRealm {
+/// What a [`Front`] does with requests.
+#[derive(Clone, Copy)]
+enum Role {
+    /// A registry that wants a bearer token, Docker Hub style: requests without `Bearer TOKEN`
+    /// get `401` with a challenge naming the realm `/token`, which gives the token for
+    /// `USER:PASSWORD` (basic auth) only; everything else is passed to the registry behind.
+    TokenRealm,
+    /// Passes everything to the registry behind (over TLS, in front of a plain one).
+    Relay,
+}
+
+/// A server in front of a registry, in clear text or TLS, on its own runtime, on 127.0.0.1
+/// port 0; stopped when dropped.
+struct Front {
     addr: SocketAddr,
     runtime: Option<tokio::runtime::Runtime>,
 }
 
-impl TokenRealm {
-    fn start(registry: SocketAddr) -> TokenRealm {
+impl Front {
+    fn start(registry: SocketAddr, role: Role, tls: Option<Arc<rustls::ServerConfig>>) -> Front {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -489,22 +547,33 @@ impl TokenRealm {
             .unwrap();
         let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
         let addr = listener.local_addr().unwrap();
+        let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
         runtime.spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| async move {
-                        Ok::<_, std::convert::Infallible>(guard(addr, registry, req).await)
+                        let answer = match role {
+                            Role::TokenRealm => guard(addr, registry, req).await,
+                            Role::Relay => relay(registry, req).await,
+                        };
+                        Ok::<_, std::convert::Infallible>(answer)
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    let _ = match acceptor {
+                        Some(acceptor) => match acceptor.accept(stream).await {
+                            Ok(tls) => http.serve_connection(TokioIo::new(tls), service).await,
+                            Err(_) => return,
+                        },
+                        None => http.serve_connection(TokioIo::new(stream), service).await,
+                    };
                 });
             }
         });
-        TokenRealm {
+        Front {
             addr,
             runtime: Some(runtime),
         }
@@ -519,12 +588,31 @@ impl TokenRealm {
     }
 }
 
-impl Drop for TokenRealm {
+impl Drop for Front {
     fn drop(&mut self) {
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }
     }
+}
+
+/// A TLS server configuration with the certificate `STEM.pem` of `certs`.
+fn tls_server(certs: &Certs, stem: &str) -> Arc<rustls::ServerConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(certs.path(&format!("{stem}.pem")))
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(certs.path(&format!("{stem}.key"))).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    Arc::new(config)
 }
 
 fn answer(status: StatusCode, body: String) -> Response<Full<Bytes>> {
@@ -569,6 +657,11 @@ async fn guard(
             .insert("www-authenticate", challenge.parse().unwrap());
         return r;
     }
+    relay(registry, req).await
+}
+
+/// Passes `req` on to the registry and its answer back, whole.
+async fn relay(registry: SocketAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let (parts, body) = req.into_parts();
     let body = body
         .collect()

@@ -159,7 +159,7 @@ enum Command {
         #[arg(long, value_name = "IP:PORT")]
         api_addr: Option<String>,
         /// Upstream registries of the OCI mirror under /v2/ of the API, comma-separated, each
-        /// [alias=]http://host[:port]; containerd's ns picks one, else the first
+        /// [alias=]http[s]://host[:port]; containerd's ns picks one, else the first
         /// [env: SHOAL_REGISTRY_UPSTREAM, default none].
         #[arg(long, value_name = "UPSTREAMS")]
         registry_upstream: Option<String>,

@@ -121,7 +121,8 @@ impl Peer {
             ),
             None => None,
         };
-        let origin = Arc::new(origin::Origin::new(base, cfg.origin_concurrency));
+        let web = crate::tls::web_client(cfg.origin_ca.as_deref())?;
+        let origin = Arc::new(origin::Origin::new(base, cfg.origin_concurrency, web));
         let mirror = match &cfg.registry_upstream {
             Some(list) => Some(
                 mirror::Upstreams::parse(list)

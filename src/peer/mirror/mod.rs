@@ -296,7 +296,13 @@ async fn ask(
 ) -> Result<(StatusCode, HeaderMap, Bytes), Failure> {
     let source = source(req, upstream, path);
     let started = Instant::now();
-    let answer = origin::exchange(&source, method, MAX_PROXIED_BYTES, UPSTREAM_TIMEOUT).await;
+    let answer = origin::exchange(
+        (&source, &peer.origin.web),
+        method,
+        MAX_PROXIED_BYTES,
+        UPSTREAM_TIMEOUT,
+    )
+    .await;
     peer.metrics
         .mirror_upstream_seconds
         .with_label_values(&[label])

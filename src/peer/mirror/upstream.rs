@@ -19,13 +19,13 @@ pub struct Upstream {
 pub struct Upstreams(Vec<Upstream>);
 
 impl Upstreams {
-    /// Parses `[alias=]http://host[:port]` entries separated by commas.
+    /// Parses `[alias=]http[s]://host[:port]` entries separated by commas.
     pub fn parse(list: &str) -> Result<Upstreams, String> {
         let mut entries = Vec::new();
         for entry in list.split(',').map(str::trim) {
             if entry.is_empty() {
                 return Err(format!(
-                    "{list:?} has an empty entry: give [alias=]http://host[:port] entries separated by commas"
+                    "{list:?} has an empty entry: give [alias=]http[s]://host[:port] entries separated by commas"
                 ));
             }
             let (alias, url) = match entry.split_once('=') {

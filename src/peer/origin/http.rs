@@ -6,6 +6,7 @@
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::http1::SendRequest;
 use hyper::header::{
     HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_RANGE, ETAG, HOST, LAST_MODIFIED,
     RANGE,
@@ -13,8 +14,11 @@ use hyper::header::{
 use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
+use rustls::pki_types::ServerName;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
 /// Bytes of a name component that are written percent-encoded in a URL path.
 const PATH_SEGMENT: &AsciiSet = &CONTROLS
@@ -30,9 +34,11 @@ const PATH_SEGMENT: &AsciiSet = &CONTROLS
     .add(b'{')
     .add(b'}');
 
-/// A parsed base URL: `http://host[:port][/prefix]` (`SHOAL_ORIGIN`, a registry upstream).
+/// A parsed base URL: `http[s]://host[:port][/prefix]` (`SHOAL_ORIGIN`, a registry upstream).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OriginUrl {
+    /// `https`: dialled in TLS, the server checked against the web roots and `SHOAL_ORIGIN_CA`.
+    tls: bool,
     host: String,
     port: u16,
     /// The path prefix without a trailing `/` (empty for the root).
@@ -44,16 +50,11 @@ impl OriginUrl {
         let uri: Uri = text
             .parse()
             .map_err(|e| format!("{text:?} is not a URL: {e}"))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => {
-                return Err(format!(
-                    "{text:?}: https origins are not supported yet; use http:// (a TLS-terminating \
-                     proxy beside the peer can reach an https origin)"
-                ))
-            }
-            _ => return Err(format!("{text:?} is not an http:// URL")),
-        }
+        let tls = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => return Err(format!("{text:?} is not an http:// or https:// URL")),
+        };
         let Some(host) = uri.host().filter(|h| !h.is_empty()) else {
             return Err(format!("{text:?} has no host"));
         };
@@ -61,11 +62,12 @@ impl OriginUrl {
             return Err(format!("{text:?} has a query; give a base URL only"));
         }
         Ok(OriginUrl {
+            tls,
             host: host
                 .trim_start_matches('[')
                 .trim_end_matches(']')
                 .to_string(),
-            port: uri.port_u16().unwrap_or(80),
+            port: uri.port_u16().unwrap_or(if tls { 443 } else { 80 }),
             prefix: uri.path().trim_end_matches('/').to_string(),
         })
     }
@@ -125,7 +127,8 @@ pub struct Source {
 impl Source {
     /// The full URL, for messages.
     pub fn url(&self) -> String {
-        format!("http://{}{}", self.base.authority(), self.path)
+        let scheme = if self.base.tls { "https" } else { "http" };
+        format!("{scheme}://{}{}", self.base.authority(), self.path)
     }
 
     /// Sends `value` as header `name` with every request.
@@ -244,9 +247,9 @@ impl std::fmt::Display for Failure {
 }
 
 /// Asks the origin for the size and validators of `source`.
-pub async fn head(source: &Source, timeout: Duration) -> Result<Remote, Failure> {
+pub async fn head(source: &Source, web: &Web, timeout: Duration) -> Result<Remote, Failure> {
     let exchange = async {
-        let (status, headers, _) = send(source, Method::HEAD, None).await?;
+        let (status, headers, _) = send(source, web, Method::HEAD, None).await?;
         check_status(status)?;
         let size = header(&headers, CONTENT_LENGTH)
             .and_then(|l| l.parse().ok())
@@ -265,14 +268,14 @@ pub async fn head(source: &Source, timeout: Duration) -> Result<Remote, Failure>
 /// Fetches the `len` bytes at `offset` of `source`, checking that the answer is exactly that
 /// range of the copy `remote` describes.
 pub async fn range(
-    source: &Source,
+    (source, web): (&Source, &Web),
     remote: &Remote,
     (offset, len): (u64, u32),
     timeout: Duration,
 ) -> Result<Vec<u8>, Failure> {
     let last = offset + u64::from(len) - 1;
     let exchange = async {
-        let (status, headers, body) = send(source, Method::GET, Some((offset, last))).await?;
+        let (status, headers, body) = send(source, web, Method::GET, Some((offset, last))).await?;
         check_status(status)?;
         let size = match status {
             StatusCode::PARTIAL_CONTENT => {
@@ -330,16 +333,31 @@ impl Drop for Driver {
 
 type Answer = (StatusCode, HeaderMap, (hyper::body::Incoming, Driver));
 
+/// The TLS client for https origins (see [`crate::tls::web_client`]).
+pub type Web = Arc<rustls::ClientConfig>;
+
+/// An HTTP/1 client connection over `io`, driven by a task of its own.
+async fn handshake<T>(io: T) -> hyper::Result<(SendRequest<Empty<Bytes>>, Driver)>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    let driver = Driver(tokio::spawn(async move {
+        let _ = conn.await;
+    }));
+    Ok((sender, driver))
+}
+
 /// One whole exchange with `source`: the status, the headers and the body (at most
 /// `max_body` bytes), within `timeout`. For answers passed on to a client as they are.
 pub async fn exchange(
-    source: &Source,
+    (source, web): (&Source, &Web),
     method: Method,
     max_body: usize,
     timeout: Duration,
 ) -> Result<(StatusCode, HeaderMap, Bytes), Failure> {
     let exchange = async {
-        let (status, headers, (mut body, _driver)) = send(source, method, None).await?;
+        let (status, headers, (mut body, _driver)) = send(source, web, method, None).await?;
         let mut buf = Vec::new();
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| Failure::Connect(format!("body: {e}")))?;
@@ -360,6 +378,7 @@ pub async fn exchange(
 
 async fn send(
     source: &Source,
+    web: &Web,
     method: Method,
     range: Option<(u64, u64)>,
 ) -> Result<Answer, Failure> {
@@ -369,12 +388,16 @@ async fn send(
         .await
         .map_err(|e| connect(&e))?;
     let _ = stream.set_nodelay(true);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| connect(&e))?;
-    let driver = Driver(tokio::spawn(async move {
-        let _ = conn.await;
-    }));
+    let (mut sender, driver) = if url.tls {
+        let name = ServerName::try_from(url.host.clone()).map_err(|e| connect(&e))?;
+        let tls = TlsConnector::from(web.clone())
+            .connect(name, stream)
+            .await
+            .map_err(|e| connect(&e))?;
+        handshake(tls).await.map_err(|e| connect(&e))?
+    } else {
+        handshake(stream).await.map_err(|e| connect(&e))?
+    };
     let mut req = Request::builder()
         .method(method)
         .uri(source.path.as_str())
@@ -444,7 +467,8 @@ mod tests {
         );
         let root = OriginUrl::parse("http://127.0.0.1").unwrap();
         assert_eq!(root.url_of("x#1"), "http://127.0.0.1:80/x%231");
-        assert!(OriginUrl::parse("https://a").unwrap_err().contains("https"));
+        let tls = OriginUrl::parse("https://registry.example").unwrap();
+        assert_eq!(tls.source("v2/").url(), "https://registry.example:443/v2/");
         assert!(OriginUrl::parse("ftp://a").is_err());
         assert!(OriginUrl::parse("http://a/?q=1").is_err());
         assert!(OriginUrl::parse("files.example").is_err());

@@ -14,7 +14,7 @@ mod http;
 mod part;
 mod pull;
 
-pub use http::{exchange, Failure, OriginUrl, Remote, Source};
+pub use http::{exchange, Failure, OriginUrl, Remote, Source, Web};
 pub use part::PullPart;
 
 use super::download::DownloadError;
@@ -61,6 +61,8 @@ const MAX_ROUTES: usize = 10_000;
 pub struct Origin {
     /// `SHOAL_ORIGIN`: where names without a route of their own come from, if anywhere.
     pub base: Option<OriginUrl>,
+    /// The TLS client for https sources.
+    pub web: Web,
     /// Name -> its own source, with the order names were routed in (oldest first). Held for a
     /// map operation only.
     routes: Mutex<(HashMap<String, Source>, VecDeque<String>)>,
@@ -74,9 +76,10 @@ pub struct Origin {
 }
 
 impl Origin {
-    pub fn new(base: Option<OriginUrl>, concurrency: usize) -> Origin {
+    pub fn new(base: Option<OriginUrl>, concurrency: usize, web: Web) -> Origin {
         Origin {
             base,
+            web,
             routes: Mutex::default(),
             slots: Semaphore::new(concurrency),
             pulling: Mutex::new(HashMap::new()),
@@ -234,7 +237,8 @@ pub fn source_of(origin: &Origin, name: &str) -> Result<Source, OriginError> {
 /// What `source` says of its file now (size and validators), retried like every request.
 pub async fn head(peer: &Peer, source: &Source) -> Result<Remote, OriginError> {
     let timeout = peer.cfg.origin_timeout;
-    retried(peer, &source.url(), || http::head(source, timeout)).await
+    let web = &peer.origin.web;
+    retried(peer, &source.url(), || http::head(source, web, timeout)).await
 }
 
 /// Fetches chunk `index` of the known version `info` from `source` (described by `remote`)
@@ -265,7 +269,8 @@ pub async fn fetch_known(
     let _slot = origin.slots.acquire().await.expect("never closed");
     let timeout = peer.cfg.origin_timeout;
     let span = info.chunk_span(index);
-    let data = retried(peer, &url, || http::range(source, remote, span, timeout)).await?;
+    let to = (source, &origin.web);
+    let data = retried(peer, &url, || http::range(to, remote, span, timeout)).await?;
     peer.metrics.origin_bytes.inc_by(data.len() as u64);
     if Hash::of(&data) != hash {
         let why = format!(

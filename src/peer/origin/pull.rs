@@ -202,7 +202,12 @@ impl Job {
         let span = self.part.span(index);
         let url = self.source.url();
         let data = retried(&self.peer, &url, || {
-            http::range(&self.source, &self.remote, span, timeout)
+            http::range(
+                (&self.source, &self.origin.web),
+                &self.remote,
+                span,
+                timeout,
+            )
         })
         .await?;
         self.peer.metrics.origin_bytes.inc_by(data.len() as u64);
