@@ -235,7 +235,7 @@ pub struct PeerConfig {
     /// changed for this long (a file renamed in with an older mtime is shared at once).
     #[serde(with = "duration")]
     pub settle_time: Duration,
-    /// Base URL of an HTTP origin (`http://host:port[/prefix]`): a wanted name that no peer
+    /// Base URL of an HTTP origin (`http[s]://host:port[/prefix]`): a wanted name that no peer
     /// shares is fetched from `{origin}/{name}` with range requests. Unset = no origin.
     pub origin: Option<String>,
     /// Requests to the origin in flight at once from this peer.
@@ -245,6 +245,14 @@ pub struct PeerConfig {
     /// retried (a few times, with backoff).
     #[serde(with = "duration")]
     pub origin_timeout: Duration,
+    /// PEM file of CA certificates trusted for https origins and registry upstreams, besides
+    /// the public web roots built in. Unset = the built-in roots only.
+    pub origin_ca: Option<PathBuf>,
+    /// Upstream registries of the OCI registry mirror the API serves under `/v2/`,
+    /// comma-separated, each `[alias=]http[s]://host[:port]`. containerd's `ns` query parameter
+    /// picks the entry whose alias or `host[:port]` it names; without one the first is used.
+    /// Unset = the mirror has no upstream and answers 404.
+    pub registry_upstream: Option<String>,
     /// Log filter, tracing `EnvFilter` syntax.
     pub log: String,
     /// Log lines as readable text or JSON objects.
@@ -284,6 +292,8 @@ impl Default for PeerConfig {
             origin: None,
             origin_concurrency: 4,
             origin_timeout: Duration::from_secs(30),
+            origin_ca: None,
+            registry_upstream: None,
             log: "info".into(),
             log_format: LogFormat::Text,
         }
@@ -407,6 +417,10 @@ impl Settings for PeerConfig {
         if let Some(origin) = &self.origin {
             crate::peer::origin::OriginUrl::parse(origin)
                 .map_err(|e| anyhow!("SHOAL_ORIGIN: {e}"))?;
+        }
+        if let Some(list) = &self.registry_upstream {
+            crate::peer::mirror::Upstreams::parse(list)
+                .map_err(|e| anyhow!("SHOAL_REGISTRY_UPSTREAM: {e}"))?;
         }
         if let Want::Names(names) = self.want() {
             for n in names {

@@ -527,8 +527,8 @@ fn origin_settings_are_checked_at_start() {
     for (var, value, expected) in [
         (
             "SHOAL_ORIGIN",
-            "https://files.example",
-            "https origins are not supported",
+            "ftp://files.example",
+            "not an http:// or https:// URL",
         ),
         ("SHOAL_ORIGIN", "files.example", "SHOAL_ORIGIN"),
         (

@@ -209,6 +209,29 @@ pub fn own_endpoint_client(cert: &Path) -> anyhow::Result<Arc<ClientConfig>> {
     Ok(pinned::client(leaf))
 }
 
+/// A client for servers outside the cluster (https origins and registries): the public web
+/// roots built in, plus the CA certificates in `extra` (`SHOAL_ORIGIN_CA`), no client
+/// certificate.
+pub fn web_client(extra: Option<&Path>) -> anyhow::Result<Arc<ClientConfig>> {
+    let mut roots = RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = extra {
+        for cert in read_certs(path)? {
+            roots.add(cert).with_context(|| {
+                format!("SHOAL_ORIGIN_CA {}: not a CA certificate", path.display())
+            })?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(Arc::new(
+        ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    ))
+}
+
 /// Dials an HTTP endpoint in TLS with `client` (see [`own_endpoint_client`]).
 pub async fn connect_http(client: Arc<ClientConfig>, stream: TcpStream) -> io::Result<impl Stream> {
     let name = ServerName::try_from("localhost").expect("a valid DNS name");

@@ -1,16 +1,24 @@
-//! The HTTP side of an origin: `HEAD` and single-range `GET` over hyper's HTTP/1 client, one
-//! connection per request, each bounded in time as a whole (connect, headers and body). Every
-//! response is checked against what the first one said of the file (size, ETag or
-//! Last-Modified), so a file that changes at the origin mid-transfer is caught.
+//! The HTTP side of an origin: `HEAD` and single-range `GET` of a [`Source`] (a URL and the
+//! request headers it needs) over hyper's HTTP/1 client, one connection per request, each
+//! bounded in time as a whole (connect, headers and body). Every response is checked against
+//! what the first one said of the file (size, ETag or Last-Modified), so a file that changes
+//! at the origin mid-transfer is caught.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
-use hyper::header::{HeaderMap, CONTENT_LENGTH, CONTENT_RANGE, ETAG, HOST, LAST_MODIFIED, RANGE};
+use hyper::client::conn::http1::SendRequest;
+use hyper::header::{
+    HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_RANGE, ETAG, HOST, LAST_MODIFIED,
+    RANGE,
+};
 use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
+use rustls::pki_types::ServerName;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
 /// Bytes of a name component that are written percent-encoded in a URL path.
 const PATH_SEGMENT: &AsciiSet = &CONTROLS
@@ -26,9 +34,11 @@ const PATH_SEGMENT: &AsciiSet = &CONTROLS
     .add(b'{')
     .add(b'}');
 
-/// A parsed `SHOAL_ORIGIN`: `http://host[:port][/prefix]`.
+/// A parsed base URL: `http[s]://host[:port][/prefix]` (`SHOAL_ORIGIN`, a registry upstream).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OriginUrl {
+    /// `https`: dialled in TLS, the server checked against the web roots and `SHOAL_ORIGIN_CA`.
+    tls: bool,
     host: String,
     port: u16,
     /// The path prefix without a trailing `/` (empty for the root).
@@ -40,16 +50,11 @@ impl OriginUrl {
         let uri: Uri = text
             .parse()
             .map_err(|e| format!("{text:?} is not a URL: {e}"))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => {
-                return Err(format!(
-                    "{text:?}: https origins are not supported yet; use http:// (a TLS-terminating \
-                     proxy beside the peer can reach an https origin)"
-                ))
-            }
-            _ => return Err(format!("{text:?} is not an http:// URL")),
-        }
+        let tls = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => return Err(format!("{text:?} is not an http:// or https:// URL")),
+        };
         let Some(host) = uri.host().filter(|h| !h.is_empty()) else {
             return Err(format!("{text:?} has no host"));
         };
@@ -57,11 +62,12 @@ impl OriginUrl {
             return Err(format!("{text:?} has a query; give a base URL only"));
         }
         Ok(OriginUrl {
+            tls,
             host: host
                 .trim_start_matches('[')
                 .trim_end_matches(']')
                 .to_string(),
-            port: uri.port_u16().unwrap_or(80),
+            port: uri.port_u16().unwrap_or(if tls { 443 } else { 80 }),
             prefix: uri.path().trim_end_matches('/').to_string(),
         })
     }
@@ -76,6 +82,20 @@ impl OriginUrl {
         path
     }
 
+    /// File `name` under this base, without extra request headers.
+    pub fn source(&self, name: &str) -> Source {
+        self.at(self.path_of(name))
+    }
+
+    /// The resource at `path` (already encoded, starting with `/`) under this base.
+    pub fn at(&self, path: String) -> Source {
+        Source {
+            base: self.clone(),
+            path,
+            headers: HeaderMap::new(),
+        }
+    }
+
     fn authority(&self) -> String {
         if self.host.contains(':') {
             format!("[{}]:{}", self.host, self.port)
@@ -86,7 +106,35 @@ impl OriginUrl {
 
     /// The full URL of `name`, for messages.
     pub fn url_of(&self, name: &str) -> String {
-        format!("http://{}{}", self.authority(), self.path_of(name))
+        self.source(name).url()
+    }
+
+    /// `host:port`, as a registry's clients name it (containerd's `ns`).
+    pub fn host_port(&self) -> String {
+        self.authority()
+    }
+}
+
+/// Where the bytes of one pull come from: a URL, and the headers every request for it carries
+/// (a registry client's `Authorization`, say).
+#[derive(Clone, Debug)]
+pub struct Source {
+    base: OriginUrl,
+    path: String,
+    headers: HeaderMap,
+}
+
+impl Source {
+    /// The full URL, for messages.
+    pub fn url(&self) -> String {
+        let scheme = if self.base.tls { "https" } else { "http" };
+        format!("{scheme}://{}{}", self.base.authority(), self.path)
+    }
+
+    /// Sends `value` as header `name` with every request.
+    pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Source {
+        self.headers.insert(name, value);
+        self
     }
 }
 
@@ -198,10 +246,10 @@ impl std::fmt::Display for Failure {
     }
 }
 
-/// Asks the origin for the size and validators of `name`.
-pub async fn head(url: &OriginUrl, name: &str, timeout: Duration) -> Result<Remote, Failure> {
+/// Asks the origin for the size and validators of `source`.
+pub async fn head(source: &Source, web: &Web, timeout: Duration) -> Result<Remote, Failure> {
     let exchange = async {
-        let (status, headers, _) = send(url, Method::HEAD, name, None).await?;
+        let (status, headers, _) = send(source, web, Method::HEAD, None).await?;
         check_status(status)?;
         let size = header(&headers, CONTENT_LENGTH)
             .and_then(|l| l.parse().ok())
@@ -217,18 +265,17 @@ pub async fn head(url: &OriginUrl, name: &str, timeout: Duration) -> Result<Remo
         .map_err(|_| Failure::Timeout(timeout))?
 }
 
-/// Fetches the `len` bytes at `offset` of `name`, checking that the answer is exactly that
+/// Fetches the `len` bytes at `offset` of `source`, checking that the answer is exactly that
 /// range of the copy `remote` describes.
 pub async fn range(
-    url: &OriginUrl,
-    name: &str,
+    (source, web): (&Source, &Web),
     remote: &Remote,
     (offset, len): (u64, u32),
     timeout: Duration,
 ) -> Result<Vec<u8>, Failure> {
     let last = offset + u64::from(len) - 1;
     let exchange = async {
-        let (status, headers, body) = send(url, Method::GET, name, Some((offset, last))).await?;
+        let (status, headers, body) = send(source, web, Method::GET, Some((offset, last))).await?;
         check_status(status)?;
         let size = match status {
             StatusCode::PARTIAL_CONTENT => {
@@ -286,34 +333,83 @@ impl Drop for Driver {
 
 type Answer = (StatusCode, HeaderMap, (hyper::body::Incoming, Driver));
 
-async fn send(
-    url: &OriginUrl,
+/// The TLS client for https origins (see [`crate::tls::web_client`]).
+pub type Web = Arc<rustls::ClientConfig>;
+
+/// An HTTP/1 client connection over `io`, driven by a task of its own.
+async fn handshake<T>(io: T) -> hyper::Result<(SendRequest<Empty<Bytes>>, Driver)>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    let driver = Driver(tokio::spawn(async move {
+        let _ = conn.await;
+    }));
+    Ok((sender, driver))
+}
+
+/// One whole exchange with `source`: the status, the headers and the body (at most
+/// `max_body` bytes), within `timeout`. For answers passed on to a client as they are.
+pub async fn exchange(
+    (source, web): (&Source, &Web),
     method: Method,
-    name: &str,
+    max_body: usize,
+    timeout: Duration,
+) -> Result<(StatusCode, HeaderMap, Bytes), Failure> {
+    let exchange = async {
+        let (status, headers, (mut body, _driver)) = send(source, web, method, None).await?;
+        let mut buf = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| Failure::Connect(format!("body: {e}")))?;
+            if let Ok(data) = frame.into_data() {
+                if buf.len() + data.len() > max_body {
+                    let why = format!("an answer longer than {max_body} bytes");
+                    return Err(Failure::Refused(why));
+                }
+                buf.extend_from_slice(&data);
+            }
+        }
+        Ok((status, headers, Bytes::from(buf)))
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| Failure::Timeout(timeout))?
+}
+
+async fn send(
+    source: &Source,
+    web: &Web,
+    method: Method,
     range: Option<(u64, u64)>,
 ) -> Result<Answer, Failure> {
+    let url = &source.base;
     let connect = |e: &dyn std::fmt::Display| Failure::Connect(format!("{}: {e}", url.authority()));
     let stream = TcpStream::connect((url.host.as_str(), url.port))
         .await
         .map_err(|e| connect(&e))?;
     let _ = stream.set_nodelay(true);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| connect(&e))?;
-    let driver = Driver(tokio::spawn(async move {
-        let _ = conn.await;
-    }));
+    let (mut sender, driver) = if url.tls {
+        let name = ServerName::try_from(url.host.clone()).map_err(|e| connect(&e))?;
+        let tls = TlsConnector::from(web.clone())
+            .connect(name, stream)
+            .await
+            .map_err(|e| connect(&e))?;
+        handshake(tls).await.map_err(|e| connect(&e))?
+    } else {
+        handshake(stream).await.map_err(|e| connect(&e))?
+    };
     let mut req = Request::builder()
         .method(method)
-        .uri(url.path_of(name))
+        .uri(source.path.as_str())
         .header(HOST, url.authority())
         .header("user-agent", concat!("shoal/", env!("CARGO_PKG_VERSION")));
     if let Some((first, last)) = range {
         req = req.header(RANGE, format!("bytes={first}-{last}"));
     }
-    let req = req
+    let mut req = req
         .body(Empty::<Bytes>::new())
         .map_err(|e| Failure::Refused(format!("cannot build the request: {e}")))?;
+    req.headers_mut().extend(source.headers.clone());
     let response = sender.send_request(req).await.map_err(|e| connect(&e))?;
     let (parts, body) = response.into_parts();
     Ok((parts.status, parts.headers, (body, driver)))
@@ -371,7 +467,8 @@ mod tests {
         );
         let root = OriginUrl::parse("http://127.0.0.1").unwrap();
         assert_eq!(root.url_of("x#1"), "http://127.0.0.1:80/x%231");
-        assert!(OriginUrl::parse("https://a").unwrap_err().contains("https"));
+        let tls = OriginUrl::parse("https://registry.example").unwrap();
+        assert_eq!(tls.source("v2/").url(), "https://registry.example:443/v2/");
         assert!(OriginUrl::parse("ftp://a").is_err());
         assert!(OriginUrl::parse("http://a/?q=1").is_err());
         assert!(OriginUrl::parse("files.example").is_err());
