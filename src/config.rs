@@ -245,6 +245,11 @@ pub struct PeerConfig {
     /// retried (a few times, with backoff).
     #[serde(with = "duration")]
     pub origin_timeout: Duration,
+    /// Upstream registries of the OCI registry mirror the API serves under `/v2/`,
+    /// comma-separated, each `[alias=]http://host[:port]`. containerd's `ns` query parameter
+    /// picks the entry whose alias or `host[:port]` it names; without one the first is used.
+    /// Unset = the mirror has no upstream and answers 404.
+    pub registry_upstream: Option<String>,
     /// Log filter, tracing `EnvFilter` syntax.
     pub log: String,
     /// Log lines as readable text or JSON objects.
@@ -284,6 +289,7 @@ impl Default for PeerConfig {
             origin: None,
             origin_concurrency: 4,
             origin_timeout: Duration::from_secs(30),
+            registry_upstream: None,
             log: "info".into(),
             log_format: LogFormat::Text,
         }
@@ -407,6 +413,10 @@ impl Settings for PeerConfig {
         if let Some(origin) = &self.origin {
             crate::peer::origin::OriginUrl::parse(origin)
                 .map_err(|e| anyhow!("SHOAL_ORIGIN: {e}"))?;
+        }
+        if let Some(list) = &self.registry_upstream {
+            crate::peer::mirror::Upstreams::parse(list)
+                .map_err(|e| anyhow!("SHOAL_REGISTRY_UPSTREAM: {e}"))?;
         }
         if let Want::Names(names) = self.want() {
             for n in names {

@@ -197,6 +197,10 @@ pub struct PeerMetrics {
     pub origin_bytes: IntCounter,
     pub origin_requests: IntCounter,
     pub origin_errors: IntCounterVec,
+    pub mirror_requests: IntCounterVec,
+    pub mirror_bytes: IntCounterVec,
+    pub mirror_upstream_seconds: HistogramVec,
+    pub mirror_verify_failures: IntCounter,
 }
 
 impl Default for PeerMetrics {
@@ -238,7 +242,7 @@ impl Default for PeerMetrics {
                 &r,
                 "shoal_peer_chunk_transfer_duration_seconds",
                 "Time from sending a chunk request to holding the verified chunk.",
-                secs,
+                secs.clone(),
             ),
             verify_failures: counter(
                 &r,
@@ -355,13 +359,41 @@ impl Default for PeerMetrics {
                 ),
                 ORIGIN_ERROR_KINDS,
             ),
+            mirror_requests: mirror_requests(&r),
+            mirror_bytes: at_zero(
+                counter_vec(
+                    &r,
+                    "shoal_peer_mirror_bytes_total",
+                    "Bytes of registry blobs and manifests this peer fetched, by source (upstream: the upstream registry, peers: other peers).",
+                    &["source"],
+                ),
+                MIRROR_SOURCES,
+            ),
+            mirror_upstream_seconds: {
+                let h = HistogramVec::new(
+                    HistogramOpts::new(
+                        "shoal_peer_mirror_upstream_seconds",
+                        "Time of the registry mirror's own requests to upstream, by request (check: HEAD before serving by digest, tag: a manifest by tag, base: GET /v2/).",
+                    )
+                    .buckets(secs),
+                    &["request"],
+                )
+                .expect("valid metric");
+                r.register(Box::new(h.clone())).expect("unique metric");
+                h
+            },
+            mirror_verify_failures: counter(
+                &r,
+                "shoal_peer_mirror_verify_failures_total",
+                "Registry blobs and manifests whose bytes did not match their sha256 digest: the response was cut short and the data discarded.",
+            ),
             registry: r,
         }
     }
 }
 
 /// The routes of the HTTP API, as the `route` label names them (never a file name).
-pub const API_ROUTES: [&str; 4] = ["files", "file", "status", "other"];
+pub const API_ROUTES: [&str; 5] = ["files", "file", "status", "mirror", "other"];
 /// The status codes the HTTP API answers with.
 pub const API_STATUSES: [u16; 10] = [200, 206, 304, 400, 404, 405, 416, 500, 502, 503];
 
@@ -380,6 +412,29 @@ fn api_requests(reg: &Registry) -> IntCounterVec {
     }
     requests
 }
+/// The kinds of registry mirror requests (src/peer/mirror/mod.rs).
+pub const MIRROR_KINDS: [&str; 4] = ["base", "blob", "manifest_digest", "manifest_tag"];
+/// Where the registry mirror's bytes came from.
+const MIRROR_SOURCES: [&str; 2] = ["upstream", "peers"];
+/// The status codes the registry mirror answers with most, present from the start.
+const MIRROR_STATUSES: [u16; 11] = [200, 206, 304, 400, 401, 403, 404, 416, 500, 502, 503];
+
+/// Registry mirror requests by kind and status code.
+fn mirror_requests(reg: &Registry) -> IntCounterVec {
+    let requests = counter_vec(
+        reg,
+        "shoal_peer_mirror_requests_total",
+        "Registry mirror requests answered, by kind (base, blob, manifest_digest, manifest_tag) and status code.",
+        &["kind", "status"],
+    );
+    for kind in MIRROR_KINDS {
+        for status in MIRROR_STATUSES {
+            requests.with_label_values(&[kind, &status.to_string()]);
+        }
+    }
+    requests
+}
+
 /// The kinds of failed origin requests (src/peer/origin/http.rs).
 const ORIGIN_ERROR_KINDS: [&str; 5] =
     ["not_found", "server_error", "timeout", "changed", "connect"];

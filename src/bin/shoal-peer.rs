@@ -158,6 +158,11 @@ enum Command {
         /// [env: SHOAL_API_ADDR, default off].
         #[arg(long, value_name = "IP:PORT")]
         api_addr: Option<String>,
+        /// Upstream registries of the OCI mirror under /v2/ of the API, comma-separated, each
+        /// [alias=]http://host[:port]; containerd's ns picks one, else the first
+        /// [env: SHOAL_REGISTRY_UPSTREAM, default none].
+        #[arg(long, value_name = "UPSTREAMS")]
+        registry_upstream: Option<String>,
     },
     /// List the swarm's files: the newest version of each name.
     Files {
@@ -265,12 +270,14 @@ impl Command {
                 sharing,
                 want,
                 api_addr,
+                registry_upstream,
             } => {
                 tracker.add_to(&mut o);
                 identity.add_to(&mut o);
                 sharing.add_to(&mut o);
                 o.set("want", want);
                 o.set("api_addr", api_addr);
+                o.set("registry_upstream", registry_upstream);
             }
             Command::Files { query, .. } | Command::Locate { query, .. } => query.add_to(&mut o),
             Command::Get {

@@ -1,9 +1,10 @@
 //! The node's local HTTP API (`SHOAL_API_ADDR`): `GET /v1/files` (the swarm's files and this
 //! node's state of each), `GET|HEAD /v1/files/{name}` (a file's bytes, streamed as its chunks
-//! arrive, with ranges), and `GET /v1/status` (this node). Errors are JSON `{"error": "..."}`.
+//! arrive, with ranges), `GET /v1/status` (this node), and the registry mirror under `/v2/`
+//! (see [`mirror`](super::mirror)). Errors are JSON `{"error": "..."}`.
 //! docs/API.md is the reference. There is no authentication: it is meant for the node itself.
 
-mod stream;
+pub(super) mod stream;
 
 use super::origin::{self, Failure};
 use super::store::StoredFile;
@@ -97,6 +98,7 @@ enum Route<'a> {
     Files,
     File(&'a str),
     Status,
+    Mirror,
     Other,
 }
 
@@ -105,6 +107,8 @@ impl Route<'_> {
         match path {
             "/v1/files" => Route::Files,
             "/v1/status" => Route::Status,
+            "/v2" => Route::Mirror,
+            p if p.starts_with("/v2/") => Route::Mirror,
             p => match p.strip_prefix("/v1/files/") {
                 Some(name) => Route::File(name),
                 None => Route::Other,
@@ -117,6 +121,7 @@ impl Route<'_> {
             Route::Files => "files",
             Route::File(_) => "file",
             Route::Status => "status",
+            Route::Mirror => "mirror",
             Route::Other => "other",
         }
     }
@@ -127,8 +132,9 @@ async fn handle(peer: &Arc<Peer>, req: Request<Incoming>) -> Response<Body> {
     let response = match route {
         Route::Other => error(
             StatusCode::NOT_FOUND,
-            "no such endpoint: try /v1/files, /v1/files/{name} or /v1/status",
+            "no such endpoint: try /v1/files, /v1/files/{name}, /v1/status or /v2/",
         ),
+        Route::Mirror => super::mirror::handle(peer, &req).await,
         _ if req.method() != Method::GET && req.method() != Method::HEAD => {
             let mut r = error(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -419,10 +425,10 @@ async fn look(
         Ok(Resolved::Held(f)) => Ok((f.info.size, Some(f.info.digest))),
         Ok(Resolved::Swarm(loc)) => Ok((loc.file.size, Some(loc.file.digest))),
         Err(WantError::NotFound(why)) => {
-            let Some(origin) = peer.origin.as_ref().filter(|_| digest.is_none()) else {
+            let Some(source) = peer.origin.source(name).filter(|_| digest.is_none()) else {
                 return Err(error(StatusCode::NOT_FOUND, why));
             };
-            match origin::head(peer, origin, name).await {
+            match origin::head(peer, &source).await {
                 Ok(remote) => Ok((remote.size, None)),
                 Err(e) if e.failure == Failure::NotFound => Err(error(
                     StatusCode::NOT_FOUND,

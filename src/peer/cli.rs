@@ -533,7 +533,7 @@ pub async fn daemon(cfg: PeerConfig, stop: CancellationToken) -> anyhow::Result<
         let now = tokio::time::Instant::now();
         let mut pending = unlisted.len();
         // A name the swarm does not offer comes from the origin, if there is one.
-        let from_origin = unlisted.into_iter().filter(|_| peer.origin.is_some());
+        let from_origin = unlisted.into_iter().filter(|n| peer.origin.has(n));
         let versions = wanted.into_iter().map(|v| {
             let current = holds_current(&peer, &v);
             (v.info.name, Some(v.info.digest), current)

@@ -11,7 +11,7 @@
 //! Lock order: `Job::sched` is a leaf lock, held only for in-memory bookkeeping; the
 //! transfer's locks are taken and released before it, never under it.
 
-use super::origin::{self, Origin};
+use super::origin::{self, Origin, Source};
 use super::store::{ChunkBuf, Finished, StoredFile, Unwritable, Written};
 use super::tracker_client::TrackerError;
 use super::transfers::{Opened, Transfer};
@@ -44,6 +44,8 @@ const FRUITLESS_REFRESHES: u32 = 3;
 const MAX_REQUESTS_PER_CHUNK: u8 = 2;
 /// An endgame duplicate waits at least this long (seconds) after the first request.
 const ENDGAME_MIN_WAIT: f64 = 0.25;
+/// The holder address that chunks fetched from the origin are recorded under.
+const ORIGIN: &str = "origin";
 /// Early refreshes (when a source runs dry) are at least this far apart.
 const MIN_REFRESH_GAP: Duration = Duration::from_millis(250);
 /// Chunks from one connection being verified and written at once while the next arrives.
@@ -291,9 +293,9 @@ pub(super) async fn locate_or_pull(
     digest: Option<Hash>,
 ) -> Result<LocationsReply, DownloadError> {
     let found = locate(peer, name, digest, true).await;
-    match (&found, &peer.origin) {
-        (Err(DownloadError::NoSuchFile(_)), Some(origin)) if digest.is_none() => {
-            pull_from_origin(peer, origin, name).await
+    match &found {
+        Err(DownloadError::NoSuchFile(_)) if digest.is_none() && peer.origin.has(name) => {
+            pull_from_origin(peer, &peer.origin, name).await
         }
         _ => found,
     }
@@ -735,10 +737,10 @@ impl Job {
                     if workers.is_empty() && self.eligible_count() == 0 {
                         fruitless += 1;
                         if fruitless >= FRUITLESS_REFRESHES {
-                            let Some(origin) = self.peer.origin.clone() else {
+                            let Some(source) = self.peer.origin.source(self.name()) else {
                                 return Err(self.no_holders());
                             };
-                            self.fill_from_origin(&origin).await?;
+                            self.fill_from_origin(&source).await?;
                             fruitless = 0;
                         }
                     } else {
@@ -751,7 +753,7 @@ impl Job {
 
     /// The last resort for the chunks no usable holder has (their holders all left): the
     /// origin, each chunk checked against its published hash, so only the same content passes.
-    async fn fill_from_origin(self: &Arc<Self>, origin: &Arc<Origin>) -> Result<(), DownloadError> {
+    async fn fill_from_origin(self: &Arc<Self>, source: &Source) -> Result<(), DownloadError> {
         let orphans: Vec<u32> = {
             let s = self.sched();
             (0..s.have.len())
@@ -767,15 +769,16 @@ impl Job {
             "no peer holds these chunks any more; fetching them from the origin"
         );
         let info = &self.file.info;
-        let remote = origin::head(&self.peer, origin, &info.name).await?;
+        let (peer, remote) = (&self.peer, origin::head(&self.peer, source).await?);
         for index in orphans {
             let sent = Instant::now();
             let hash = self.file.hashes.0[index as usize];
-            let data = origin::fetch_known(&self.peer, origin, info, &remote, index, hash).await?;
+            let known = (info, &remote);
+            let data = origin::fetch_known(peer, &peer.origin, source, known, index, hash).await?;
             let bytes = data.len() as u64;
             let file = self.file.clone();
             let written = blocking(move || file.write_chunk(index, &data)).await?;
-            self.record("origin", index, sent, bytes, written);
+            self.record(ORIGIN, index, sent, bytes, written);
         }
         Ok(())
     }
@@ -1084,6 +1087,8 @@ impl Job {
         let secs = sent.elapsed().as_secs_f64();
         m.chunks_downloaded.inc();
         m.bytes_downloaded.inc_by(bytes);
+        let from = if addr == ORIGIN { "upstream" } else { "peers" };
+        self.peer.count_fetched(self.name(), from, bytes as usize);
         self.peer.down.add(bytes);
         m.chunk_transfer_duration.observe(secs);
         self.peer.report_chunk(&self.file, index);

@@ -12,6 +12,7 @@ pub mod cli;
 pub mod download;
 pub mod fetch;
 pub mod meter;
+pub mod mirror;
 pub mod origin;
 pub mod server;
 pub mod store;
@@ -66,8 +67,10 @@ pub struct Peer {
     pub down: Meter,
     /// Chunk bytes sent to other peers, for the recent upload rate.
     pub up: Meter,
-    /// Where files no peer shares are pulled from (`SHOAL_ORIGIN`), if anywhere.
-    pub origin: Option<Arc<origin::Origin>>,
+    /// Where files no peer shares are pulled from (`SHOAL_ORIGIN`, mirror routes).
+    pub origin: Arc<origin::Origin>,
+    /// The registry mirror's upstreams (`SHOAL_REGISTRY_UPSTREAM`), if any.
+    pub mirror: Option<mirror::Upstreams>,
 }
 
 /// Which files a starting peer shares.
@@ -112,12 +115,18 @@ impl Peer {
         let tls = cfg.tls.load()?;
         let trackers = Trackers::new(&cfg, &metrics, &stop, tls.clone());
         trackers.refresh().await;
-        let origin = match &cfg.origin {
-            Some(url) => {
-                let url = origin::OriginUrl::parse(url)
-                    .map_err(|e| anyhow::anyhow!("SHOAL_ORIGIN: {e}"))?;
-                Some(Arc::new(origin::Origin::new(url, cfg.origin_concurrency)))
-            }
+        let base = match &cfg.origin {
+            Some(url) => Some(
+                origin::OriginUrl::parse(url).map_err(|e| anyhow::anyhow!("SHOAL_ORIGIN: {e}"))?,
+            ),
+            None => None,
+        };
+        let origin = Arc::new(origin::Origin::new(base, cfg.origin_concurrency));
+        let mirror = match &cfg.registry_upstream {
+            Some(list) => Some(
+                mirror::Upstreams::parse(list)
+                    .map_err(|e| anyhow::anyhow!("SHOAL_REGISTRY_UPSTREAM: {e}"))?,
+            ),
             None => None,
         };
         let peer = Arc::new(Peer {
@@ -138,6 +147,7 @@ impl Peer {
             down: Meter::default(),
             up: Meter::default(),
             origin,
+            mirror,
             cfg,
         });
         peer.update_file_gauges();

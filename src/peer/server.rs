@@ -262,8 +262,8 @@ enum Source {
 fn check(peer: &Peer, line: &[u8]) -> Result<(ChunkRequest, Source), (u64, Refusal)> {
     let req = parse_request(line, peer.cfg.secret.as_deref())?;
     let n = Msg::ChunkRequest as u64;
-    let origin = peer.origin.as_ref();
-    if let Some(part) = origin.and_then(|o| o.part(&req.file)) {
+    let origin = &peer.origin;
+    if let Some(part) = origin.part(&req.file) {
         if req.digest.is_none() && peer.store.get(&req.file).is_none() {
             if !part.holds(req.index) {
                 let why = format!("chunk {} is not here yet", req.index);
@@ -272,7 +272,7 @@ fn check(peer: &Peer, line: &[u8]) -> Result<(ChunkRequest, Source), (u64, Refus
             return Ok((req, Source::Pulled(part)));
         }
     }
-    let pulling = origin.is_some_and(|o| o.is_pulling(&req.file));
+    let pulling = origin.is_pulling(&req.file);
     let file = peer
         .store
         .find(&req.file, req.digest.as_ref())

@@ -532,7 +532,7 @@ impl Peer {
             Ok(Resolved::Held(f)) => Ok(Transfer::held(f)),
             Ok(Resolved::Swarm(loc)) => self.fetch(loc).await,
             // A name no peer shares comes from the origin, if there is one.
-            Err(WantError::NotFound(_)) if digest.is_none() && self.origin.is_some() => {
+            Err(WantError::NotFound(_)) if digest.is_none() && self.origin.has(name) => {
                 self.pull(name).await
             }
             Err(e) => Err(e),

@@ -39,6 +39,12 @@ impl Body {
     pub fn empty() -> Body {
         Body(Kind::Whole(None))
     }
+
+    /// A body of `len` bytes fed through the sender; an error sent ends it cut short.
+    pub fn channel(len: u64) -> (mpsc::Sender<io::Result<Bytes>>, Body) {
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER_CHUNKS);
+        (tx, Body(Kind::Stream { rx, len }))
+    }
 }
 
 impl hyper::body::Body for Body {
@@ -125,7 +131,20 @@ pub fn file_bytes(
     chunk_size: u32,
     (first, last): (u64, u64),
 ) -> Body {
-    let (tx, rx) = mpsc::channel(STREAM_BUFFER_CHUNKS);
+    let (tx, body) = Body::channel(last - first + 1);
+    feed(peer, transfer, chunk_size, (first, last), tx);
+    body
+}
+
+/// Sends bytes `first..=last` of the transfer's file into `tx` from a task of its own, in
+/// order as chunks are held; a failure ends with an error.
+pub fn feed(
+    peer: &Arc<Peer>,
+    transfer: Arc<Transfer>,
+    chunk_size: u32,
+    (first, last): (u64, u64),
+    tx: mpsc::Sender<io::Result<Bytes>>,
+) {
     let span = tracing::debug_span!("api stream", file = %transfer.name, first, last);
     let send = send(
         peer.clone(),
@@ -136,10 +155,6 @@ pub fn file_bytes(
         tx,
     );
     peer.tasks.spawn(send.instrument(span));
-    Body(Kind::Stream {
-        rx,
-        len: last - first + 1,
-    })
 }
 
 /// Feeds `tx` with bytes `first..=last`, chunk by chunk, until done, the client leaves, or

@@ -1,11 +1,15 @@
-//! The HTTP side of an origin: `HEAD` and single-range `GET` over hyper's HTTP/1 client, one
-//! connection per request, each bounded in time as a whole (connect, headers and body). Every
-//! response is checked against what the first one said of the file (size, ETag or
-//! Last-Modified), so a file that changes at the origin mid-transfer is caught.
+//! The HTTP side of an origin: `HEAD` and single-range `GET` of a [`Source`] (a URL and the
+//! request headers it needs) over hyper's HTTP/1 client, one connection per request, each
+//! bounded in time as a whole (connect, headers and body). Every response is checked against
+//! what the first one said of the file (size, ETag or Last-Modified), so a file that changes
+//! at the origin mid-transfer is caught.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
-use hyper::header::{HeaderMap, CONTENT_LENGTH, CONTENT_RANGE, ETAG, HOST, LAST_MODIFIED, RANGE};
+use hyper::header::{
+    HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_RANGE, ETAG, HOST, LAST_MODIFIED,
+    RANGE,
+};
 use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
@@ -26,7 +30,7 @@ const PATH_SEGMENT: &AsciiSet = &CONTROLS
     .add(b'{')
     .add(b'}');
 
-/// A parsed `SHOAL_ORIGIN`: `http://host[:port][/prefix]`.
+/// A parsed base URL: `http://host[:port][/prefix]` (`SHOAL_ORIGIN`, a registry upstream).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OriginUrl {
     host: String,
@@ -76,6 +80,20 @@ impl OriginUrl {
         path
     }
 
+    /// File `name` under this base, without extra request headers.
+    pub fn source(&self, name: &str) -> Source {
+        self.at(self.path_of(name))
+    }
+
+    /// The resource at `path` (already encoded, starting with `/`) under this base.
+    pub fn at(&self, path: String) -> Source {
+        Source {
+            base: self.clone(),
+            path,
+            headers: HeaderMap::new(),
+        }
+    }
+
     fn authority(&self) -> String {
         if self.host.contains(':') {
             format!("[{}]:{}", self.host, self.port)
@@ -86,7 +104,34 @@ impl OriginUrl {
 
     /// The full URL of `name`, for messages.
     pub fn url_of(&self, name: &str) -> String {
-        format!("http://{}{}", self.authority(), self.path_of(name))
+        self.source(name).url()
+    }
+
+    /// `host:port`, as a registry's clients name it (containerd's `ns`).
+    pub fn host_port(&self) -> String {
+        self.authority()
+    }
+}
+
+/// Where the bytes of one pull come from: a URL, and the headers every request for it carries
+/// (a registry client's `Authorization`, say).
+#[derive(Clone, Debug)]
+pub struct Source {
+    base: OriginUrl,
+    path: String,
+    headers: HeaderMap,
+}
+
+impl Source {
+    /// The full URL, for messages.
+    pub fn url(&self) -> String {
+        format!("http://{}{}", self.base.authority(), self.path)
+    }
+
+    /// Sends `value` as header `name` with every request.
+    pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Source {
+        self.headers.insert(name, value);
+        self
     }
 }
 
@@ -198,10 +243,10 @@ impl std::fmt::Display for Failure {
     }
 }
 
-/// Asks the origin for the size and validators of `name`.
-pub async fn head(url: &OriginUrl, name: &str, timeout: Duration) -> Result<Remote, Failure> {
+/// Asks the origin for the size and validators of `source`.
+pub async fn head(source: &Source, timeout: Duration) -> Result<Remote, Failure> {
     let exchange = async {
-        let (status, headers, _) = send(url, Method::HEAD, name, None).await?;
+        let (status, headers, _) = send(source, Method::HEAD, None).await?;
         check_status(status)?;
         let size = header(&headers, CONTENT_LENGTH)
             .and_then(|l| l.parse().ok())
@@ -217,18 +262,17 @@ pub async fn head(url: &OriginUrl, name: &str, timeout: Duration) -> Result<Remo
         .map_err(|_| Failure::Timeout(timeout))?
 }
 
-/// Fetches the `len` bytes at `offset` of `name`, checking that the answer is exactly that
+/// Fetches the `len` bytes at `offset` of `source`, checking that the answer is exactly that
 /// range of the copy `remote` describes.
 pub async fn range(
-    url: &OriginUrl,
-    name: &str,
+    source: &Source,
     remote: &Remote,
     (offset, len): (u64, u32),
     timeout: Duration,
 ) -> Result<Vec<u8>, Failure> {
     let last = offset + u64::from(len) - 1;
     let exchange = async {
-        let (status, headers, body) = send(url, Method::GET, name, Some((offset, last))).await?;
+        let (status, headers, body) = send(source, Method::GET, Some((offset, last))).await?;
         check_status(status)?;
         let size = match status {
             StatusCode::PARTIAL_CONTENT => {
@@ -286,12 +330,40 @@ impl Drop for Driver {
 
 type Answer = (StatusCode, HeaderMap, (hyper::body::Incoming, Driver));
 
-async fn send(
-    url: &OriginUrl,
+/// One whole exchange with `source`: the status, the headers and the body (at most
+/// `max_body` bytes), within `timeout`. For answers passed on to a client as they are.
+pub async fn exchange(
+    source: &Source,
     method: Method,
-    name: &str,
+    max_body: usize,
+    timeout: Duration,
+) -> Result<(StatusCode, HeaderMap, Bytes), Failure> {
+    let exchange = async {
+        let (status, headers, (mut body, _driver)) = send(source, method, None).await?;
+        let mut buf = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| Failure::Connect(format!("body: {e}")))?;
+            if let Ok(data) = frame.into_data() {
+                if buf.len() + data.len() > max_body {
+                    let why = format!("an answer longer than {max_body} bytes");
+                    return Err(Failure::Refused(why));
+                }
+                buf.extend_from_slice(&data);
+            }
+        }
+        Ok((status, headers, Bytes::from(buf)))
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| Failure::Timeout(timeout))?
+}
+
+async fn send(
+    source: &Source,
+    method: Method,
     range: Option<(u64, u64)>,
 ) -> Result<Answer, Failure> {
+    let url = &source.base;
     let connect = |e: &dyn std::fmt::Display| Failure::Connect(format!("{}: {e}", url.authority()));
     let stream = TcpStream::connect((url.host.as_str(), url.port))
         .await
@@ -305,15 +377,16 @@ async fn send(
     }));
     let mut req = Request::builder()
         .method(method)
-        .uri(url.path_of(name))
+        .uri(source.path.as_str())
         .header(HOST, url.authority())
         .header("user-agent", concat!("shoal/", env!("CARGO_PKG_VERSION")));
     if let Some((first, last)) = range {
         req = req.header(RANGE, format!("bytes={first}-{last}"));
     }
-    let req = req
+    let mut req = req
         .body(Empty::<Bytes>::new())
         .map_err(|e| Failure::Refused(format!("cannot build the request: {e}")))?;
+    req.headers_mut().extend(source.headers.clone());
     let response = sender.send_request(req).await.map_err(|e| connect(&e))?;
     let (parts, body) = response.into_parts();
     Ok((parts.status, parts.headers, (body, driver)))

@@ -1,5 +1,6 @@
-//! Pull-through from an HTTP origin (`SHOAL_ORIGIN`). A wanted name that no peer shares is
-//! fetched from `{origin}/{name}` in chunks, with range requests, coordinated through the
+//! Pull-through from an HTTP origin. A wanted name that no peer shares is fetched from its
+//! [`Source`] (`{SHOAL_ORIGIN}/{name}`, or the upstream registry a mirror request routed the
+//! name to) in chunks, with range requests, coordinated through the
 //! tracker (message 9) so that peers asking at once split the file between them: each peer
 //! fetches only the chunks it was granted, hashes each as it lands and publishes the hash, and
 //! meanwhile fetches chunks others published from them (checked against those hashes). Once
@@ -13,7 +14,7 @@ mod http;
 mod part;
 mod pull;
 
-pub use http::{Failure, OriginUrl, Remote};
+pub use http::{exchange, Failure, OriginUrl, Remote, Source};
 pub use part::PullPart;
 
 use super::download::DownloadError;
@@ -22,7 +23,7 @@ use super::Peer;
 use crate::bitfield::Bitfield;
 use crate::chunking::auto_chunk_size;
 use crate::protocol::{FileInfo, Hash};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Semaphore;
@@ -50,11 +51,19 @@ fn tries(attempts: u32) -> String {
     }
 }
 
-/// This peer's way to its origin: the URL, the cap on requests in flight, and the names being
-/// pulled now (one pull of a name at a time; a request for a chunk of one is answered from the
-/// pull, or "not here yet" rather than "unknown").
+/// Names routed to a source of their own ([`Origin::route`]) that are remembered; the oldest
+/// is forgotten first.
+const MAX_ROUTES: usize = 10_000;
+
+/// This peer's way to origins: where each name comes from, the cap on requests in flight, and
+/// the names being pulled now (one pull of a name at a time; a request for a chunk of one is
+/// answered from the pull, or "not here yet" rather than "unknown").
 pub struct Origin {
-    pub url: OriginUrl,
+    /// `SHOAL_ORIGIN`: where names without a route of their own come from, if anywhere.
+    pub base: Option<OriginUrl>,
+    /// Name -> its own source, with the order names were routed in (oldest first). Held for a
+    /// map operation only.
+    routes: Mutex<(HashMap<String, Source>, VecDeque<String>)>,
     slots: Semaphore,
     /// Name -> its turn: one pull of a name runs here at a time (the daemon's, the API's and
     /// others wait for it). Held for a map operation only, never across an await.
@@ -65,12 +74,42 @@ pub struct Origin {
 }
 
 impl Origin {
-    pub fn new(url: OriginUrl, concurrency: usize) -> Origin {
+    pub fn new(base: Option<OriginUrl>, concurrency: usize) -> Origin {
         Origin {
-            url,
+            base,
+            routes: Mutex::default(),
             slots: Semaphore::new(concurrency),
             pulling: Mutex::new(HashMap::new()),
             parts: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Where `name` is pulled from: its own route, else under `SHOAL_ORIGIN`, else nowhere.
+    pub fn source(&self, name: &str) -> Option<Source> {
+        let routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        match routes.0.get(name) {
+            Some(source) => Some(source.clone()),
+            None => self.base.as_ref().map(|b| b.source(name)),
+        }
+    }
+
+    /// Whether `name` has a source to be pulled from.
+    pub fn has(&self, name: &str) -> bool {
+        self.source(name).is_some()
+    }
+
+    /// Pulls of `name` come from `source` from now on (the newest route wins: a registry
+    /// client's credentials may expire, so the latest client's are used).
+    pub fn route(&self, name: &str, source: Source) {
+        let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        let (map, order) = &mut *routes;
+        if map.insert(name.to_string(), source).is_none() {
+            order.push_back(name.to_string());
+            if order.len() > MAX_ROUTES {
+                if let Some(oldest) = order.pop_front() {
+                    map.remove(&oldest);
+                }
+            }
         }
     }
 
@@ -145,8 +184,9 @@ pub async fn pull(
     name: &str,
     transfer: &Arc<Transfer>,
 ) -> Result<Pulled, DownloadError> {
-    let url = origin.url.url_of(name);
-    let remote = head(peer, origin, name).await?;
+    let source = source_of(origin, name)?;
+    let url = source.url();
+    let remote = head(peer, &source).await?;
     tracing::info!(url = %url, size = remote.size, validator = %remote.validator(), "pulling from the origin");
     let file = {
         let (peer, name, size) = (peer.clone(), name.to_string(), remote.size);
@@ -163,7 +203,7 @@ pub async fn pull(
     let job = Arc::new(pull::Job {
         peer: peer.clone(),
         origin: origin.clone(),
-        url,
+        source,
         name: name.to_string(),
         published: remote.modified_ms().unwrap_or_else(now_ms),
         remote,
@@ -182,24 +222,32 @@ pub async fn pull(
     pulled
 }
 
-/// What the origin says of `name` now (size and validators), retried like every request.
-pub async fn head(peer: &Peer, origin: &Origin, name: &str) -> Result<Remote, OriginError> {
-    let url = origin.url.url_of(name);
-    let timeout = peer.cfg.origin_timeout;
-    retried(peer, &url, || http::head(&origin.url, name, timeout)).await
+/// The source of `name`; a name without one is not at any origin.
+pub fn source_of(origin: &Origin, name: &str) -> Result<Source, OriginError> {
+    origin.source(name).ok_or_else(|| OriginError {
+        url: name.to_string(),
+        failure: Failure::NotFound,
+        attempts: 0,
+    })
 }
 
-/// Fetches chunk `index` of the known version `info` from the origin (described by `remote`)
+/// What `source` says of its file now (size and validators), retried like every request.
+pub async fn head(peer: &Peer, source: &Source) -> Result<Remote, OriginError> {
+    let timeout = peer.cfg.origin_timeout;
+    retried(peer, &source.url(), || http::head(source, timeout)).await
+}
+
+/// Fetches chunk `index` of the known version `info` from `source` (described by `remote`)
 /// and checks it against its published `hash`.
 pub async fn fetch_known(
     peer: &Peer,
     origin: &Origin,
-    info: &FileInfo,
-    remote: &Remote,
+    source: &Source,
+    (info, remote): (&FileInfo, &Remote),
     index: u32,
     hash: Hash,
 ) -> Result<Vec<u8>, OriginError> {
-    let url = origin.url.url_of(&info.name);
+    let url = source.url();
     let changed = |why: String| OriginError {
         url: url.clone(),
         failure: Failure::Changed(why),
@@ -217,10 +265,7 @@ pub async fn fetch_known(
     let _slot = origin.slots.acquire().await.expect("never closed");
     let timeout = peer.cfg.origin_timeout;
     let span = info.chunk_span(index);
-    let data = retried(peer, &url, || {
-        http::range(&origin.url, &info.name, remote, span, timeout)
-    })
-    .await?;
+    let data = retried(peer, &url, || http::range(source, remote, span, timeout)).await?;
     peer.metrics.origin_bytes.inc_by(data.len() as u64);
     if Hash::of(&data) != hash {
         let why = format!(

@@ -2,7 +2,7 @@
 //! sends message 9, fetches the granted chunks from the origin and the offered ones from other
 //! pulling peers (checked against their published hash), and publishes each chunk it lands.
 
-use super::http::{self, Remote};
+use super::http::{self, Remote, Source};
 use super::part::PullPart;
 use super::{retried, Origin, Pulled, ATTEMPTS};
 use crate::peer::download::DownloadError;
@@ -28,7 +28,7 @@ const PEER_FETCHES: usize = 4;
 pub(super) struct Job {
     pub peer: Arc<Peer>,
     pub origin: Arc<Origin>,
-    pub url: String,
+    pub source: Source,
     pub name: String,
     pub remote: Remote,
     /// The stamp proposed for the version (see [`OriginClaim::published`]).
@@ -200,11 +200,13 @@ impl Job {
         let _slot = self.origin.slots.acquire().await.expect("never closed");
         let timeout = self.peer.cfg.origin_timeout;
         let span = self.part.span(index);
-        let data = retried(&self.peer, &self.url, || {
-            http::range(&self.origin.url, &self.name, &self.remote, span, timeout)
+        let url = self.source.url();
+        let data = retried(&self.peer, &url, || {
+            http::range(&self.source, &self.remote, span, timeout)
         })
         .await?;
         self.peer.metrics.origin_bytes.inc_by(data.len() as u64);
+        self.peer.count_fetched(&self.name, "upstream", data.len());
         let hash = Hash::of(&data);
         self.land(index, hash, data).await?;
         tracing::debug!(chunk = index, "chunk fetched from the origin");
@@ -230,6 +232,7 @@ impl Job {
         let m = &self.peer.metrics;
         m.chunks_downloaded.inc();
         m.bytes_downloaded.inc_by(data.len() as u64);
+        self.peer.count_fetched(&self.name, "peers", data.len());
         self.land(source.index, source.hash, data).await?;
         Ok((source.index, Some(source.hash)))
     }
