@@ -11,7 +11,7 @@ export COMPOSE_PROJECT_NAME := $(PROJECT)
 # TLS=1: `make up` and `make demo` run every connection in mutual TLS with throwaway certificates.
 TLS ?= 0
 
-.PHONY: help build test alerts lint fmt image up down status e2e k8s-check bench bench-net bench-smoke fuzz demo
+.PHONY: help build test alerts lint fmt image up down status e2e k8s-check bench bench-net bench-smoke fuzz demo mirror-demo
 
 help: ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -58,6 +58,9 @@ bench-smoke: ## Quick benchmarks at a small scale (CI): fail on any corrupted co
 
 demo: build ## Local swarm without Docker: tracker, seeder, peers, live status (TLS=1: mutual TLS); Ctrl-C stops
 	TLS=$(TLS) bash tests/demo/run.sh
+
+mirror-demo: build ## Registry mirror on loopback: docker-registry, agents, skopeo pulls through each, then metrics (offline)
+	bash tests/demo/mirror.sh
 
 FUZZ_SECONDS ?= 60
 fuzz: ## Fuzz every decoder for FUZZ_SECONDS each (nightly + cargo-fuzz, installed if missing)
