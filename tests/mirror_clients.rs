@@ -5,7 +5,7 @@
 mod common;
 
 use common::registry::{build_image, tools_present, Image, Registry};
-use common::{daemon, holder_count, tracker, wait_until, Proc, PEER};
+use common::{daemon, tracker, wait_until, Proc, PEER};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -253,6 +253,17 @@ fn hosts_dir_for(dir: &Path, agent: &Proc, upstream: &str) -> PathBuf {
     hosts
 }
 
+/// How many peers the tracker lists with every chunk of `name`.
+fn seeders(tracker: SocketAddr, name: &str) -> u64 {
+    let out = Command::new(PEER)
+        .args(["files", "--json", "--tracker", &tracker.to_string()])
+        .output()
+        .unwrap();
+    let files: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let file = files.iter().find(|f| f["name"] == name);
+    file.and_then(|f| f["seeders"].as_u64()).unwrap_or(0)
+}
+
 fn assert_fetched_whole(containerd: &Containerd, reference: &str, image: &Image) {
     let target = containerd.image_target(reference);
     assert_eq!(target.as_deref(), Some(image.manifest.digest.as_str()));
@@ -293,13 +304,13 @@ fn containerd_pulls_through_two_agents_and_upstream_sends_each_layer_once() {
         "containerd asked the agent"
     );
 
-    // The second node's agent finds the layers at the first.
+    // The second node's agent finds every chunk of the layers at the first.
     for blob in image.blobs() {
         let name = format!("oci/{}", blob.digest.replace(':', "/"));
-        let listed = wait_until(Duration::from_secs(20), || {
-            holder_count(tracker.addr, &name) >= 1
+        let whole = wait_until(Duration::from_secs(20), || {
+            seeders(tracker.addr, &name) >= 1
         });
-        assert!(listed, "{name} never listed:\n{}", first.log_text());
+        assert!(whole, "{name} never listed whole:\n{}", first.log_text());
     }
     let node_b = Containerd::start();
     node_b.fetch(&hosts_dir_for(dir.path(), &second, &upstream), &reference);
