@@ -6,7 +6,7 @@ built-in resource strictly (unknown fields rejected) against the schemas kuberne
 checks the ServiceMonitor's, PrometheusRule's and cert-manager resources' shape by hand (no schema
 ships for CRDs; the rules must be docker/alerts.yml's), holds every pod to Shoal's policy, checks
 that the node agents' pieces (DaemonSet, node-local Service, NetworkPolicy, PriorityClass, example
-reader) fit together, and checks the Grafana dashboard against the metric names the binaries
+reader, the init container that points containerd at the agent) fit together, and checks the Grafana dashboard against the metric names the binaries
 export. Prints one line per
 check and ends with "k8s-check: N passed, M failed"; exits 1 if anything failed.
 """
