@@ -188,7 +188,7 @@ pub async fn drive(
         let digest = earlier.digest().map(|d| d.to_hex());
         tracing::info!(digest = ?digest, "waiting for the download of another version of this name");
         tokio::select! {
-            _ = earlier.finished() => {}
+            _ = earlier.left_off() => {}
             _ = peer.stop.cancelled() => {}
         }
     }

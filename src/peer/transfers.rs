@@ -332,6 +332,22 @@ impl Transfer {
         }
     }
 
+    /// Waits until this transfer ended, or went on as the transfer of the version it found (a
+    /// pull): either way it no longer writes the name's partial file. Unlike
+    /// [`Transfer::finished`], it does not follow the pull to its version, which may be the
+    /// caller's own transfer.
+    pub async fn left_off(&self) {
+        let mut rx = self.news.subscribe();
+        loop {
+            if rx.borrow_and_update().is_some() || self.next().is_some() {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                unreachable!("the sender lives in self");
+            }
+        }
+    }
+
     /// Waits until the size and chunk size are known (at once but for a pull from the origin)
     /// and returns them; fails when the transfer ended before.
     pub async fn ready(&self) -> Result<(u64, u32), Arc<DownloadError>> {

@@ -311,6 +311,14 @@ impl Origins {
         })
     }
 
+    /// Version `digest` of `name` left the index (its last holder withdrew it or left): a
+    /// completed pull that found it is forgotten, so that the next claim pulls the file afresh
+    /// instead of naming a version nobody offers.
+    pub fn forget_version(&mut self, name: &str, digest: Hash) {
+        self.files
+            .retain(|key, f| key.name != name || f.done != Some(digest));
+    }
+
     /// A peer went away: see [`PendingFile::forget`].
     pub fn forget_peer(&mut self, peer: u64) {
         for file in self.files.values_mut() {
@@ -450,6 +458,12 @@ mod tests {
         assert_eq!(done.holders.len(), 2);
         let late = o.claim(&claim(3, 4, vec![]), &LIMITS, LEASE, t0).unwrap();
         assert_eq!((late.digest, late.granted.len()), (Some(expected), 0));
+        o.forget_version("a", Hash([0; 32]));
+        let other = o.claim(&claim(3, 4, vec![]), &LIMITS, LEASE, t0).unwrap();
+        assert_eq!(other.digest, Some(expected), "another version left");
+        o.forget_version("a", expected);
+        let afresh = o.claim(&claim(3, 4, vec![]), &LIMITS, LEASE, t0).unwrap();
+        assert_eq!((afresh.digest, afresh.granted.len()), (None, 4));
     }
 
     #[test]

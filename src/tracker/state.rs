@@ -94,6 +94,7 @@ impl Index {
         };
         self.free_file_ids.push(id);
         let name = &file.info.name;
+        self.origins.forget_version(name, file.info.digest);
         if let Some(versions) = self.names.get_mut(name) {
             versions.retain(|&v| v != id);
             if versions.is_empty() {

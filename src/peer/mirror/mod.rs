@@ -429,11 +429,14 @@ const EMPTY_SHA256: [u8; 32] = [
     0x27, 0xae, 0x41, 0xe4, 0x64, 0x9b, 0x93, 0x4c, 0xa4, 0x95, 0x99, 0x1b, 0x78, 0x52, 0xb8, 0x55,
 ];
 
-/// Where pulls of the object come from: upstream's URL with this client's credentials.
+/// `path` at upstream, asked with this client's credentials and `Accept` (pulls of the object
+/// too: a registry may hide a manifest from a client that does not accept its type).
 fn source(req: &Request<Incoming>, upstream: &Upstream, path: String) -> origin::Source {
     let mut source = upstream.base.at(path);
-    if let Some(auth) = req.headers().get(header::AUTHORIZATION) {
-        source = source.with_header(header::AUTHORIZATION, auth.clone());
+    for name in FORWARDED {
+        if let Some(value) = req.headers().get(&name) {
+            source = source.with_header(name, value.clone());
+        }
     }
     source
 }
@@ -447,12 +450,7 @@ async fn ask(
     method: Method,
     label: &str,
 ) -> Result<(StatusCode, HeaderMap, Bytes), Failure> {
-    let mut source = upstream.base.at(path);
-    for name in FORWARDED {
-        if let Some(value) = req.headers().get(&name) {
-            source = source.with_header(name, value.clone());
-        }
-    }
+    let source = source(req, upstream, path);
     let started = Instant::now();
     let answer = origin::exchange(&source, method, MAX_PROXIED_BYTES, UPSTREAM_TIMEOUT).await;
     peer.metrics
