@@ -138,7 +138,7 @@ impl Target<'_> {
 pub async fn handle(peer: &Arc<Peer>, req: &Request<Incoming>) -> Response<Body> {
     let (kind, response) = match parse(req.uri().path()) {
         Ok(target) => (target.kind, answer(peer, req, &target).await),
-        Err(response) => (Kind::Base, response),
+        Err((status, code, why)) => (Kind::Base, oci_error(status, code, why)),
     };
     let code = response.status().as_u16().to_string();
     peer.metrics
@@ -148,8 +148,11 @@ pub async fn handle(peer: &Arc<Peer>, req: &Request<Incoming>) -> Response<Body>
     response
 }
 
+/// Why a path is refused: the status, the OCI error code and a message.
+type Refusal = (StatusCode, &'static str, String);
+
 /// Reads `/v2/`, `/v2/{name}/blobs/{digest}` or `/v2/{name}/manifests/{reference}`.
-fn parse(path: &str) -> Result<Target<'_>, Response<Body>> {
+fn parse(path: &str) -> Result<Target<'_>, Refusal> {
     let rest = path.strip_prefix("/v2").unwrap_or(path);
     if rest.is_empty() || rest == "/" {
         return Ok(Target {
@@ -167,7 +170,7 @@ fn parse(path: &str) -> Result<Target<'_>, Response<Body>> {
     if !valid_name(name) {
         let why =
             format!("{name:?} is not a repository name (lowercase components separated by '/')");
-        return Err(oci_error(StatusCode::BAD_REQUEST, "NAME_INVALID", why));
+        return Err((StatusCode::BAD_REQUEST, "NAME_INVALID", why));
     }
     let digest = Digest::parse(reference).is_some();
     let kind = match what {
@@ -176,15 +179,15 @@ fn parse(path: &str) -> Result<Target<'_>, Response<Body>> {
         "manifests" if valid_tag(reference) => Kind::ManifestTag,
         "blobs" | "manifests" if reference.contains(':') => {
             let why = format!("{reference:?} is not a sha256 digest (sha256: and 64 lowercase hex digits); this mirror serves sha256 content only");
-            return Err(oci_error(StatusCode::BAD_REQUEST, "DIGEST_INVALID", why));
+            return Err((StatusCode::BAD_REQUEST, "DIGEST_INVALID", why));
         }
         "manifests" => {
             let why = format!("{reference:?} is not a tag");
-            return Err(oci_error(StatusCode::BAD_REQUEST, "TAG_INVALID", why));
+            return Err((StatusCode::BAD_REQUEST, "TAG_INVALID", why));
         }
         "blobs" => {
             let why = format!("{reference:?} is not a digest");
-            return Err(oci_error(StatusCode::BAD_REQUEST, "DIGEST_INVALID", why));
+            return Err((StatusCode::BAD_REQUEST, "DIGEST_INVALID", why));
         }
         _ => return Err(no_endpoint()),
     };
@@ -195,9 +198,9 @@ fn parse(path: &str) -> Result<Target<'_>, Response<Body>> {
     })
 }
 
-fn no_endpoint() -> Response<Body> {
+fn no_endpoint() -> Refusal {
     let why = "this mirror serves GET /v2/, GET|HEAD /v2/{name}/blobs/{digest} and /v2/{name}/manifests/{reference} only";
-    oci_error(StatusCode::NOT_FOUND, "UNSUPPORTED", why)
+    (StatusCode::NOT_FOUND, "UNSUPPORTED", why.to_string())
 }
 
 /// A repository name: components of lowercase letters and digits, separated inside by `.`,
@@ -572,7 +575,7 @@ mod tests {
         let t = parse("/v2/library/alpine/manifests/3.20").ok().unwrap();
         assert!(t.kind == Kind::ManifestTag && t.name == "library/alpine");
         assert!(parse("/v2/").ok().unwrap().kind == Kind::Base);
-        let bad = |p: &str| parse(p).err().unwrap().status();
+        let bad = |p: &str| parse(p).err().unwrap().0;
         assert_eq!(bad("/v2/Upper/blobs/x"), StatusCode::BAD_REQUEST);
         assert_eq!(bad("/v2/a/blobs/sha256:12"), StatusCode::BAD_REQUEST);
         assert_eq!(bad("/v2/a/blobs/latest"), StatusCode::BAD_REQUEST);
