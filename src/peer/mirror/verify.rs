@@ -4,7 +4,7 @@
 //! (the client never sees it complete) and the data is discarded here and withdrawn from the
 //! trackers, so it is never served as good again.
 
-use super::Digest;
+use super::path::Digest;
 use crate::peer::api::stream::{self, Body};
 use crate::peer::transfers::Transfer;
 use crate::peer::Peer;
