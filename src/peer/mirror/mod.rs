@@ -20,7 +20,7 @@ use super::Peer;
 use bytes::Bytes;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{body::Incoming, Method, Request, Response, StatusCode};
-use path::{parse, Kind, Target};
+use path::{parse, Digest, Kind, Target};
 use sha2::{Digest as _, Sha256};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
