@@ -10,6 +10,9 @@ PROJECT ?= $(or $(COMPOSE_PROJECT_NAME),shoal)
 export COMPOSE_PROJECT_NAME := $(PROJECT)
 # TLS=1: `make up` and `make demo` run every connection in mutual TLS with throwaway certificates.
 TLS ?= 0
+# MIRROR=1: `make up` adds a registry the peers mirror, their API published on loopback
+# (docker/compose.mirror.yaml, docs/MIRROR.md).
+MIRROR ?= 0
 
 .PHONY: help build test alerts lint fmt image up down status e2e k8s-check bench bench-net bench-smoke fuzz demo mirror-demo
 
@@ -29,11 +32,11 @@ lint: ## Formatting and clippy, warnings are errors
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets --locked -- -D warnings
 
-image: ## Build the shoal-tracker and shoal-peer container images (static, FROM scratch, offline)
+image: ## Build the shoal-tracker, shoal-peer, shoal-origin and shoal-registry-demo images (FROM scratch, offline)
 	bash docker/build.sh
 
-up: image ## Start TRACKERS trackers, two seeders and PEERS peers with docker compose (detached; TLS=1: mutual TLS)
-	TLS=$(TLS) bash docker/compose.sh up $(PEERS) $(TRACKERS)
+up: image ## Start TRACKERS trackers, two seeders and PEERS peers with docker compose (detached; TLS=1: mutual TLS; MIRROR=1: a registry they mirror)
+	TLS=$(TLS) MIRROR=$(MIRROR) bash docker/compose.sh up $(PEERS) $(TRACKERS)
 
 status: ## Show the swarm converging (per-container progress from the metrics)
 	bash docker/compose.sh status
