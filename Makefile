@@ -10,8 +10,11 @@ PROJECT ?= $(or $(COMPOSE_PROJECT_NAME),shoal)
 export COMPOSE_PROJECT_NAME := $(PROJECT)
 # TLS=1: `make up` and `make demo` run every connection in mutual TLS with throwaway certificates.
 TLS ?= 0
+# MIRROR=1: `make up` adds a registry the peers mirror, their API published on loopback
+# (docker/compose.mirror.yaml, docs/MIRROR.md).
+MIRROR ?= 0
 
-.PHONY: help build test alerts lint fmt image up down status e2e k8s-check bench bench-net bench-smoke fuzz demo
+.PHONY: help build test alerts lint fmt image up down status e2e k8s-check bench bench-net bench-smoke fuzz demo mirror-demo
 
 help: ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -29,11 +32,11 @@ lint: ## Formatting and clippy, warnings are errors
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets --locked -- -D warnings
 
-image: ## Build the shoal-tracker and shoal-peer container images (static, FROM scratch, offline)
+image: ## Build the shoal-tracker, shoal-peer, shoal-origin and shoal-registry-demo images (FROM scratch, offline)
 	bash docker/build.sh
 
-up: image ## Start TRACKERS trackers, two seeders and PEERS peers with docker compose (detached; TLS=1: mutual TLS)
-	TLS=$(TLS) bash docker/compose.sh up $(PEERS) $(TRACKERS)
+up: image ## Start TRACKERS trackers, two seeders and PEERS peers with docker compose (detached; TLS=1: mutual TLS; MIRROR=1: a registry they mirror)
+	TLS=$(TLS) MIRROR=$(MIRROR) bash docker/compose.sh up $(PEERS) $(TRACKERS)
 
 status: ## Show the swarm converging (per-container progress from the metrics)
 	bash docker/compose.sh status
@@ -58,6 +61,9 @@ bench-smoke: ## Quick benchmarks at a small scale (CI): fail on any corrupted co
 
 demo: build ## Local swarm without Docker: tracker, seeder, peers, live status (TLS=1: mutual TLS); Ctrl-C stops
 	TLS=$(TLS) bash tests/demo/run.sh
+
+mirror-demo: build ## Registry mirror on loopback: docker-registry, agents, skopeo pulls through each, then metrics (offline)
+	bash tests/demo/mirror.sh
 
 FUZZ_SECONDS ?= 60
 fuzz: ## Fuzz every decoder for FUZZ_SECONDS each (nightly + cargo-fuzz, installed if missing)

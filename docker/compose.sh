@@ -11,7 +11,9 @@
 # default docker-compose, or "docker compose" when only v2 is installed), COMPOSE_PROJECT_NAME
 # (shoal; the prefix of every container, network and volume, so two users of one Docker host
 # choose different ones; `make up PROJECT=name` sets it), TLS (1: every connection in mutual TLS
-# with throwaway certificates, docker/compose.tls.yaml; `make up TLS=1` sets it).
+# with throwaway certificates, docker/compose.tls.yaml; `make up TLS=1` sets it), MIRROR (1: a
+# registry the peers mirror, their API published on loopback, docker/compose.mirror.yaml;
+# `make up MIRROR=1` sets it).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -28,6 +30,9 @@ compose+=(--project-name "$project" --file compose.yaml)
 certs=$seed_root/certs
 if [[ "${TLS:-0}" == 1 ]]; then
     compose+=(--file docker/compose.tls.yaml)
+fi
+if [[ "${MIRROR:-0}" == 1 ]]; then
+    compose+=(--file docker/compose.mirror.yaml)
 fi
 
 usage() {
@@ -74,7 +79,9 @@ write_certs() {
 cmd_up() {
     local peers=${1:-6} trackers=${2:-3}
     [[ "$peers" =~ ^[0-9]+$ && "$trackers" =~ ^[1-9][0-9]*$ ]] || usage
-    for image in shoal-tracker shoal-peer; do
+    local images=(shoal-tracker shoal-peer)
+    [[ "${MIRROR:-0}" == 1 ]] && images+=(shoal-registry-demo)
+    for image in "${images[@]}"; do
         if ! docker image inspect "$image:${STACK_IMAGE_TAG:-latest}" >/dev/null 2>&1; then
             echo "compose.sh: image $image:${STACK_IMAGE_TAG:-latest} is missing; run make image" >&2
             exit 1
@@ -85,6 +92,9 @@ cmd_up() {
     # up waits for the tracker, then the seeders, to be healthy before it starts the peers.
     "${compose[@]}" up --detach --scale "tracker=$trackers" --scale "peer=$peers"
     echo "started $trackers trackers, $peers peers and a consumer reading ${STACK_CONSUMER_FILE:-alpha.bin} through a peer's API; follow them with: make status"
+    if [[ "${MIRROR:-0}" == 1 ]]; then
+        echo "registry at $("${compose[@]}" port registry 5000); peer-1 mirrors it at $("${compose[@]}" port --index=1 peer 7480) (docs/MIRROR.md)"
+    fi
 }
 
 # Prints the value of one metric (no labels) from Prometheus text on stdin; empty if absent.
@@ -124,7 +134,7 @@ cmd_status() {
     local rows
     rows=$(docker ps --all --filter "label=com.docker.compose.project=$project" \
         --format '{{.Label "com.docker.compose.service"}} {{.Names}} {{.State}}' |
-        awk '$1 != "prometheus" { print ($1 == "tracker" ? 0 : $1 == "peer" ? 2 : $1 == "consumer" ? 3 : 1), $0 }' |
+        awk '$1 != "prometheus" && $1 != "registry" { print ($1 == "tracker" ? 0 : $1 == "peer" ? 2 : $1 == "consumer" ? 3 : 1), $0 }' |
         sort -k1,1n -k3,3V | cut -d' ' -f2-)
     if [[ -z "$rows" ]]; then
         echo "no containers in project $project; start them with: make up"
@@ -179,7 +189,10 @@ cmd_status() {
 }
 
 cmd_down() {
-    "${compose[@]}" --profile monitoring down --volumes --remove-orphans --timeout 10
+    # The mirror's registry goes too, with its volume, whether MIRROR=1 is given again or not.
+    local mirror=(--file docker/compose.mirror.yaml)
+    [[ "${MIRROR:-0}" == 1 ]] && mirror=()
+    "${compose[@]}" "${mirror[@]}" --profile monitoring down --volumes --remove-orphans --timeout 10
     rm -rf "$seed_root"
 }
 

@@ -37,6 +37,10 @@ fn pushed_image_pulls_back_whole_and_the_access_log_counts_each_blob() {
         registry.log_text()
     );
     assert_eq!(read_layout(&out), image);
+    assert!(
+        proxy.forwarded() > image.blobs().len() as u64,
+        "skopeo used the mirror"
+    );
     assert_eq!(proxy.tampered(), 0);
     // The registry logs a request just after answering it.
     let logged = wait_until(Duration::from_secs(10), || {

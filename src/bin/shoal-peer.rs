@@ -221,6 +221,23 @@ enum Command {
         #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = cli::parse_duration)]
         idle_timeout: Duration,
     },
+    /// Point containerd at the agent's registry mirror: write DIR/{registry}/hosts.toml for each
+    /// upstream registry, and remove the ones written before for registries no longer listed.
+    MirrorConfig {
+        /// containerd's registry config_path, e.g. /etc/containerd/certs.d.
+        #[arg(long, value_name = "DIR")]
+        hosts_dir: PathBuf,
+        /// The agent's API as containerd on this node reaches it, e.g. http://10.0.0.5:7480.
+        #[arg(long, value_name = "URL")]
+        agent: String,
+        /// The agent's upstream registries, as in its SHOAL_REGISTRY_UPSTREAM; unset or empty
+        /// removes the files written before.
+        #[arg(long, value_name = "UPSTREAMS", env = "SHOAL_REGISTRY_UPSTREAM")]
+        registry_upstream: Option<String>,
+        /// Send tag lookups to the agent too (capability "resolve"), not only pulls by digest.
+        #[arg(long)]
+        resolve: bool,
+    },
     /// Exit 0 if this host's peer answers /healthz on SHOAL_METRICS_ADDR (container HEALTHCHECK).
     Health {
         #[command(flatten)]
@@ -294,7 +311,7 @@ impl Command {
                 file.add_to(&mut o);
                 o.set("metrics_addr", &metrics.metrics_addr);
             }
-            Command::Fetch { .. } | Command::Manual(_) => {}
+            Command::Fetch { .. } | Command::MirrorConfig { .. } | Command::Manual(_) => {}
         }
         o
     }
@@ -364,6 +381,21 @@ fn main() -> ExitCode {
         let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
         return runtime.block_on(async { cli::fetch(&req, shoal::shutdown::on_signals()).await });
     }
+    // mirror-config reads no settings file either: it writes the runtime's files and leaves.
+    if let Some(Command::MirrorConfig {
+        hosts_dir,
+        agent,
+        registry_upstream,
+        resolve,
+    }) = &command
+    {
+        return cli::mirror_config(&shoal::peer::mirror_config::MirrorConfig {
+            hosts_dir,
+            agent,
+            upstreams: registry_upstream.as_deref(),
+            resolve: *resolve,
+        });
+    }
     let cfg = match config::load::<PeerConfig>(overrides.file.as_deref(), &overrides.flags) {
         Ok(c) => c,
         Err(e) => {
@@ -405,7 +437,12 @@ fn main() -> ExitCode {
             Some(Command::Get { files, digest, .. }) => {
                 return cli::get(cfg, files, digest, stop).await
             }
-            Some(Command::Health { .. } | Command::Fetch { .. } | Command::Manual(_)) => {
+            Some(
+                Command::Health { .. }
+                | Command::Fetch { .. }
+                | Command::MirrorConfig { .. }
+                | Command::Manual(_),
+            ) => {
                 unreachable!("handled above")
             }
             None => cli::menu(cfg, files, stop).await,

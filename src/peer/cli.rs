@@ -464,6 +464,22 @@ pub async fn fetch(req: &FetchRequest<'_>, stop: CancellationToken) -> ExitCode 
     }
 }
 
+/// `shoal-peer mirror-config`: prints what it wrote and removed, one line each.
+pub fn mirror_config(req: &super::mirror_config::MirrorConfig) -> ExitCode {
+    use super::mirror_config::Error;
+    match super::mirror_config::run(req) {
+        Ok(lines) => {
+            lines.iter().for_each(|l| println!("{l}"));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("shoal-peer mirror-config: {e}");
+            let usage = matches!(e, Error::Usage(_));
+            ExitCode::from(if usage { exit::USAGE } else { exit::FAILED })
+        }
+    }
+}
+
 /// `shoal-peer health` / `shoal-tracker health`: probes `/healthz` on the metrics address, in
 /// TLS when `SHOAL_METRICS_TLS` is on (the endpoint must show this program's own certificate).
 pub async fn health(metrics_addr: Option<&str>, tls: &crate::config::TlsSettings) -> ExitCode {

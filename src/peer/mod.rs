@@ -13,6 +13,7 @@ pub mod download;
 pub mod fetch;
 pub mod meter;
 pub mod mirror;
+pub mod mirror_config;
 pub mod origin;
 pub mod server;
 pub mod store;

@@ -428,6 +428,7 @@ impl Drop for Registry {
 /// when dropped. Give its address to the mirror as the upstream.
 pub struct TamperProxy {
     pub addr: SocketAddr,
+    forwarded: Arc<AtomicU64>,
     tampered: Arc<AtomicU64>,
     target: Arc<Mutex<String>>,
     runtime: Option<tokio::runtime::Runtime>,
@@ -445,16 +446,19 @@ impl TamperProxy {
             .block_on(TcpListener::bind("127.0.0.1:0"))
             .expect("bind");
         let addr = listener.local_addr().expect("bound");
+        let forwarded = Arc::new(AtomicU64::new(0));
         let tampered = Arc::new(AtomicU64::new(0));
         let target = Arc::new(Mutex::new(digest.to_string()));
         let proxy = Tamper {
             upstream,
+            forwarded: forwarded.clone(),
             tampered: tampered.clone(),
             target: target.clone(),
         };
         runtime.spawn(serve_proxy(listener, Arc::new(proxy)));
         TamperProxy {
             addr,
+            forwarded,
             tampered,
             target,
             runtime: Some(runtime),
@@ -464,6 +468,11 @@ impl TamperProxy {
     /// `http://host:port`, as `SHOAL_REGISTRY_UPSTREAM` names it.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// How many requests it has passed on so far.
+    pub fn forwarded(&self) -> u64 {
+        self.forwarded.load(Ordering::SeqCst)
     }
 
     /// How many response bodies have been tampered with so far.
@@ -487,6 +496,7 @@ impl Drop for TamperProxy {
 
 struct Tamper {
     upstream: SocketAddr,
+    forwarded: Arc<AtomicU64>,
     tampered: Arc<AtomicU64>,
     /// A std Mutex: held only to read or replace the string, never across an await.
     target: Arc<Mutex<String>>,
@@ -531,6 +541,7 @@ async fn forward(proxy: &Tamper, req: Request<Incoming>) -> Response<Full<Bytes>
     let Ok(answer) = sender.send_request(req).await else {
         return bad_gateway();
     };
+    proxy.forwarded.fetch_add(1, Ordering::SeqCst);
     let (parts, body) = answer.into_parts();
     let Ok(body) = body.collect().await else {
         return bad_gateway();

@@ -22,6 +22,15 @@ it at once, and one more reader asks one of them through its API (`shoal-peer fe
 must be byte-identical and the origin must have sent about one copy (its /-/stats bytes_sent at
 most 1.2 x the file). With the origin stopped, a late peer must still get the file, from the swarm.
 
+Then the MIRROR phase (docker/compose.mirror.yaml: compose's `registry`, every peer mirroring it
+with its API published on loopback): host skopeo pushes a small image into the registry, then
+pulls it through two peers at once, each with a registries.conf whose mirror is that peer. Both
+copies must have upstream's digests, each peer must have served every blob itself, and the
+registry's access log must show each blob sent about once (at most 1.2 x its size in all); a
+digest upstream lacks must get a 404 from a peer at once. Without skopeo (or the
+shoal-registry-demo image) the run leaves out the overlay and this phase and says so; with
+CI=true that is a failure.
+
 The exit code is the verdict; everything the run created is removed, also on failure or Ctrl-C.
 
     python3 tests/e2e/run.py [--peers N] [--trackers N] [--origin-peers N] [--keep]
@@ -35,7 +44,9 @@ Only the standard library; needs docker and docker-compose (or `docker compose`)
 """
 
 import argparse
+import gzip
 import hashlib
+import io
 import json
 import os
 import re
@@ -60,6 +71,12 @@ SEEDS = {
 ANNOUNCE_INTERVAL = "1s"
 # What the consumer service reads through a peer's API (compose.yaml's STACK_CONSUMER_FILE).
 CONSUMER_FILE = "alpha.bin"
+# The mirror phase: the image's layers (random bytes, so gzip keeps their size), the name it is
+# pushed under, and how many copies of each blob the registry may send.
+MIRROR_LAYERS = (3 * MIB + 777, 5 * MIB + 1)
+MIRROR_IMAGE = "shoal/e2e:mirror"
+MIRROR_MAX_COPIES = 1.2
+MIRROR_OVERLAY = os.path.join(ROOT, "docker", "compose.mirror.yaml")
 # The origin phase: a file only the origin has, and how many copies of it the origin may send.
 ORIGIN_FILE = "origin.bin"
 ORIGIN_SIZE = 40 * MIB + 12345
@@ -131,7 +148,7 @@ class Container:
         self.service = service
         self.number = number
         self.name = f"{service}-{number}" if service in ("peer", "tracker") else service
-        self.port = {"tracker": 9400, "origin": 8080}.get(service, 9401)
+        self.port = {"tracker": 9400, "origin": 8080, "registry": 5000}.get(service, 9401)
         self._addr = None
 
     @property
@@ -140,15 +157,20 @@ class Container:
 
     @property
     def is_daemon(self):
-        """A Shoal daemon with a metrics port (the consumer is a one-shot command)."""
-        return self.service != "consumer"
+        """A Shoal daemon with a metrics port (the consumer is a one-shot command, the registry
+        Debian's)."""
+        return self.service not in ("consumer", "registry")
+
+    def published(self, port):
+        """host:port where the container's `port` is published on loopback, or None."""
+        out = run(["docker", "port", self.id, f"{port}/tcp"], check=False)
+        line = next((l for l in out.splitlines() if re.match(r"^(127\.0\.0\.1|0\.0\.0\.0):", l)), "")
+        return line.replace("0.0.0.0:", "127.0.0.1:") or None
 
     def addr(self, refresh=False):
         """host:port of the published metrics port (it changes after a network reconnect)."""
         if refresh or not self._addr:
-            out = run(["docker", "port", self.id, f"{self.port}/tcp"], check=False)
-            line = next((l for l in out.splitlines() if re.match(r"^(127\.0\.0\.1|0\.0\.0\.0):", l)), "")
-            self._addr = line.replace("0.0.0.0:", "127.0.0.1:") or None
+            self._addr = self.published(self.port)
         return self._addr
 
     def http(self, path):
@@ -186,6 +208,8 @@ class Swarm:
         self.project = project
         self.compose = args.compose.split() + ["--project-name", project,
                                                "--file", os.path.join(ROOT, "compose.yaml")]
+        if args.mirror:
+            self.compose += ["--file", MIRROR_OVERLAY]
         self.env = dict(os.environ)
         self.env.update({
             "STACK_IMAGE_TAG": args.tag,
@@ -261,6 +285,7 @@ class Run:
         self.killed_tracker = None
         self.seeder1_uploaded = 0
         self.origin_phase = None
+        self.mirror_phase = None
 
     # ---- set-up ----------------------------------------------------------------------------
 
@@ -494,8 +519,11 @@ class Run:
         layout = self.layout()
         total, chunks = self.total_bytes(), sum(n for n, _ in layout.values())
         largest_chunk = max(size for _, size in layout.values())
+        # The consumer's restarts are its retries (a peer it read from cut off by a fault, say):
+        # verify_consumer reports them; here only the daemons count.
         restarted = {c.name for c in self.swarm.containers.values()
-                     if c.service != "tracker" and c.inspect("{{.RestartCount}}") != "0"}
+                     if c.service not in ("tracker", "consumer")
+                     and c.inspect("{{.RestartCount}}") != "0"}
         self.check(not restarted, f"no container crashed and was restarted ({sorted(restarted) or 'none'})")
         down_sum = up_sum = peer_up = duplicates = 0
         for c in self.swarm.peers():
@@ -636,6 +664,9 @@ class Run:
         self.verify_leave()
         self.origin_phase = OriginPhase(self)
         self.origin_phase.execute()
+        if self.args.mirror:
+            self.mirror_phase = MirrorPhase(self)
+            self.mirror_phase.execute()
         return all(ok for ok, _ in self.checks)
 
     def summary(self, ok, error):
@@ -776,6 +807,144 @@ class OriginPhase:
         return json.loads(body) if status == 200 else None
 
 
+class MirrorPhase:
+    """Registry mirror: skopeo pulls an image from compose's registry through two peers at once."""
+
+    def __init__(self, test):
+        self.test = test
+        self.swarm = test.swarm
+        self.dir = os.path.join(test.workdir, "mirror")
+        self.blobs = {}  # digest (hex) -> size, every blob of the pushed image
+        self.manifest = None  # the pushed manifest's digest (hex)
+
+    def write_image(self):
+        """An OCI image layout in self.dir/image: a gzip'd tar layer of random bytes per entry of
+        MIRROR_LAYERS, a config, a manifest, tagged `e2e`."""
+        blobs = os.path.join(self.dir, "image", "blobs", "sha256")
+        os.makedirs(blobs)
+
+        def blob(data, media_type):
+            digest = hashlib.sha256(data).hexdigest()
+            with open(os.path.join(blobs, digest), "wb") as f:
+                f.write(data)
+            self.blobs[digest] = len(data)
+            return {"mediaType": media_type, "digest": f"sha256:{digest}", "size": len(data)}
+
+        layers, diff_ids = [], []
+        for i, size in enumerate(MIRROR_LAYERS):
+            tar_bytes = io.BytesIO()
+            with tarfile.open(fileobj=tar_bytes, mode="w") as tar:
+                info = tarfile.TarInfo(f"layer{i}.bin")
+                info.size = size
+                tar.addfile(info, io.BytesIO(os.urandom(size)))
+            diff_ids.append(f"sha256:{hashlib.sha256(tar_bytes.getvalue()).hexdigest()}")
+            layers.append(blob(gzip.compress(tar_bytes.getvalue(), mtime=0),
+                               "application/vnd.oci.image.layer.v1.tar+gzip"))
+        config = blob(json.dumps({"architecture": "amd64", "os": "linux",
+                                  "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode(),
+                      "application/vnd.oci.image.config.v1+json")
+        manifest = json.dumps({"schemaVersion": 2,
+                               "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                               "config": config, "layers": layers}).encode()
+        entry = blob(manifest, "application/vnd.oci.image.manifest.v1+json")
+        del self.blobs[entry["digest"][len("sha256:"):]]  # a manifest, not a blob of the image
+        self.manifest = entry["digest"][len("sha256:"):]
+        entry["annotations"] = {"org.opencontainers.image.ref.name": "e2e"}
+        with open(os.path.join(self.dir, "image", "index.json"), "w") as f:
+            json.dump({"schemaVersion": 2, "manifests": [entry]}, f)
+        with open(os.path.join(self.dir, "image", "oci-layout"), "w") as f:
+            json.dump({"imageLayoutVersion": "1.0.0"}, f)
+
+    def registries_conf(self, registry, agent):
+        """A registries.conf sending pulls of `registry` images to the mirror `agent` first."""
+        path = os.path.join(self.dir, f"registries-{agent.replace(':', '-')}.conf")
+        with open(path, "w") as f:
+            f.write(f'[[registry]]\nprefix = "{registry}"\nlocation = "{registry}"\ninsecure = true\n\n'
+                    f'[[registry.mirror]]\nlocation = "{agent}"\ninsecure = true\n')
+        return path
+
+    def pulled(self, layout):
+        """(manifest digest, {blob digest}) of the image skopeo wrote into the layout."""
+        with open(os.path.join(layout, "index.json")) as f:
+            manifest = json.load(f)["manifests"][0]["digest"].split(":", 1)[1]
+        blobs = set(os.listdir(os.path.join(layout, "blobs", "sha256"))) - {manifest}
+        return manifest, blobs
+
+    def sent_by_registry(self, registry):
+        """{blob digest: bytes} the registry sent in answers to GET, from its access log (stdout)."""
+        p = subprocess.run(["docker", "logs", registry.id], capture_output=True, text=True, timeout=60)
+        sent = dict.fromkeys(self.blobs, 0)
+        for m in re.finditer(r'"GET \S*/blobs/sha256:([0-9a-f]{64})\S* HTTP/[\d.]+" \d{3} (\d+)', p.stdout):
+            if m.group(1) in sent:
+                sent[m.group(1)] += int(m.group(2))
+        return sent
+
+    def execute(self):
+        test = self.test
+        registry = self.swarm["registry"]
+        wait_for("the registry to answer /v2/", lambda: registry.http("/v2/")[0] == 200, 30, 0.5)
+        self.write_image()
+        upstream = registry.addr()
+        image = f"{upstream}/{MIRROR_IMAGE}"
+        run(["skopeo", "--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false",
+             f"oci:{self.dir}/image:e2e", f"docker://{image}"], timeout=120)
+        # Two peers that ran through every fault and are still up (peer-1 has left).
+        agents = [c for c in self.swarm.peers()[1:] if c is not test.partitioned][:2]
+        addrs = [c.published(7480) for c in agents]
+        log(f"MIRROR phase: {image} ({len(self.blobs)} blobs, "
+            f"{sum(self.blobs.values()) / MIB:.1f} MiB) pushed; skopeo pulls it through "
+            f"{' and '.join(c.name for c in agents)} at once ({', '.join(addrs)})")
+        started = time.monotonic()
+        pulls = [subprocess.Popen(["skopeo", "--insecure-policy", "--registries-conf",
+                                   self.registries_conf(upstream, addr), "copy", "--quiet",
+                                   "--src-tls-verify=false", f"docker://{image}",
+                                   f"oci:{self.dir}/{c.name}:e2e"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for c, addr in zip(agents, addrs)]
+        for c, p in zip(agents, pulls):
+            try:
+                out, _ = p.communicate(timeout=max(1, started + 180 - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                out, _ = p.communicate()
+            test.check(p.returncode == 0, f"{c.name}: skopeo pulled {image} through its mirror"
+                       + ("" if p.returncode == 0 else f" (exit {p.returncode}: {out.strip()[-300:]})"))
+        test.notes.append(f"mirror phase: two skopeo pulls through {', '.join(c.name for c in agents)} "
+                          f"took {time.monotonic() - started:.0f}s")
+
+        for c, p in zip(agents, pulls):
+            if p.returncode != 0:
+                continue
+            manifest, blobs = self.pulled(os.path.join(self.dir, c.name))
+            test.check(manifest == self.manifest and blobs == set(self.blobs),
+                       f"{c.name}: the pulled image has upstream's manifest and blob digests")
+            served = c.metrics().get('shoal_peer_mirror_requests_total{kind="blob",status="200"}', 0)
+            test.check(served >= len(self.blobs), f"{c.name}: served the {len(self.blobs)} blobs "
+                       f"itself (shoal_peer_mirror_requests_total blob/200 = {served:.0f})")
+        sent = self.sent_by_registry(registry)
+        for digest, size in sorted(self.blobs.items()):
+            test.notes.append(f"mirror: registry sent blob sha256:{digest[:12]}... "
+                              f"{sent[digest] / size:.2f} times ({sent[digest]} of {size} bytes)")
+            test.check(size <= sent[digest] <= MIRROR_MAX_COPIES * size,
+                       f"registry: sent blob sha256:{digest[:12]}... between 1 and "
+                       f"{MIRROR_MAX_COPIES} times ({sent[digest]} bytes of {size})")
+
+        # The runtime falls back to upstream on a 404: it must come at once, not after retries.
+        missing = f"http://{addrs[0]}/v2/{MIRROR_IMAGE.split(':')[0]}/blobs/sha256:{'0' * 64}"
+        asked = time.monotonic()
+        try:
+            with urllib.request.urlopen(missing, timeout=5) as r:
+                status = r.status
+        except urllib.error.HTTPError as e:
+            status = e.code
+        except (urllib.error.URLError, OSError) as e:
+            status = f"no answer within 5 s ({e})"
+        test.notes.append(f"mirror: a digest upstream lacks -> {status} in "
+                          f"{time.monotonic() - asked:.2f}s")
+        test.check(status == 404, f"{agents[0].name}: a digest upstream lacks gets 404 within the "
+                   f"5 s client timeout (got {status})")
+
+
 def write_random(path, size):
     h = hashlib.sha256()
     with open(path, "wb") as f:
@@ -828,13 +997,35 @@ def default_compose():
     return "docker compose"
 
 
+def image_missing(args, image):
+    return subprocess.run(["docker", "image", "inspect", f"{image}:{args.tag}"],
+                          capture_output=True).returncode != 0
+
+
 def ensure_images(args):
-    missing = [i for i in ("shoal-tracker", "shoal-peer", "shoal-origin")
-               if subprocess.run(["docker", "image", "inspect", f"{i}:{args.tag}"],
-                                 capture_output=True).returncode != 0]
-    if args.build or missing:
+    images = ["shoal-tracker", "shoal-peer", "shoal-origin"]
+    if shutil.which("skopeo"):
+        images.append("shoal-registry-demo")
+    if args.build or any(image_missing(args, i) for i in images):
         log("building the images (docker/build.sh)")
         subprocess.run(["bash", os.path.join(ROOT, "docker", "build.sh")], check=True)
+
+
+def mirror_possible(args):
+    """Whether the mirror phase can run: skopeo on this host and the shoal-registry-demo image.
+    Where one lacks, the run says so and leaves the phase out; with CI=true that is a failure."""
+    lacking = [what for what, missing in (("skopeo", not shutil.which("skopeo")),
+                                          (f"the image shoal-registry-demo:{args.tag} "
+                                           "(docker/build.sh needs docker-registry)",
+                                           image_missing(args, "shoal-registry-demo")))
+               if missing]
+    if not lacking:
+        return True
+    if os.environ.get("CI") == "true":
+        raise Failure(f"the mirror phase needs {' and '.join(lacking)}")
+    log(f"SKIPPING the mirror phase: no {' and no '.join(lacking)} (apt-get install skopeo "
+        "docker-registry)")
+    return False
 
 
 def main():
@@ -856,6 +1047,7 @@ def main():
                         help="seeders' SHOAL_UPLOAD_LIMIT, bytes/s (8388608)")
     parser.add_argument("--compose", default=default_compose(),
                         help="compose command (docker-compose, or 'docker compose')")
+    parser.set_defaults(mirror=False)  # set once the images are there (mirror_possible)
     args = parser.parse_args()
     if args.peers < 2:
         parser.error("--peers must be at least 2")
@@ -871,6 +1063,7 @@ def main():
     ok, error = False, None
     try:
         ensure_images(args)
+        args.mirror = mirror_possible(args)
         ok = test.execute()
     except Failure as e:
         error = str(e)
@@ -883,7 +1076,7 @@ def main():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if test.swarm and not ok and test.swarm.containers:
             for name in ("tracker-1", test.partitioned.name if test.partitioned else "peer-1",
-                         "consumer"):
+                         "consumer", "registry"):
                 if name in test.swarm.containers:
                     print(f"\n---- last log lines of {name} ----")
                     print(test.swarm.logs(test.swarm[name]))
@@ -895,7 +1088,8 @@ def main():
             print(f"kept: project {test.project}, seed files in {workdir}\n"
                   f"remove with: docker rm -f -v $(docker ps -aq --filter label={EXTRA_LABEL}={test.project}); "
                   f"docker network rm {test.project}-origin; "
-                  f"{args.compose} -p {test.project} -f compose.yaml down -v; "
+                  f"{args.compose} -p {test.project} -f compose.yaml "
+                  f"{'-f docker/compose.mirror.yaml ' if args.mirror else ''}down -v; "
                   f"rm -rf {workdir}")
         else:
             if test.swarm:

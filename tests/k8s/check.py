@@ -6,7 +6,7 @@ built-in resource strictly (unknown fields rejected) against the schemas kuberne
 checks the ServiceMonitor's, PrometheusRule's and cert-manager resources' shape by hand (no schema
 ships for CRDs; the rules must be docker/alerts.yml's), holds every pod to Shoal's policy, checks
 that the node agents' pieces (DaemonSet, node-local Service, NetworkPolicy, PriorityClass, example
-reader) fit together, and checks the Grafana dashboard against the metric names the binaries
+reader, the init container that points containerd at the agent) fit together, and checks the Grafana dashboard against the metric names the binaries
 export. Prints one line per
 check and ends with "k8s-check: N passed, M failed"; exits 1 if anything failed.
 """
@@ -32,7 +32,7 @@ PEER_ENV = {"SHOAL_TRACKER", "SHOAL_TRACKER_REPLICAS", "SHOAL_LISTEN", "SHOAL_AD
             "SHOAL_WANT", "SHOAL_CHUNK_SIZE", "SHOAL_UPLOAD_LIMIT", "SHOAL_METRICS_ADDR",
             "SHOAL_SECRET", "SHOAL_LOG", "SHOAL_LOG_FORMAT", "SHOAL_TLS_PEER_NAME",
             "SHOAL_API_ADDR", "SHOAL_API_TLS", "SHOAL_ORIGIN", "SHOAL_ORIGIN_CONCURRENCY",
-            "SHOAL_ORIGIN_TIMEOUT"} | TLS_ENV
+            "SHOAL_ORIGIN_TIMEOUT", "SHOAL_REGISTRY_UPSTREAM"} | TLS_ENV
 ENV_BY_IMAGE = {"shoal-tracker": TRACKER_ENV, "shoal-peer": PEER_ENV}
 
 # Metrics the binaries export; histograms are queried through their series suffixes.
@@ -51,9 +51,12 @@ COUNTERS_AND_GAUGES = {
     "shoal_api_requests_total", "shoal_api_bytes_sent_total", "shoal_api_streams",
     "shoal_peer_origin_bytes_total", "shoal_peer_origin_requests_total",
     "shoal_peer_origin_errors_total", "shoal_tracker_origin_files", "shoal_tracker_origin_claims",
+    "shoal_peer_mirror_requests_total", "shoal_peer_mirror_bytes_total",
+    "shoal_peer_mirror_verify_failures_total",
 }
 HISTOGRAMS = {"shoal_tracker_request_duration_seconds",
-              "shoal_peer_chunk_transfer_duration_seconds", "shoal_peer_download_duration_seconds"}
+              "shoal_peer_chunk_transfer_duration_seconds", "shoal_peer_download_duration_seconds",
+              "shoal_peer_mirror_upstream_seconds"}
 HISTOGRAM_SERIES = {h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
 
 # The compose Prometheus's rules; the PrometheusRule must carry the same groups.
@@ -168,6 +171,11 @@ def image_name(image):
     return image.rsplit(":", 1)[0] if ":" in image.split("/")[-1] else image
 
 
+def writes_containerd_hosts(c):
+    """The node agent's init container that writes containerd's hosts.toml files, as root."""
+    return image_name(c.get("image", "")) == "shoal-peer" and c.get("args", [])[:1] == ["mirror-config"]
+
+
 def check_container(c, pod_sc, spec, configmaps, is_service):
     """Policy for one container; `is_service` adds what long-running Shoal daemons need."""
     problems = []
@@ -176,11 +184,14 @@ def check_container(c, pod_sc, spec, configmaps, is_service):
     def effective(key):
         return sc.get(key, pod_sc.get(key))
 
-    if effective("runAsNonRoot") is not True:
-        problems.append("runAsNonRoot is not true")
+    # Only mirror-config runs as root (the host's containerd directory belongs to root), and
+    # it must say so itself: a pod-level runAsNonRoot would otherwise stop it from starting.
+    user, non_root = (0, False) if writes_containerd_hosts(c) else (USER, True)
+    if effective("runAsNonRoot") is not non_root:
+        problems.append(f"runAsNonRoot is not {str(non_root).lower()}")
     for key in ("runAsUser", "runAsGroup"):
-        if effective(key) != USER:
-            problems.append(f"{key} is {effective(key)}, want {USER}")
+        if effective(key) != user:
+            problems.append(f"{key} is {effective(key)}, want {user}")
     if sc.get("readOnlyRootFilesystem") is not True:
         problems.append("readOnlyRootFilesystem is not true")
     if sc.get("privileged"):
@@ -293,7 +304,10 @@ def check_workload(report, label, doc, configmaps, is_service=True):
         if annotations.get("prometheus.io/path") != "/metrics":
             problems.append("prometheus.io/path is not /metrics")
     pod_sc = spec.get("securityContext", {})
-    for c in spec.get("initContainers", []) + spec["containers"]:
+    for c in spec.get("initContainers", []):
+        for problem in check_container(c, pod_sc, spec, configmaps, is_service=False):
+            problems.append(f"init container {c['name']}: {problem}")
+    for c in spec["containers"]:
         for problem in check_container(c, pod_sc, spec, configmaps, is_service):
             problems.append(f"container {c['name']}: {problem}")
     report.check(f"policy {label}: {kn(doc)}", problems)
@@ -647,12 +661,16 @@ def flag_value(args, flag):
 
 
 def host_exposure(doc):
-    """hostPath volumes (name -> spec) and hostPorts of a workload's pods."""
+    """hostPath volumes (name -> spec) and hostPorts (port name -> number) of a workload's pods."""
     spec = pod_spec(doc)
     paths = {v["name"]: v["hostPath"] for v in spec.get("volumes", []) if "hostPath" in v}
-    ports = [p["hostPort"] for c in spec.get("initContainers", []) + spec["containers"]
-             for p in c.get("ports", []) if p.get("hostPort")]
+    ports = {p.get("name"): p["hostPort"] for c in spec.get("initContainers", []) + spec["containers"]
+             for p in c.get("ports", []) if p.get("hostPort")}
     return paths, ports
+
+
+# Where containerd looks for hosts.toml files (its registry config_path).
+CONTAINERD_HOSTS = "/etc/containerd/certs.d"
 
 
 def check_agent_daemonset(report, ds, by_kn, configmaps_by_ns):
@@ -675,10 +693,14 @@ def check_agent_daemonset(report, ds, by_kn, configmaps_by_ns):
     elif host_path.get("type") != "Directory":
         problems.append("the data dir's hostPath type is not Directory (a kubelet-created "
                         "directory belongs to root, which the agent cannot write)")
-    if len(paths) > 1:
-        problems.append(f"more hostPath volumes than the data dir: {sorted(paths)}")
-    if host_ports:
-        problems.append(f"hostPorts {host_ports}: the API is reached through the node-local Service")
+    extra = sorted(name for name, p in paths.items()
+                   if name != mounts.get(data_dir) and p.get("path") != CONTAINERD_HOSTS)
+    if extra:
+        problems.append(f"hostPath volumes other than the data dir and {CONTAINERD_HOSTS}: {extra}")
+    api = next((p for p in container.get("ports", []) if p.get("name") == "api"), {})
+    if host_ports and host_ports != {"api": api.get("containerPort")}:
+        problems.append(f"hostPorts {host_ports}: only the API, on its own port number, is for the "
+                        "node's containerd; pods use the node-local Service")
     if "SHOAL_API_ADDR" not in env:
         problems.append("SHOAL_API_ADDR is not set: the node's programs could not read from it")
     tolerations = spec.get("tolerations", [])
@@ -697,6 +719,45 @@ def check_agent_daemonset(report, ds, by_kn, configmaps_by_ns):
                         "system classes (< 1000000000), and not be the global default")
     report.check(f"node-agent: {kn(ds)} runs on every node with a hostPath data dir, its API on, "
                  f"a priority class and no surge", problems)
+
+
+def check_agent_mirror_config(report, ds, by_kn):
+    """The init container points the node's containerd at its agent, through the API's hostPort."""
+    spec = pod_spec(ds)
+    agent = spec["containers"][0]
+    writers = [c for c in spec.get("initContainers", []) if writes_containerd_hosts(c)]
+    problems = []
+    if len(writers) != 1:
+        problems.append(f"{len(writers)} init containers run `shoal-peer mirror-config`, want 1")
+        report.check(f"node-agent: {kn(ds)} writes containerd's hosts.toml", problems)
+        return
+    writer = writers[0]
+    args = writer.get("args", [])
+    paths, host_ports = host_exposure(ds)
+    hosts_volume = next((n for n, p in paths.items() if p.get("path") == CONTAINERD_HOSTS), None)
+    if not hosts_volume or paths[hosts_volume].get("type") != "DirectoryOrCreate":
+        problems.append(f"no hostPath volume of {CONTAINERD_HOSTS} (type DirectoryOrCreate)")
+    mounts = {m["mountPath"]: m["name"] for m in writer.get("volumeMounts", [])}
+    if flag_value(args, "--hosts-dir") not in mounts or mounts[flag_value(args, "--hosts-dir")] != hosts_volume:
+        problems.append(f"--hosts-dir {flag_value(args, '--hosts-dir')!r} is not the {CONTAINERD_HOSTS} volume")
+    if list(mounts.values()) != [hosts_volume]:
+        problems.append(f"it mounts {sorted(mounts.values())}: only the hosts volume")
+    if any(m["name"] == hosts_volume for c in spec["containers"] for m in c.get("volumeMounts", [])):
+        problems.append("a long-running container mounts the hosts volume: only the init container may")
+    env = {v["name"]: v for v in writer.get("env", [])}
+    node_ip = env.get("NODE_IP", {}).get("valueFrom", {}).get("fieldRef", {})
+    if node_ip.get("fieldPath") != "status.hostIP":
+        problems.append("NODE_IP does not come from status.hostIP (containerd is in the node's network)")
+    want = f"http://$(NODE_IP):{host_ports.get('api')}"
+    if flag_value(args, "--agent") != want:
+        problems.append(f"--agent is {flag_value(args, '--agent')!r}, want {want} (the API's hostPort)")
+    agent_env = {v["name"]: v for v in agent.get("env", [])}
+    upstream = env.get("SHOAL_REGISTRY_UPSTREAM", {}).get("valueFrom")
+    if not upstream or upstream != agent_env.get("SHOAL_REGISTRY_UPSTREAM", {}).get("valueFrom"):
+        problems.append("SHOAL_REGISTRY_UPSTREAM does not come from the same ConfigMap key as the "
+                        "agent's: containerd would be sent to registries the agent does not mirror")
+    report.check(f"node-agent: {kn(ds)} writes containerd's hosts.toml pointing at its agent's hostPort, "
+                 "for the agent's own registries", problems)
 
 
 def check_agent_service(report, service, ds):
@@ -795,7 +856,7 @@ def check_node_agent(report, docs, base_docs, out_dir, kv, version):
         ns = doc["metadata"].get("namespace")
         if doc["kind"] not in CLUSTER_SCOPED and ns not in (NAMESPACE, AGENT_NAMESPACE):
             problems.append(f"{kn(doc)} is in namespace {ns!r}")
-        paths, host_ports = host_exposure(doc) if doc["kind"] in WORKLOAD_KINDS else ({}, [])
+        paths, host_ports = host_exposure(doc) if doc["kind"] in WORKLOAD_KINDS else ({}, {})
         if (paths or host_ports) and ns != AGENT_NAMESPACE:
             problems.append(f"{kn(doc)} uses the host's disk or ports outside {AGENT_NAMESPACE}")
         if doc["kind"] in WORKLOAD_KINDS and ns == AGENT_NAMESPACE and kn(doc) != "DaemonSet/shoal-agent":
@@ -822,6 +883,7 @@ def check_node_agent(report, docs, base_docs, out_dir, kv, version):
     check_workload(report, "node-agent", ds, configmaps)
     check_workload(report, "node-agent", job, configmaps, is_service=False)
     check_agent_daemonset(report, ds, by_kn, configmaps_by_ns)
+    check_agent_mirror_config(report, ds, by_kn)
     settings = {}
     for data in configmaps_by_ns.get(AGENT_NAMESPACE, {}).values():
         settings.update(data)

@@ -14,6 +14,18 @@ pub struct Upstream {
     host: String,
 }
 
+impl Upstream {
+    /// The registry name this entry answers to as an `ns`: its alias, else `host[:port]`.
+    pub fn name(&self) -> &str {
+        self.alias.as_deref().unwrap_or(&self.host)
+    }
+
+    /// `alias=` of the entry, if any.
+    pub fn alias(&self) -> Option<&str> {
+        self.alias.as_deref()
+    }
+}
+
 /// The configured upstreams, in order; the first serves requests without `ns`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Upstreams(Vec<Upstream>);
@@ -56,6 +68,10 @@ impl Upstreams {
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Upstream> {
+        self.0.iter()
     }
 
     /// The upstream `ns` names (its alias, or `host[:port]` as configured), or the first one
