@@ -392,6 +392,10 @@ impl Default for PeerMetrics {
                 )
                 .expect("valid metric");
                 r.register(Box::new(h.clone())).expect("unique metric");
+                // Exported from the start, like every labelled series here.
+                for request in ["check", "tag", "base"] {
+                    h.with_label_values(&[request]);
+                }
                 h
             },
             mirror_verify_failures: counter(
